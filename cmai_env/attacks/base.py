@@ -1,0 +1,268 @@
+"""What every attack shares: the batch it perturbs, the task it attacks, and the registry.
+
+Conventions (all attacks follow them; tests check them):
+
+* images are float tensors in ``[0, 1]``; attacks clamp to that range;
+* text is token ids plus, after a continuous text attack, perturbed input token embeddings
+  (``PairBatch.token_embeds``); discrete attacks return new token ids;
+* the task is zero-shot classification against class-prompt embeddings (:class:`ZeroShotTask`):
+  the image modality is classified by ``s·e_v·Cᵀ``, the text modality by ``s·e_t·Cᵀ``;
+* randomness comes from an explicit ``torch.Generator``;
+* an attack never changes the model's parameters or its train/eval mode, and leaves no
+  gradients behind on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields, replace
+from typing import Callable, ClassVar, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+
+from cmai_env.consistency import consistency_terms
+from cmai_env.data import CaptionedDataset
+from cmai_env.models import Backbone
+
+Modality = Literal["image", "text", "both"]
+
+
+@dataclass
+class PairBatch:
+    """A batch of matched image–text pairs.
+
+    :param images: (N, 3, S, S) in [0, 1].
+    :param tokens: (N, L) token ids.
+    :param labels: (N,) class indices.
+    :param token_embeds: (N, L, W) input token embeddings when the text was perturbed
+        continuously; ``None`` means "embed ``tokens``".
+    """
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    token_embeds: torch.Tensor | None = None
+
+    @classmethod
+    def from_dataset(cls, backbone: Backbone, data: CaptionedDataset) -> "PairBatch":
+        return cls(data.images.to(backbone.device), backbone.tokenize(data.captions), data.labels.to(backbone.device))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> "PairBatch":
+        return PairBatch(
+            self.images.to(device),
+            self.tokens.to(device),
+            self.labels.to(device),
+            None if self.token_embeds is None else self.token_embeds.to(device),
+        )
+
+    def subset(self, index: torch.Tensor | slice) -> "PairBatch":
+        return PairBatch(
+            self.images[index],
+            self.tokens[index],
+            self.labels[index],
+            None if self.token_embeds is None else self.token_embeds[index],
+        )
+
+    def detach(self) -> "PairBatch":
+        return PairBatch(
+            self.images.detach(),
+            self.tokens,
+            self.labels,
+            None if self.token_embeds is None else self.token_embeds.detach(),
+        )
+
+    @staticmethod
+    def cat(batches: list["PairBatch"]) -> "PairBatch":
+        """Concatenate batches; continuous text perturbations are kept (clean ones are embedded)."""
+        if any(b.token_embeds is not None for b in batches):
+            raise ValueError("PairBatch.cat of batches with token_embeds: embed them first with TaskOutputs")
+        return PairBatch(
+            torch.cat([b.images for b in batches]),
+            torch.cat([b.tokens for b in batches]),
+            torch.cat([b.labels for b in batches]),
+        )
+
+
+@dataclass(frozen=True)
+class TaskOutputs:
+    """Embeddings and class logits of both modalities for one batch."""
+
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    image_logits: torch.Tensor
+    text_logits: torch.Tensor
+
+
+class ZeroShotTask:
+    """Zero-shot classification with a backbone and class-prompt embeddings.
+
+    ``L_task`` per modality is cross-entropy of ``logit_scale · e · Cᵀ`` against the label.
+
+    :param backbone: the (defended) backbone.
+    :param class_names: class names of the dataset.
+    :param templates: prompt templates (``"a photo of a {}."``).
+    :param kl_weight: λ of ``L_consistency``.
+    """
+
+    def __init__(self, backbone: Backbone, class_names: list[str], templates: list[str], kl_weight: float = 1.0) -> None:
+        self.backbone = backbone
+        self.class_names = list(class_names)
+        self.templates = list(templates)
+        self.kl_weight = kl_weight
+        self.class_embeds = backbone.class_text_embeddings(self.class_names, self.templates)
+
+    @classmethod
+    def from_dataset(cls, backbone: Backbone, data: CaptionedDataset, kl_weight: float = 1.0) -> "ZeroShotTask":
+        return cls(backbone, data.class_names, data.templates, kl_weight)
+
+    def refresh(self) -> None:
+        """Recompute class embeddings (after the text tower was updated)."""
+        self.class_embeds = self.backbone.class_text_embeddings(self.class_names, self.templates)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def encode_text(self, batch: PairBatch) -> torch.Tensor:
+        if batch.token_embeds is not None:
+            return self.backbone.encode_text_embeddings(batch.token_embeds, batch.tokens)
+        return self.backbone.encode_text(batch.tokens)
+
+    def image_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.zero_shot_logits(self.backbone.encode_image(images), self.class_embeds)
+
+    def forward(self, batch: PairBatch) -> TaskOutputs:
+        image_embeds = self.backbone.encode_image(batch.images)
+        text_embeds = self.encode_text(batch)
+        return TaskOutputs(
+            image_embeds,
+            text_embeds,
+            self.backbone.zero_shot_logits(image_embeds, self.class_embeds),
+            self.backbone.zero_shot_logits(text_embeds, self.class_embeds),
+        )
+
+    def consistency(self, out: TaskOutputs) -> torch.Tensor:
+        """Per-sample ``L_consistency`` of a forward pass."""
+        return consistency_terms(
+            [out.image_embeds, out.text_embeds], [out.image_logits, out.text_logits], self.kl_weight
+        ).loss
+
+    @staticmethod
+    def correct(out: TaskOutputs, labels: torch.Tensor, modality: Modality) -> torch.Tensor:
+        """Bool (N,): the prediction of ``modality`` is right (``both``: both modalities are)."""
+        image_ok = out.image_logits.argmax(-1) == labels
+        text_ok = out.text_logits.argmax(-1) == labels
+        return {"image": image_ok, "text": text_ok, "both": image_ok & text_ok}[modality]
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """The perturbed batch and which modality the attack perturbed."""
+
+    batch: PairBatch
+    modality: Modality
+
+
+@dataclass
+class Attack:
+    """Base class: subclasses are dataclasses whose fields are the attack's budget/parameters.
+
+    Subclasses set ``name`` and ``modality`` and implement :meth:`perturb`.
+    """
+
+    name: ClassVar[str] = ""
+    modality: ClassVar[Modality] = "image"
+    description: ClassVar[str] = ""
+
+    def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
+        raise NotImplementedError
+
+    def __call__(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
+        """Run :meth:`perturb` with the model's parameters frozen and its mode restored afterwards."""
+        with frozen_model(task.backbone):
+            return self.perturb(task, batch, generator)
+
+    @classmethod
+    def parameters(cls) -> dict[str, object]:
+        """Parameter name → default value (what ``cmai attack list`` prints)."""
+        return {f.name: f.default for f in fields(cls)}
+
+    def with_params(self, **params) -> "Attack":
+        return replace(self, **params)
+
+
+@contextlib.contextmanager
+def frozen_model(backbone: Backbone) -> Iterator[None]:
+    """Freeze parameters (no grads accumulate on them), restore ``requires_grad`` and train/eval mode after."""
+    was_training = backbone.training
+    flags = [(p, p.requires_grad) for p in backbone.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        backbone.train(was_training)
+
+
+# ---------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Attack]] = {}
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    """Class decorator adding an attack to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"attack {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_attacks() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def attack_class(name: str) -> type[Attack]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attack {name!r}; registered attacks: {available_attacks()}")
+    return _REGISTRY[name]
+
+
+def make_attack(name: str, **params) -> Attack:
+    """Build a registered attack; unknown parameters fail with the allowed ones listed."""
+    cls = attack_class(name)
+    allowed = cls.parameters()
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"attack {name!r} has no parameter(s) {unknown}; allowed: {sorted(allowed)}")
+    return cls(**params)
+
+
+def task_loss(out: TaskOutputs, labels: torch.Tensor, modality: Modality, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the perturbed modality's zero-shot logits (``both``: the sum of the two)."""
+    image = lambda: F.cross_entropy(out.image_logits, labels, reduction=reduction)  # noqa: E731
+    text = lambda: F.cross_entropy(out.text_logits, labels, reduction=reduction)  # noqa: E731
+    losses: dict[str, Callable[[], torch.Tensor]] = {"image": image, "text": text, "both": lambda: image() + text()}
+    return losses[modality]()
+
+
+__all__ = [
+    "Attack",
+    "AttackResult",
+    "Modality",
+    "PairBatch",
+    "TaskOutputs",
+    "ZeroShotTask",
+    "attack_class",
+    "available_attacks",
+    "frozen_model",
+    "make_attack",
+    "register_attack",
+    "task_loss",
+]

@@ -1,0 +1,1 @@
+"""The ``cmai`` command line: one module per subcommand group."""

@@ -1,0 +1,83 @@
+"""``cmai backbone eval | pretrain | list``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from cmai_env.cli.common import add_backbone_args, add_dataset_args, emit
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("backbone", help="evaluate, pretrain or list backbones")
+    sub = group.add_subparsers(dest="backbone_command", metavar="ACTION", required=True)
+
+    ev = sub.add_parser("eval", help="zero-shot accuracy of a backbone on a dataset")
+    add_backbone_args(ev)
+    add_dataset_args(ev)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=run_eval)
+
+    pt = sub.add_parser("pretrain", help="contrastively pretrain an embedded backbone on shapes")
+    pt.add_argument("--name", default="cmai-tiny")
+    pt.add_argument("--steps", type=int, default=1500)
+    pt.add_argument("--batch-size", type=int, default=256)
+    pt.add_argument("--lr", type=float, default=2e-3)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--budget-minutes", type=float, default=15.0)
+    pt.add_argument("--device", default="cpu")
+    pt.add_argument("--out", default=None, help="folder for <name>.pt/.json (default: the package's weights/)")
+    pt.set_defaults(func=run_pretrain)
+
+    ls = sub.add_parser("list", help="architectures load_backbone accepts")
+    ls.set_defaults(func=run_list)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from cmai_env.data import load_dataset
+    from cmai_env.models import load_backbone
+
+    backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
+    data = load_dataset(args.dataset, split=args.split, n=args.n, seed=args.seed, image_size=backbone.image_size, root=args.data_root)
+    class_embeds = backbone.class_text_embeddings(data.class_names, data.templates)
+    accuracy = backbone.zero_shot_accuracy(data.images, data.labels, class_embeds)
+    emit(
+        {
+            "backbone": backbone.name,
+            "pretrained": backbone.pretrained,
+            "dataset": args.dataset,
+            "split": args.split,
+            "n": len(data),
+            "num_classes": len(data.class_names),
+            "zero_shot_accuracy": accuracy,
+        },
+        args.json,
+    )
+    return 0
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from cmai_env.models.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(
+        name=args.name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        budget_minutes=args.budget_minutes, device=args.device,
+    )
+    command = "cmai " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("cmai") else ""
+    record = pretrain(config, out=Path(args.out) if args.out else None, command=command)
+    print(f"zero-shot accuracy on {record['zero_shot_accuracy']['n']} held-out images: {record['zero_shot_accuracy']['value']:.4f}")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from cmai_env.models import available_backbones, checkpoint_info, embedded_backbones
+
+    for name in embedded_backbones():
+        info = checkpoint_info(name)
+        acc = info.get("zero_shot_accuracy", {}).get("value")
+        print(f"{name} (embedded{'' if acc is None else f', zero-shot {acc:.3f} on shapes'})")
+    others = [n for n in available_backbones() if n not in embedded_backbones()]
+    print(f"open_clip architectures ({len(others)}): {', '.join(others)}")
+    return 0

@@ -1,0 +1,40 @@
+"""Argument helpers shared by the subcommand modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from fractions import Fraction
+
+
+def parse_budget(text: str) -> float:
+    """A budget written as a float or a fraction: ``0.03``, ``8/255``."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError) as exc:
+        raise argparse.ArgumentTypeError(f"expected a number or fraction like 8/255, got {text!r}") from exc
+
+
+def add_backbone_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="cmai-tiny", help="architecture name (default: cmai-tiny)")
+    parser.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint path (default: embedded weights)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, default_n: int = 1000) -> None:
+    parser.add_argument("--dataset", default="shapes", help="dataset name (default: shapes)")
+    parser.add_argument("--data-root", default=None, help="file or folder for real-format datasets")
+    parser.add_argument("--split", default="test", help="train, val or test (default: test)")
+    parser.add_argument("--n", type=int, default=default_n, help=f"number of samples (default: {default_n})")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data and randomness (default: 0)")
+
+
+def emit(result: dict, as_json: bool) -> None:
+    """Print one JSON object (``--json``) or aligned ``key: value`` lines."""
+    if as_json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    for key, value in result.items():
+        print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")

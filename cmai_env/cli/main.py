@@ -1,0 +1,42 @@
+"""``cmai``: entry point that assembles the subcommand groups.
+
+Each group lives in its own module exposing ``register(subparsers)``; the parser it adds sets
+``func`` (called with the parsed args, returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules with a ``register(subparsers)`` function, in the order ``cmai --help`` lists them.
+SUBCOMMAND_MODULES = [
+    "cmai_env.cli.backbone",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmai", description="CMAI: Cross-Modal Adversarial Immunization")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as exc:
+        # Bad input (paths, names, malformed files) is the user's to fix: say what, not a traceback.
+        print(f"cmai: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Datasets of (image in [0, 1], caption, label) with class names and prompt templates.
+
+``load_dataset(name, ...)`` is the one entry point; ``available_datasets()`` lists the names.
+Built-in generators (``shapes``, ``digits``) need no files; the real-format loaders
+(``coco-captions``, ``medmnist``, ``folder``) read the formats their projects publish.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from cmai_env.data.base import SPLITS, CaptionedDataset, DatasetFormatError, to_image_tensor
+from cmai_env.data.shapes import load_shapes
+
+_LOADERS: dict[str, Callable[..., CaptionedDataset]] = {
+    "shapes": load_shapes,
+}
+
+
+def available_datasets() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def load_dataset(
+    name: str,
+    split: str = "test",
+    n: int | None = None,
+    seed: int = 0,
+    image_size: int = 32,
+    root: str | Path | None = None,
+    **options,
+) -> CaptionedDataset:
+    """Load dataset ``name``.
+
+    :param name: one of :func:`available_datasets`.
+    :param split: ``train``, ``val`` or ``test``.
+    :param n: at most this many samples (generators produce exactly ``n``; default per dataset).
+    :param seed: seed for generators and subsampling.
+    :param image_size: images are resized to ``image_size × image_size`` (use ``backbone.image_size``).
+    :param root: file or folder for real-format loaders (required there, ignored by generators).
+    :param options: loader-specific options (see each loader's docstring).
+    """
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; available: {available_datasets()}")
+    kwargs = dict(split=split, n=n, seed=seed, image_size=image_size, **options)
+    if root is not None:
+        kwargs["root"] = Path(root)
+    return _LOADERS[name](**kwargs)
+
+
+__all__ = ["SPLITS", "CaptionedDataset", "DatasetFormatError", "available_datasets", "load_dataset", "to_image_tensor"]
