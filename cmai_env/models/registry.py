@@ -140,6 +140,9 @@ def load_backbone(name: str = "cmai-tiny", pretrained: str | None = None, device
         tag = source = pretrained
 
     try:
+        # open_clip warns "initialized randomly" whenever no tag is given, even when CMAI loads a
+        # checkpoint right after; silence that one misleading warning for the duration of the call.
+        logging.disable(logging.WARNING if weights_path is not None else logging.NOTSET)
         clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device="cpu")
     except Exception as exc:
         if tag is None:
@@ -148,16 +151,22 @@ def load_backbone(name: str = "cmai-tiny", pretrained: str | None = None, device
             f"open_clip could not load {name} with pretrained={tag!r} ({exc}). Offline machines need the "
             "weights in open_clip's cache or a local checkpoint path."
         ) from exc
+    finally:
+        logging.disable(logging.NOTSET)
 
     if weights_path is not None:
         state = read_state_dict(weights_path)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        missing, unexpected = clip.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        expected = clip.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [f"{k} {tuple(v.shape)}≠{tuple(expected[k].shape)}" for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+        if missing or unexpected or mismatched:
             raise ValueError(
-                f"checkpoint {weights_path} does not fit architecture {name}: "
-                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+                f"checkpoint {weights_path} does not fit architecture {name}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}"
             )
+        clip.load_state_dict(state)
 
     # open_clip's transform ends with Normalize; CMAI keeps pixels in [0, 1] (attacks clamp there)
     # and normalises inside Backbone.encode_image, so the public preprocessing stops before it.
