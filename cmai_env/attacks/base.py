@@ -260,9 +260,21 @@ __all__ = [
     "TaskOutputs",
     "ZeroShotTask",
     "attack_class",
+    "attack_success_rate",
     "available_attacks",
     "frozen_model",
     "make_attack",
     "register_attack",
     "task_loss",
 ]
+
+
+def attack_success_rate(clean_correct: torch.Tensor, adv_correct: torch.Tensor) -> float:
+    """ASR as the VLP papers define it: the share of originally correct predictions the attack flips.
+
+    0.0 when nothing was correct to begin with (there was nothing to flip).
+    """
+    n_correct = int(clean_correct.sum())
+    if n_correct == 0:
+        return 0.0
+    return int((clean_correct & ~adv_correct).sum()) / n_correct
