@@ -11,14 +11,23 @@ from pathlib import Path
 from typing import Callable
 
 from cmai_env.data.base import SPLITS, CaptionedDataset, DatasetFormatError, to_image_tensor
+from cmai_env.data.coco import load_coco_captions
+from cmai_env.data.digits import load_digits
+from cmai_env.data.folder import load_folder
+from cmai_env.data.medmnist import load_medmnist
 from cmai_env.data.shapes import load_shapes
 
 _LOADERS: dict[str, Callable[..., CaptionedDataset]] = {
     "shapes": load_shapes,
+    "digits": load_digits,
+    "coco-captions": load_coco_captions,
+    "medmnist": load_medmnist,
+    "folder": load_folder,
 }
 
 
 def available_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
     return sorted(_LOADERS)
 
 
