@@ -1,0 +1,75 @@
+"""Attacks on image–text pairs, behind one registry.
+
+Importing this package registers every attack:
+
+=======================  ========  =========================================================
+name                     modality  what it does
+=======================  ========  =========================================================
+``fgsm``                 image     one signed-gradient step, ℓ∞ ``ε_v`` (8/255)
+``pgd_linf``             image     PGD-ℓ∞ on the image's zero-shot CE (8/255, 10 × 2/255)
+``pgd_l2``               image     PGD-ℓ2 on the image's zero-shot CE (0.5, 10 × 0.1)
+``text_embedding_pgd``   text      PGD on input token embeddings, L2 per token (0.2)
+``token_substitution``   text      HotFlip-style greedy swap of up to ``k`` word tokens (1)
+``bridge_image_to_text`` image     image embedding pulled onto a wrong class's text (16/255)
+``bridge_text_to_image`` text      caption embedding pulled onto a wrong class's images (0.2)
+``co_attack``            both      text embedding PGD, then image PGD away from both captions
+``universal``            image     one fitted ℓ∞ δ added to every image (8/255)
+=======================  ========  =========================================================
+
+    from cmai_env.attacks import PairBatch, ZeroShotTask, make_attack
+    attack = make_attack("pgd_linf", eps=4 / 255)
+    adv = attack(task, batch, torch.Generator().manual_seed(0)).batch
+
+``cmai attack list`` prints the parameters and defaults; :mod:`cmai_env.robustness` measures
+an attack's ASR and how well the consistency detector sees it.
+"""
+
+from cmai_env.attacks.base import (
+    Attack,
+    AttackResult,
+    Modality,
+    PairBatch,
+    TaskOutputs,
+    ZeroShotTask,
+    attack_class,
+    attack_success_rate,
+    available_attacks,
+    frozen_model,
+    make_attack,
+    register_attack,
+    task_loss,
+)
+from cmai_env.attacks.image import FGSM, PGDL2, PGDLinf, pgd_l2_ascent, pgd_linf_ascent
+from cmai_env.attacks.text import TextEmbeddingPGD, TokenSubstitution, pgd_token_ascent, token_masks
+from cmai_env.attacks.bridge import BridgeImageToText, BridgeTextToImage
+from cmai_env.attacks.joint import CoAttack
+from cmai_env.attacks.universal import Universal
+
+__all__ = [
+    "Attack",
+    "AttackResult",
+    "BridgeImageToText",
+    "BridgeTextToImage",
+    "CoAttack",
+    "FGSM",
+    "Modality",
+    "PGDL2",
+    "PGDLinf",
+    "PairBatch",
+    "TaskOutputs",
+    "TextEmbeddingPGD",
+    "TokenSubstitution",
+    "Universal",
+    "ZeroShotTask",
+    "attack_class",
+    "attack_success_rate",
+    "available_attacks",
+    "frozen_model",
+    "make_attack",
+    "pgd_l2_ascent",
+    "pgd_linf_ascent",
+    "pgd_token_ascent",
+    "register_attack",
+    "task_loss",
+    "token_masks",
+]

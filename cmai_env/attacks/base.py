@@ -188,8 +188,12 @@ class Attack:
 
     @classmethod
     def parameters(cls) -> dict[str, object]:
-        """Parameter name → default value (what ``cmai attack list`` prints)."""
-        return {f.name: f.default for f in fields(cls)}
+        """Parameter name → default value (what ``cmai attack list`` prints).
+
+        Only constructor fields count: state a subclass keeps (``init=False`` fields, e.g. a fitted
+        universal perturbation) is not a parameter.
+        """
+        return {f.name: f.default for f in fields(cls) if f.init}
 
     def with_params(self, **params) -> "Attack":
         return replace(self, **params)

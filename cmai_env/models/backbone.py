@@ -9,10 +9,16 @@
 * the zero-shot head is ``logit_scale · norm(e_image) @ norm(e_class)ᵀ`` over class-prompt
   embeddings (a prompt-template ensemble, as in CLIP);
 * :meth:`Backbone.hidden_states` exposes pooled embeddings and, on request, per-layer token
-  states, which is what the environment builds observations from.
+  states, which is what the environment builds observations from;
+* :meth:`Backbone.add_adapters` attaches optional residual adapters on the pooled embeddings
+  (``e ↦ e + W₂·gelu(W₁·e)``, identity at start) that adversarial training can tune while the
+  pretrained weights stay fixed; every encoder path applies them, so attacks always target the
+  current defended model.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 from typing import Sequence
@@ -22,6 +28,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from open_clip.transformer import text_global_pool
+
+
+#: checkpoint keys of the residual adapters (``cmai_adapters.image.*``, ``cmai_adapters.text.*``);
+#: open_clip's own keys never start with it, so the loader can split them off.
+ADAPTER_PREFIX = "cmai_adapters."
+
+
+class ResidualAdapter(nn.Module):
+    """``e ↦ e + W₂·gelu(W₁·e)`` on a pooled (pre-normalisation) embedding.
+
+    ``W₂`` and its bias start at zero, so a fresh adapter is exactly the identity: adding one
+    leaves the pretrained model's outputs bit-for-bit unchanged until it is trained.
+
+    :param dim: embedding width ``D``.
+    :param hidden: width of the bottleneck ``W₁ ∈ R^{hidden×D}``.
+    :param generator: draws ``W₁`` (uniform in ±1/√D, ``nn.Linear``'s default range); seeded so
+        that two environments built from the same scenario start from the same adapters.
+    """
+
+    def __init__(self, dim: int, hidden: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if dim < 1 or hidden < 1:
+            raise ValueError(f"ResidualAdapter needs dim ≥ 1 and hidden ≥ 1, got dim={dim}, hidden={hidden}")
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        bound = 1.0 / math.sqrt(dim)
+        with torch.no_grad():
+            self.down.weight.uniform_(-bound, bound, generator=generator)
+            self.down.bias.uniform_(-bound, bound, generator=generator)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    @property
+    def hidden(self) -> int:
+        return int(self.down.out_features)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return e + self.up(F.gelu(self.down(e)))
 
 
 @dataclass(frozen=True)
@@ -87,6 +131,9 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # Optional residual adapters on the pooled embeddings (see add_adapters); None = absent.
+        self.register_module("image_adapter", None)
+        self.register_module("text_adapter", None)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -148,11 +195,16 @@ class Backbone(nn.Module):
         x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         if clip.text_projection is not None:
             x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+        if self.text_adapter is not None:
+            x = self.text_adapter(x)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Pooled text embeddings ``e_t`` (N, D), L2-normalised by default."""
-        return self.clip.encode_text(tokens, normalize=normalize)
+        """Pooled text embeddings ``e_t`` (N, D), L2-normalised by default (after the text adapter, if any)."""
+        if self.text_adapter is None:
+            return self.clip.encode_text(tokens, normalize=normalize)
+        x = self.text_adapter(self.clip.encode_text(tokens, normalize=False))
+        return F.normalize(x, dim=-1) if normalize else x
 
     # ------------------------------------------------------------------ images
     def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,7 +217,10 @@ class Backbone(nn.Module):
                 f"{self.name} expects images of {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}; "
                 "load the dataset with image_size=backbone.image_size"
             )
-        return self.clip.encode_image(self.normalize_pixels(images), normalize=normalize)
+        if self.image_adapter is None:
+            return self.clip.encode_image(self.normalize_pixels(images), normalize=normalize)
+        x = self.image_adapter(self.clip.encode_image(self.normalize_pixels(images), normalize=False))
+        return F.normalize(x, dim=-1) if normalize else x
 
     # ------------------------------------------------------------------ zero-shot
     @torch.no_grad()
@@ -200,18 +255,84 @@ class Backbone(nn.Module):
         """Pooled (and optionally per-layer) states of both towers for a batch of pairs."""
         if not per_layer:
             return HiddenStates(self.encode_image(images), self.encode_text(tokens))
+        adapted = self.image_adapter is not None or self.text_adapter is not None
         out = self.clip.forward_intermediates(
             image=self.normalize_pixels(images),
             text=tokens,
-            normalize=True,
+            normalize=not adapted,
             image_output_fmt="NLC",
         )
+        image_embeds, text_embeds = out["image_features"], out["text_features"]
+        if adapted:
+            # Adapters act on the unnormalised pooled embeddings, exactly as in encode_image/encode_text.
+            if self.image_adapter is not None:
+                image_embeds = self.image_adapter(image_embeds)
+            if self.text_adapter is not None:
+                text_embeds = self.text_adapter(text_embeds)
+            image_embeds, text_embeds = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
         return HiddenStates(
-            image_embeds=out["image_features"],
-            text_embeds=out["text_features"],
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
             image_layers=list(out["image_intermediates"]),
             text_layers=list(out["text_intermediates"]),
         )
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> HiddenStates:
         return self.hidden_states(images, tokens)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def has_adapters(self) -> bool:
+        return self.image_adapter is not None or self.text_adapter is not None
+
+    def add_adapters(self, hidden: int, seed: int = 0) -> tuple[ResidualAdapter, ResidualAdapter]:
+        """Attach identity-initialised residual adapters on the pooled image and text embeddings.
+
+        ``e_v ← e_v + W₂ᵛ·gelu(W₁ᵛ·e_v)`` and ``e_t ← e_t + W₂ᵗ·gelu(W₁ᵗ·e_t)`` before the L2
+        normalisation, in every encoder path (images, token ids, token embeddings, class prompts).
+        Idempotent for the same ``hidden``; adapters of another width are an error (their trained
+        weights would be silently dropped).
+
+        :param hidden: bottleneck width of each adapter.
+        :param seed: seeds the adapters' random down-projections (the up-projections are zero).
+        :return: the (image, text) adapters.
+        """
+        if self.has_adapters:
+            widths = {a.hidden for a in (self.image_adapter, self.text_adapter) if a is not None}
+            if widths != {hidden} or self.image_adapter is None or self.text_adapter is None:
+                raise ValueError(f"{self.name} already has adapters of hidden width {sorted(widths)}, asked for {hidden}")
+            return self.image_adapter, self.text_adapter
+        ref = self.clip.text_projection
+        dtype = ref.weight.dtype if isinstance(ref, nn.Linear) else ref.dtype
+        generator = torch.Generator().manual_seed(seed)
+        self.image_adapter = ResidualAdapter(self.embed_dim, hidden, generator).to(device=self.device, dtype=dtype)
+        self.text_adapter = ResidualAdapter(self.embed_dim, hidden, generator).to(device=self.device, dtype=dtype)
+        return self.image_adapter, self.text_adapter
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a fine-tuned checkpoint holds: open_clip's state dict plus ``cmai_adapters.*`` keys.
+
+        :func:`cmai_env.models.load_backbone` reads both back (the adapters are rebuilt from the
+        shapes of their weights).
+        """
+        state = {k: v.detach().clone() for k, v in self.clip.state_dict().items()}
+        for tower, adapter in (("image", self.image_adapter), ("text", self.text_adapter)):
+            if adapter is not None:
+                state.update({f"{ADAPTER_PREFIX}{tower}.{k}": v.detach().clone() for k, v in adapter.state_dict().items()})
+        return state
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Rebuild adapters from ``cmai_adapters.*`` keys of a checkpoint (see :meth:`checkpoint_state_dict`)."""
+        own = {k.removeprefix(ADAPTER_PREFIX): v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+        if not own:
+            return
+        towers = {k.split(".", 1)[0] for k in own}
+        if towers != {"image", "text"}:
+            raise ValueError(f"adapter checkpoint keys must cover the image and text towers, got {sorted(towers)}")
+        hidden = own.get("image.down.weight")
+        if hidden is None or hidden.ndim != 2 or hidden.shape[1] != self.embed_dim:
+            raise ValueError(f"adapter weights do not fit embed_dim {self.embed_dim} of {self.name}")
+        image, text = self.add_adapters(int(hidden.shape[0]))
+        for tower, adapter in (("image", image), ("text", text)):
+            part = {k.split(".", 1)[1]: v.float() for k, v in own.items() if k.startswith(tower + ".")}
+            adapter.load_state_dict(part)

@@ -18,7 +18,7 @@ import open_clip
 import torch
 from torchvision.transforms import Compose, Normalize
 
-from cmai_env.models.backbone import Backbone
+from cmai_env.models.backbone import ADAPTER_PREFIX, Backbone
 
 _PACKAGE = "cmai_env.models"
 logger = logging.getLogger(__name__)
@@ -154,9 +154,13 @@ def load_backbone(name: str = "cmai-tiny", pretrained: str | None = None, device
     finally:
         logging.disable(logging.NOTSET)
 
+    adapter_state: dict[str, torch.Tensor] = {}
     if weights_path is not None:
         state = read_state_dict(weights_path)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        # Adversarially fine-tuned checkpoints (``cmai adv-train``) may carry residual adapters under
+        # their own keys; they are rebuilt on the Backbone below, not loaded into open_clip.
+        adapter_state = {k: state.pop(k) for k in [k for k in state if k.startswith(ADAPTER_PREFIX)]}
         expected = clip.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -180,4 +184,6 @@ def load_backbone(name: str = "cmai-tiny", pretrained: str | None = None, device
     clip.eval()
     backbone = Backbone(name, clip, open_clip.get_tokenizer(name), mean, std, pretrained=source)
     backbone.preprocess = Compose(pixel_steps)
+    if adapter_state:
+        backbone.load_adapter_state(adapter_state)
     return backbone.to(device).eval()

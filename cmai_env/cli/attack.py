@@ -1,0 +1,143 @@
+"""``cmai attack list | eval``: the attack registry and one attack's robustness report.
+
+    cmai attack list
+    cmai attack eval --attack pgd_linf --eps 8/255 --steps 10 --n 1000 --json
+
+``eval`` attacks ``--n`` pairs of ``--split`` (default ``test``), calibrates the consistency
+detector's threshold on ``--calibration-n`` clean pairs of the ``val`` split, and prints the
+:class:`cmai_env.robustness.AttackReport` (``clean_accuracy``, ``asr``, ``consistency_clean``,
+``consistency_adv``, ``detector_auroc``, ``detector_tpr``, ``detector_fpr``, …). ``universal``
+is fitted on ``--fit-n`` pairs of the ``train`` split first, so it is applied to unseen images.
+"""
+
+from __future__ import annotations
+
+import argparse
+from cmai_env.cli.common import add_backbone_args, add_dataset_args, emit, parse_budget
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("attack", help="list attacks or evaluate one against a backbone")
+    sub = group.add_subparsers(dest="attack_command", metavar="ACTION", required=True)
+
+    ls = sub.add_parser("list", help="registered attacks with modality, parameters and defaults")
+    ls.set_defaults(func=run_list)
+
+    ev = sub.add_parser("eval", help="clean accuracy, ASR, consistency and detector quality under one attack")
+    ev.add_argument("--attack", required=True, help="registered attack name (see `cmai attack list`)")
+    ev.add_argument("--eps", type=parse_budget, default=None, help="budget ε (fractions allowed: 8/255)")
+    ev.add_argument("--steps", type=int, default=None, help="attack steps")
+    ev.add_argument("--step-size", type=parse_budget, default=None, help="step size α (fractions allowed: 2/255)")
+    ev.add_argument("--k", type=int, default=None, help="tokens to substitute (token_substitution)")
+    ev.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE",
+        help="any other attack parameter, e.g. --param target=random (repeatable)",
+    )
+    add_backbone_args(ev)
+    add_dataset_args(ev)
+    ev.add_argument("--calibration-split", default="val", help="clean split τ is calibrated on (default: val)")
+    ev.add_argument("--calibration-n", type=int, default=None, help="calibration pairs (default: --n)")
+    ev.add_argument("--fit-n", type=int, default=512, help="train pairs a universal perturbation is fitted on (default: 512)")
+    ev.add_argument("--target-fpr", type=float, default=0.05, help="detector target false-positive rate (default: 0.05)")
+    ev.add_argument("--batch-size", type=int, default=128, help="pairs per attack call (default: 128)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=run_eval)
+
+
+def _parse_value(text: str) -> object:
+    """``--param`` values: None/true/false, numbers and fractions (``4/255``), else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return parse_budget(text)
+    except argparse.ArgumentTypeError:
+        return text
+
+
+def attack_params(args: argparse.Namespace) -> dict[str, object]:
+    """The parameters the user set (flags and ``--param``), to pass to ``make_attack``."""
+    params: dict[str, object] = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
+        params[key.strip().replace("-", "_")] = _parse_value(value)
+    for key in ("eps", "steps", "step_size", "k"):
+        value = getattr(args, key)
+        if value is not None:
+            params[key] = value
+    return params
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from cmai_env.attacks import attack_class, available_attacks
+
+    for name in available_attacks():
+        cls = attack_class(name)
+        params = ", ".join(f"{key}={_format(value)}" for key, value in cls.parameters().items())
+        print(f"{name} [{cls.modality}]: {cls.description}")
+        print(f"    {params}")
+    return 0
+
+
+def _format(value: object) -> str:
+    """Short decimals as they are (``0.2``); pixel budgets in 1/255 units (``8/255``)."""
+    if isinstance(value, float):
+        short = f"{value:.4g}"
+        in_255 = value * 255
+        if float(short) != value and abs(in_255 - round(in_255)) < 1e-9:
+            return f"{round(in_255)}/255"
+        return short
+    return str(value)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from cmai_env.attacks import PairBatch, ZeroShotTask, make_attack
+    from cmai_env.consistency import ConsistencyDetector
+    from cmai_env.data import load_dataset
+    from cmai_env.models import load_backbone
+    from cmai_env.robustness import evaluate_attack
+
+    attack = make_attack(args.attack, **attack_params(args))
+    backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
+    backbone.eval()
+
+    def load(split: str, n: int):
+        return load_dataset(args.dataset, split=split, n=n, seed=args.seed, image_size=backbone.image_size, root=args.data_root)
+
+    def pairs(split: str, n: int) -> PairBatch:
+        return PairBatch.from_dataset(backbone, load(split, n))
+
+    data = load(args.split, args.n)
+    task = ZeroShotTask.from_dataset(backbone, data)
+    clean = PairBatch.from_dataset(backbone, data)
+    calibration = pairs(args.calibration_split, args.calibration_n or args.n)
+    generator = torch.Generator().manual_seed(args.seed)
+    if hasattr(attack, "fit"):
+        attack.fit(task, pairs("train", args.fit_n), generator)
+    report = evaluate_attack(
+        task, clean, attack, generator, ConsistencyDetector(args.target_fpr), calibration, batch_size=args.batch_size
+    )
+    params = {key: getattr(attack, key) for key in type(attack).parameters()}
+    emit(
+        {
+            **report.as_dict(),
+            "params": params,
+            "backbone": backbone.name,
+            "dataset": args.dataset,
+            "split": args.split,
+            "calibration_split": args.calibration_split,
+            "seed": args.seed,
+        },
+        args.json,
+    )
+    return 0
