@@ -1,7 +1,35 @@
 """CMAI: Cross-Modal Adversarial Immunization.
 
 Library (backbones, data, consistency verification, attacks, adversarial training) and the
-Gymnasium environment that composes them.
+Gymnasium environment that composes them. Importing the package registers the environments:
+
+* ``cmai_env/CMAI-v0``: continuous loss-weight actions, training scenarios;
+* ``cmai_env/CMAI-Discrete-v0``: the same with a ``Discrete`` grid of weight vectors (for DQN);
+* ``cmai_env/CMAI-Eval-v0``: evaluation-only scenarios (held-out attacks), never for training.
+
+    import gymnasium, cmai_env
+    env = gymnasium.make("cmai_env/CMAI-v0", scenario="abrupt_shift", fidelity="embedding")
 """
 
+from gymnasium.envs.registration import register, registry
+
 __version__ = "0.1.0"
+
+ENV_IDS = {
+    "cmai_env/CMAI-v0": {"scenario": "quickstart"},
+    "cmai_env/CMAI-Discrete-v0": {"scenario": "quickstart", "action_mode": "discrete"},
+    "cmai_env/CMAI-Eval-v0": {"scenario": "unseen_attacks", "allow_evaluation_only": True},
+}
+for _env_id, _kwargs in ENV_IDS.items():
+    if _env_id not in registry:  # re-imports (e.g. in subprocess workers) must not warn
+        register(id=_env_id, entry_point="cmai_env.env:CMAIEnv", kwargs=_kwargs)
+
+
+def scenarios_available(include_evaluation_only: bool = True) -> list[str]:
+    """Names of the scenario files shipped with the package."""
+    from cmai_env.scenario import scenarios_available as _available
+
+    return _available(include_evaluation_only=include_evaluation_only)
+
+
+__all__ = ["ENV_IDS", "__version__", "scenarios_available"]

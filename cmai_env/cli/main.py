@@ -13,6 +13,7 @@ import sys
 # Modules with a ``register(subparsers)`` function, in the order ``cmai --help`` lists them.
 SUBCOMMAND_MODULES = [
     "cmai_env.cli.backbone",
+    "cmai_env.cli.scenarios",
     "cmai_env.cli.attack",
     "cmai_env.cli.adv_train",
 ]

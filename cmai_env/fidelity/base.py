@@ -1,0 +1,141 @@
+"""What a simulation fidelity provides to the environment.
+
+A *fidelity* owns the defended model and everything that touches it: it draws the round's
+incoming traffic (crafting adversarial pairs against the current model), measures the traffic's
+hidden states, runs the trainer update with the agent's loss weights, and measures robustness on
+the probe set. ``pixel`` does this through the real backbone in input space; ``embedding`` does
+it on cached frozen embeddings with bounded embedding-space perturbations, trading realism for
+speed. The environment composes a fidelity with the attack stream, detector and latency tracker
+and never needs to know which one it holds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cmai_env.scenario import Scenario
+from cmai_env.stream import RoundPlan
+
+
+@dataclass
+class RoundTraffic:
+    """One round's incoming pairs.
+
+    :param payload: fidelity-specific tensors (a PairBatch for pixel, embeddings for embedding).
+    :param attack_index: int (N,), the mixture entry that perturbed each pair, -1 for clean pairs.
+    :param attack_names: name of each mixture entry of the round's plan.
+    :param attack_ms: wall-clock spent crafting the adversarial pairs.
+    """
+
+    payload: Any
+    attack_index: np.ndarray
+    attack_names: list[str]
+    attack_ms: float
+
+    @property
+    def is_adv(self) -> np.ndarray:
+        return self.attack_index >= 0
+
+
+@dataclass
+class TrafficStats:
+    """Hidden-state statistics of the incoming pairs under the current defended model."""
+
+    image_embeds: torch.Tensor  #: (N, D) normalised
+    text_embeds: torch.Tensor  #: (N, D) normalised
+    consistency: torch.Tensor  #: (N,) L_consistency per pair (the detector's score)
+    cosine: torch.Tensor  #: (N,) cos(e_v, e_t)
+
+
+@dataclass
+class UpdateResult:
+    """Loss terms and cost of the round's trainer update(s)."""
+
+    l_task: float
+    l_consistency: float
+    l_adv: float
+    l_total: float
+    attack_steps_used: int  #: crafting steps for L_adv actually run (0 when skipped)
+    max_attack_steps: int  #: crafting steps a full-β_adv update would run
+    attack_ms: float
+    update_ms: float
+    grad_norms: dict[str, float] | None = None
+
+
+@dataclass
+class ProbeResult:
+    """Robustness of the defended model on the probe set after the update."""
+
+    clean_acc: float  #: image zero-shot accuracy on clean probe pairs
+    consistency_score: float  #: mean cos of matched clean probe embeddings
+    clean_consistency: np.ndarray  #: per-pair clean L_consistency (detector calibration)
+    asr: float  #: mixture-weighted ASR of the round's active attacks (0 in quiet rounds)
+    asr_per_attack: dict[str, float] = field(default_factory=dict)
+    probe_ms: float = 0.0
+
+
+class Fidelity(ABC):
+    """Interface the environment drives once per round (see module docstring)."""
+
+    name: str = ""
+
+    def __init__(self, scenario: Scenario, device: str = "cpu") -> None:
+        self.scenario = scenario
+        self.device = torch.device(device)
+
+    @property
+    @abstractmethod
+    def embed_dim(self) -> int: ...
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Restore the defended parameters and optimiser to their state at construction."""
+
+    @abstractmethod
+    def incoming(self, plan: RoundPlan, rng: np.random.Generator) -> RoundTraffic:
+        """Draw ``batch_size`` pairs; perturb ``round(adversarial_share·N)`` of them by the mixture."""
+
+    @abstractmethod
+    def observe(self, traffic: RoundTraffic) -> TrafficStats:
+        """Hidden states and consistency of the incoming pairs (no gradients)."""
+
+    @abstractmethod
+    def update(
+        self, traffic: RoundTraffic, betas: np.ndarray, flagged: np.ndarray, rng: np.random.Generator
+    ) -> UpdateResult:
+        """Train with ``L_total = β_task·L_task + β_consist·L_consistency + β_adv·L_adv``.
+
+        The clean originals of the round's pairs are the defender's training batch; incoming
+        pairs that are both adversarial and flagged by the detector are added to L_adv and
+        L_consistency as observed adversarial traffic.
+        """
+
+    @abstractmethod
+    def probe(self, plan: RoundPlan, rng: np.random.Generator) -> ProbeResult:
+        """Clean accuracy, consistency and per-attack ASR on the probe set."""
+
+
+def assign_attacks(plan: RoundPlan, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Which mixture entry perturbs each of ``n`` pairs (int array, -1 for clean pairs).
+
+    Exactly ``round(adversarial_share · n)`` pairs are adversarial; each picks a mixture entry
+    with probability equal to its weight. Positions are shuffled so adversarial pairs are not
+    always first.
+    """
+    if not plan.mixture:
+        return np.full(n, -1, dtype=np.int64)
+    n_adv = int(round(plan.adversarial_share * n))
+    weights = np.asarray([entry.weight for entry in plan.mixture], dtype=np.float64)
+    picks = rng.choice(len(plan.mixture), size=n_adv, p=weights / weights.sum())
+    labels = np.concatenate([picks, np.full(n - n_adv, -1)]).astype(np.int64)
+    return labels[rng.permutation(n)]
+
+
+def entry_key(entry) -> tuple:
+    """Hashable identity of a mixture entry's attack configuration."""
+    return (entry.name, tuple(sorted(entry.params.items())))

@@ -1,0 +1,140 @@
+"""The environment's observation: a fixed-size vector built from the model's hidden states.
+
+Layout (index ranges are stable for a given ``-vN`` environment version; ``OBS_SLICES`` maps
+names to slices so policies and baselines can read fields by name):
+
+======================  =====  ==========================================================  ==========
+name                    width  meaning                                                     range
+======================  =====  ==========================================================  ==========
+image_embed_proj        16     P·mean(e_v): batch-mean image embedding, fixed projection     [-10, 10]
+text_embed_proj         16     P·mean(e_t): batch-mean caption embedding                     [-10, 10]
+gap_embed_proj          16     P·mean(e_v − e_t): mean cross-modal gap                       [-10, 10]
+consistency_mean        1      mean L_consistency over the incoming batch                    [0, 10]
+consistency_std         1      its standard deviation                                        [0, 10]
+consistency_max         1      its maximum                                                   [0, 10]
+cosine_mean             1      mean cos(e_v, e_t) of incoming pairs                          [-1, 1]
+cosine_min              1      minimum cos(e_v, e_t)                                         [-1, 1]
+flag_rate               1      share of incoming pairs the detector flags                    [0, 1]
+drift                   1      1 if the change detector fired this round                     {0, 1}
+rounds_since_drift      1      rounds since it last fired, /episode length (1 if never)      [0, 1]
+prev_clean_acc          1      previous round's probe clean accuracy                         [0, 1]
+prev_asr                1      previous round's probe ASR                                    [0, 1]
+prev_consistency_score  1      previous round's probe consistency score (mean cosine)        [-1, 1]
+prev_detector_tpr       1      previous round's detector TPR on incoming traffic             [0, 1]
+prev_detector_fpr       1      previous round's detector FPR on incoming traffic             [0, 1]
+prev_betas              3      previous [β_task, β_consist, β_adv]                          [0, 1]
+prev_losses             3      previous log(1 + [L_task, L_consistency, L_adv])             [0, 10]
+progress                1      round / episode length                                        [0, 1]
+======================  =====  ==========================================================  ==========
+
+``P`` is a fixed (D × 16) Gaussian matrix (entries N(0, 1), drawn from a ``torch.Generator``
+seeded with 0 for each embedding width D), so any backbone yields the same observation size and
+a unit-norm embedding maps to roughly unit-variance features (Johnson–Lindenstrauss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PROJECTION_DIM = 16
+PROJECTION_SEED = 0
+OBS_BOUND = 10.0
+
+OBS_FIELDS: list[tuple[str, int]] = [
+    ("image_embed_proj", PROJECTION_DIM),
+    ("text_embed_proj", PROJECTION_DIM),
+    ("gap_embed_proj", PROJECTION_DIM),
+    ("consistency_mean", 1),
+    ("consistency_std", 1),
+    ("consistency_max", 1),
+    ("cosine_mean", 1),
+    ("cosine_min", 1),
+    ("flag_rate", 1),
+    ("drift", 1),
+    ("rounds_since_drift", 1),
+    ("prev_clean_acc", 1),
+    ("prev_asr", 1),
+    ("prev_consistency_score", 1),
+    ("prev_detector_tpr", 1),
+    ("prev_detector_fpr", 1),
+    ("prev_betas", 3),
+    ("prev_losses", 3),
+    ("progress", 1),
+]
+
+
+def _slices() -> dict[str, slice]:
+    out, start = {}, 0
+    for name, width in OBS_FIELDS:
+        out[name] = slice(start, start + width)
+        start += width
+    return out
+
+
+OBS_SLICES: dict[str, slice] = _slices()
+OBS_SIZE: int = sum(width for _, width in OBS_FIELDS)
+
+
+def fixed_projection(embed_dim: int) -> torch.Tensor:
+    """The documented projection ``P`` (embed_dim × 16), identical for every run and process."""
+    generator = torch.Generator().manual_seed(PROJECTION_SEED)
+    return torch.randn(embed_dim, PROJECTION_DIM, generator=generator)
+
+
+@dataclass
+class PreviousRound:
+    """What the agent is told about the round before (zeros / uniform before the first)."""
+
+    clean_acc: float = 0.0
+    asr: float = 0.0
+    consistency_score: float = 0.0
+    detector_tpr: float = 0.0
+    detector_fpr: float = 0.0
+    betas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    losses: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def build_observation(
+    projection: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    consistency: torch.Tensor,
+    cosine: torch.Tensor,
+    flag_rate: float,
+    drift: bool,
+    rounds_since_drift: float,
+    previous: PreviousRound,
+    progress: float,
+) -> np.ndarray:
+    """Assemble the observation vector (float32, clipped to ±OBS_BOUND) in ``OBS_FIELDS`` order."""
+    with torch.no_grad():
+        image_mean = image_embeds.mean(0)
+        text_mean = text_embeds.mean(0)
+        projected = torch.cat([image_mean @ projection, text_mean @ projection, (image_mean - text_mean) @ projection])
+        stats = torch.stack(
+            [
+                consistency.mean(),
+                consistency.std(unbiased=False),
+                consistency.max(),
+                cosine.mean(),
+                cosine.min(),
+            ]
+        )
+    scalars = [
+        flag_rate,
+        float(drift),
+        rounds_since_drift,
+        previous.clean_acc,
+        previous.asr,
+        previous.consistency_score,
+        previous.detector_tpr,
+        previous.detector_fpr,
+        *previous.betas,
+        *np.log1p(np.maximum(previous.losses, 0.0)),
+        progress,
+    ]
+    obs = np.concatenate([projected.cpu().numpy(), stats.cpu().numpy(), np.asarray(scalars)]).astype(np.float32)
+    return np.clip(np.nan_to_num(obs, nan=0.0, posinf=OBS_BOUND, neginf=-OBS_BOUND), -OBS_BOUND, OBS_BOUND)

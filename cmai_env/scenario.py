@@ -1,0 +1,631 @@
+"""Scenario files: what the defended model faces, as typed and validated data.
+
+A scenario is a YAML file (``scenarios/*.yaml`` ship with the package) read with
+``yaml.safe_load`` and validated once, here, into a :class:`Scenario`. Everything downstream
+(the attack stream, the environment, the fidelities) receives the validated object, never the
+raw mapping. Every model forbids unknown fields, so a typo is an error, not a silently ignored
+setting.
+
+    from cmai_env.scenario import load_scenario
+    scenario = load_scenario("abrupt_shift")            # a shipped name ...
+    scenario = load_scenario("my_runs/drift.yaml")      # ... or a file
+    scenario.total_rounds()
+
+A file without ``name:`` takes its file name's stem. Budgets (``defense.eps_v``, ``defense.eps_t`` and every float attack parameter such as ``eps``
+or ``step_size``) may be written as fractions: ``eps: 8/255``.
+
+Errors say what to fix: a :class:`ScenarioError` (a ``ValueError``) names the file, each bad
+field as a dotted path (``phases.1.attacks.0.name``) with its line, the bad value and what is
+allowed there.
+
+Held-out attacks: a training scenario lists the attacks reserved for evaluation in
+``held_out_attacks``; validation rejects the scenario if a phase uses one. Scenarios marked
+``evaluation_only: true`` (e.g. ``unseen_attacks``) are the only ones allowed to use them, and
+the environment refuses them unless it is built for evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import importlib.resources
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCENARIO_SUFFIXES = (".yaml", ".yml")
+
+
+class ScenarioError(ValueError):
+    """A scenario file (or override) that cannot be read or does not validate."""
+
+
+class _Issues(ValueError):
+    """Problems found by a cross-field validator, each at a path relative to the model."""
+
+    def __init__(self, issues: list[tuple[tuple[str | int, ...], Any, str]]) -> None:
+        self.issues = issues
+        super().__init__("; ".join(f"{_dotted(path)} = {value!r}: {message}" for path, value, message in issues))
+
+
+# ----------------------------------------------------------------------------- fractions
+def parse_fraction(value: Any) -> Any:
+    """``"8/255"`` → 0.0313…; numbers and non-strings pass through (pydantic checks them)."""
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"expected a number or a fraction like 8/255, got {value!r}") from None
+    return value
+
+
+#: A budget: a non-negative float that YAML may spell as a fraction (``8/255``).
+Budget = Annotated[float, BeforeValidator(parse_fraction), Field(ge=0, allow_inf_nan=False)]
+ParamValue = Union[bool, int, float, str]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- schema
+class DatasetSpec(_Model):
+    """Where the incoming pairs and the probe set come from."""
+
+    name: str = "shapes"
+    #: file or folder for real-format datasets (coco-captions, medmnist, folder)
+    root: str | None = None
+    #: pool the incoming batches are drawn from
+    train_n: int = Field(2000, gt=0)
+    #: held-out pairs the round's metrics are measured on
+    probe_n: int = Field(256, gt=0)
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from cmai_env.data import available_datasets
+
+        if name not in available_datasets():
+            raise ValueError(f"unknown dataset; available: {', '.join(available_datasets())}")
+        return name
+
+
+class BackboneSpec(_Model):
+    """The defended model: an architecture name and an optional open_clip tag or checkpoint path."""
+
+    name: str = "cmai-tiny"
+    pretrained: str | None = None
+
+
+class DefenseSpec(_Model):
+    """What the trainer may update and how it crafts ``L_adv``'s examples."""
+
+    defended: Literal["adapter", "projection", "last_blocks", "all"] = "adapter"
+    #: number of transformer blocks updated when ``defended`` is ``last_blocks``
+    last_blocks: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    #: ℓ∞ image budget ``ε_v`` of the adversarial-training examples
+    eps_v: Budget = 4 / 255
+    #: L2 per-token budget ``ε_t`` of the text adversarial-training examples
+    eps_t: Budget = 0.5
+    alpha: float = Field(1.0, ge=0, allow_inf_nan=False)
+    #: PGD steps crafting ``L_adv``'s examples (0: no adversarial term)
+    attack_steps: int = Field(3, ge=0)
+    updates_per_round: int = Field(1, ge=1)
+
+
+class DetectorSpec(_Model):
+    """Consistency detector and the change detector run on its flag rate."""
+
+    #: false-positive rate the detector's threshold is calibrated to on clean pairs
+    target_fpr: float = Field(0.05, gt=0, lt=1)
+    change_detector: Literal["adwin", "page_hinkley", "none"] = "adwin"
+    #: flag rate counted as "shift detected" (None: a multiple of target_fpr, set by the env)
+    flag_rate_threshold: float | None = Field(None, gt=0, le=1)
+
+
+class RewardWeights(_Model):
+    """``r = w_clean·acc − w_asr·ASR + w_consistency·score + w_detection·(tpr − fpr) − w_compute·cost``."""
+
+    clean_acc: float = Field(1.0, ge=0)
+    asr: float = Field(1.0, ge=0)
+    consistency: float = Field(0.25, ge=0)
+    detection: float = Field(0.25, ge=0)
+    compute: float = Field(0.05, ge=0)
+
+
+class RandomSpec(_Model):
+    """Domain randomisation for ``schedule: random``.
+
+    ``n_phases`` phases are drawn from ``phases`` (never the same one twice in a row when there
+    is a choice), each lasting a uniform random number of rounds in ``rounds`` (inclusive);
+    if they fall short of the episode length, more are drawn until it is filled, and the last
+    one is cut at the episode's end.
+    ``seed`` fixes the drawn timeline across resets; ``None`` draws it from the episode's
+    generator, so every reset sees a different one.
+    """
+
+    n_phases: int = Field(ge=1)
+    rounds: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RandomSpec":
+        if self.rounds[0] > self.rounds[1]:
+            raise _Issues([(("rounds",), list(self.rounds), "must be [min, max] with min ≤ max")])
+        return self
+
+
+class Transition(_Model):
+    """How a phase takes over from the previous one.
+
+    ``abrupt``: at once. ``gradual``: the mixture and adversarial share move linearly from the
+    previous phase's over the first ``rounds`` rounds of this phase.
+    """
+
+    type: Literal["abrupt", "gradual"] = "abrupt"
+    rounds: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Transition":
+        if self.type == "abrupt" and self.rounds != 0:
+            raise _Issues([(("rounds",), self.rounds, "an abrupt transition takes 0 rounds (use type: gradual)")])
+        if self.type == "gradual" and self.rounds < 1:
+            raise _Issues([(("rounds",), self.rounds, "a gradual transition needs rounds ≥ 1")])
+        return self
+
+
+class AttackSpec(_Model):
+    """One attack of a phase's mixture: a registered attack, its weight and its parameters."""
+
+    name: str
+    #: relative frequency in the phase's mixture (weights are normalised to sum to 1)
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)
+    #: parameters of the attack (``cmai attack list``); fractions like 8/255 become floats
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        registered = _registered_attacks()
+        if name not in registered:
+            raise ValueError(f"unknown attack; registered attacks: {', '.join(registered)}")
+        return name
+
+    @model_validator(mode="after")
+    def _known_params(self) -> "AttackSpec":
+        from cmai_env.attacks import attack_class
+
+        defaults = attack_class(self.name).parameters()
+        issues: list[tuple[tuple[str | int, ...], Any, str]] = []
+        params: dict[str, ParamValue] = {}
+        for key, value in self.params.items():
+            if key not in defaults:
+                issues.append((("params", key), value, f"{self.name} has no such parameter; parameters: {', '.join(defaults)}"))
+                continue
+            try:
+                params[key] = _coerce_param(value, defaults[key])
+            except ValueError as exc:
+                issues.append((("params", key), value, str(exc)))
+        if not issues:
+            try:  # the attack's own checks (negative budgets, zero steps, ...)
+                attack_class(self.name)(**params)
+            except (ValueError, TypeError) as exc:
+                message = str(exc)
+                # point at the parameter the attack's message names, if it names one
+                named = [k for k in params if f"{k} must" in message or f"{k!r}" in message]
+                path: tuple[str | int, ...] = ("params", named[0]) if named else ("params",)
+                issues.append((path, params[named[0]] if named else params, message))
+        if issues:
+            raise _Issues(issues)
+        self.params = params
+        return self
+
+
+class Phase(_Model):
+    """A stretch of rounds with one attack pattern (``attacks: []`` is a quiet phase)."""
+
+    name: str
+    rounds: int = Field(ge=1)
+    #: share of each incoming batch that is adversarial (0 in quiet phases)
+    adversarial_share: float = Field(0.5, ge=0, le=1)
+    transition: Transition = Field(default_factory=Transition)
+    attacks: list[AttackSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _quiet_means_clean(self) -> "Phase":
+        if not self.attacks:
+            if "adversarial_share" in self.model_fields_set and self.adversarial_share > 0:
+                raise _Issues([(("adversarial_share",), self.adversarial_share,
+                                "a quiet phase (attacks: []) must have adversarial_share 0")])
+            self.adversarial_share = 0.0
+        if self.transition.rounds > self.rounds:
+            raise _Issues([(("transition", "rounds"), self.transition.rounds,
+                            f"the transition cannot outlast its phase ({self.rounds} rounds)")])
+        return self
+
+    @property
+    def quiet(self) -> bool:
+        return not self.attacks or self.adversarial_share == 0
+
+
+class Scenario(_Model):
+    """A validated scenario file. See the module docstring and ``scenarios/*.yaml``."""
+
+    name: str
+    description: str = ""
+    #: uses held-out attacks: only evaluation code may run it
+    evaluation_only: bool = False
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    fidelity: Literal["pixel", "embedding"] = "pixel"
+    #: incoming pairs per round
+    batch_size: int = Field(64, gt=0)
+    #: rounds per episode (None: the schedule's total; shorter truncates, longer extends the last phase)
+    episode_rounds: int | None = Field(None, ge=1)
+    defense: DefenseSpec = Field(default_factory=DefenseSpec)
+    detector: DetectorSpec = Field(default_factory=DetectorSpec)
+    reward: RewardWeights = Field(default_factory=RewardWeights)
+    #: recovery after a shift = ASR back under this
+    asr_target: float = Field(0.3, ge=0, le=1)
+    schedule: Literal["sequential", "periodic", "random"] = "sequential"
+    #: periodic: cycles through the phases
+    repeat: int = Field(1, ge=1)
+    randomization: RandomSpec | None = None
+    phases: list[Phase] = Field(min_length=1)
+    #: attacks reserved for evaluation; a training scenario may not use them
+    held_out_attacks: list[str] = Field(default_factory=list)
+
+    @field_validator("held_out_attacks")
+    @classmethod
+    def _held_out_registered(cls, names: list[str]) -> list[str]:
+        registered = _registered_attacks()
+        unknown = [n for n in names if n not in registered]
+        if unknown:
+            raise _Issues([((names.index(n),), n, f"unknown attack; registered attacks: {', '.join(registered)}") for n in unknown])
+        return names
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Scenario":
+        issues: list[tuple[tuple[str | int, ...], Any, str]] = []
+        seen: dict[str, int] = {}
+        for i, phase in enumerate(self.phases):
+            if phase.name in seen:
+                issues.append((("phases", i, "name"), phase.name, f"phase names must be unique (phases.{seen[phase.name]} has it too)"))
+            seen.setdefault(phase.name, i)
+            if not self.evaluation_only:
+                for j, attack in enumerate(phase.attacks):
+                    if attack.name in self.held_out_attacks:
+                        issues.append((("phases", i, "attacks", j, "name"), attack.name,
+                                       f"held out for evaluation (held_out_attacks: {self.held_out_attacks}); "
+                                       "only an evaluation_only scenario may use it"))
+        if self.schedule == "random" and self.randomization is None:
+            issues.append((("randomization",), None, "schedule random needs randomization: {n_phases, rounds: [min, max]}"))
+        if self.schedule != "random" and self.randomization is not None:
+            issues.append((("randomization",), self.randomization.model_dump(), f"only used by schedule random (schedule is {self.schedule})"))
+        if self.schedule != "periodic" and self.repeat != 1:
+            issues.append((("repeat",), self.repeat, f"only used by schedule periodic (schedule is {self.schedule})"))
+        if issues:
+            raise _Issues(issues)
+        return self
+
+    def total_rounds(self) -> int:
+        """Rounds in one pass of the schedule (an episode's length unless ``episode_rounds`` is set).
+
+        ``random``: ``n_phases`` × the mean of ``randomization.rounds`` (rounded up); the drawn
+        timeline is truncated or its last phase extended to this length.
+        """
+        if self.schedule == "random":
+            assert self.randomization is not None
+            low, high = self.randomization.rounds
+            return self.randomization.n_phases * math.ceil((low + high) / 2)
+        cycle = sum(phase.rounds for phase in self.phases)
+        return cycle * (self.repeat if self.schedule == "periodic" else 1)
+
+    def episode_length(self) -> int:
+        """``episode_rounds`` if set, else :meth:`total_rounds`."""
+        return self.episode_rounds if self.episode_rounds is not None else self.total_rounds()
+
+    def attacks_used(self) -> list[str]:
+        """Names of every attack some phase uses, sorted."""
+        return sorted({attack.name for phase in self.phases for attack in phase.attacks})
+
+    def to_yaml(self) -> str:
+        """The validated scenario (defaults filled in, fractions as floats) as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------- loading
+def _registered_attacks() -> list[str]:
+    import cmai_env.attacks  # noqa: F401  (importing the package registers every attack)
+    from cmai_env.attacks import available_attacks
+
+    return available_attacks()
+
+
+def _coerce_param(value: Any, default: Any) -> ParamValue:
+    """Check ``value`` against the type of the parameter's default; fractions become floats."""
+    if not isinstance(value, (bool, int, float, str)):
+        raise ValueError("expected a number, a fraction like 8/255, true/false or a string")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+            raise ValueError("expected an integer")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ValueError("expected a number or a fraction like 8/255")
+        number = float(parse_fraction(value))
+        if not math.isfinite(number):
+            raise ValueError("expected a finite number")
+        return number
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string (default {default!r})")
+        return value
+    return value  # None or other defaults: no type to check against
+
+
+def _shipped_entries() -> list[Any]:
+    """The files of the ``cmai_env.scenarios`` package (wherever it is installed)."""
+    try:
+        return list(importlib.resources.files("cmai_env.scenarios").iterdir())
+    except (NotADirectoryError, TypeError):
+        # A stale editable install can expose the package as a namespace whose __path__ holds a
+        # non-directory placeholder, which importlib.resources rejects: read its directories.
+        package = importlib.import_module("cmai_env.scenarios")
+        return [entry for p in package.__path__ if Path(p).is_dir() for entry in sorted(Path(p).iterdir())]
+
+
+def _shipped_files() -> dict[str, Any]:
+    files: dict[str, Any] = {}
+    for entry in _shipped_entries():
+        if entry.is_file() and entry.name.endswith(SCENARIO_SUFFIXES):
+            files.setdefault(Path(entry.name).stem, entry)
+    return files
+
+
+def scenarios_available(include_evaluation_only: bool = True) -> list[str]:
+    """Names of the scenario files shipped with the package.
+
+    :param include_evaluation_only: also list scenarios marked ``evaluation_only`` (held-out attacks).
+    """
+    names = []
+    for name, entry in sorted(_shipped_files().items()):
+        if not include_evaluation_only:
+            raw = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+            if isinstance(raw, dict) and raw.get("evaluation_only", False):
+                continue
+        names.append(name)
+    return names
+
+
+def _resolve(name_or_path: str | Path) -> tuple[str, bytes]:
+    """(label used in messages, file bytes) of a shipped name or a path."""
+    text = str(name_or_path)
+    shipped = _shipped_files()
+    if not isinstance(name_or_path, Path) and text in shipped:
+        return f"{text} ({shipped[text]})", shipped[text].read_bytes()
+    path = Path(name_or_path)
+    if path.is_file():
+        if path.suffix not in SCENARIO_SUFFIXES:
+            raise ScenarioError(f"{path}: a scenario file must end in .yaml or .yml")
+        return str(path), path.read_bytes()
+    raise FileNotFoundError(
+        f"no scenario file {str(path)!r} (and no shipped scenario of that name); "
+        f"shipped scenarios: {', '.join(sorted(shipped))}"
+    )
+
+
+def scenario_bytes(name_or_path: str | Path) -> bytes:
+    """The scenario file's bytes, exactly as on disk (saved beside runs so they can be replayed).
+
+    :raises FileNotFoundError: neither a shipped name nor an existing file.
+    """
+    return _resolve(name_or_path)[1]
+
+
+def scenario_hash(name_or_path: str | Path) -> str:
+    """sha256 of the scenario file's bytes (recorded with evaluation results)."""
+    return hashlib.sha256(scenario_bytes(name_or_path)).hexdigest()
+
+
+def load_scenario(name_or_path: str | Path) -> Scenario:
+    """Read and validate a scenario: a shipped name (:func:`scenarios_available`) or a YAML path.
+
+    :raises FileNotFoundError: neither a shipped name nor an existing file (lists the shipped names).
+    :raises ScenarioError: YAML syntax errors (with the line) and schema violations (every bad
+        field as a dotted path with its value and what is allowed).
+    """
+    label, data = _resolve(name_or_path)
+    text = data.decode("utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ScenarioError(f"{label}{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{label}: a scenario file must be a YAML mapping of fields, got {type(raw).__name__}")
+    if "name" not in raw and isinstance(name_or_path, (str, Path)):
+        raw["name"] = Path(str(name_or_path)).stem
+    return validate_scenario(raw, label, _line_index(text))
+
+
+def validate_scenario(raw: Mapping[str, Any], source: str = "<scenario>", lines: dict[tuple, int] | None = None) -> Scenario:
+    """Validate a mapping into a :class:`Scenario`; :class:`ScenarioError` names every bad field."""
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError(format_validation_error(exc, source, lines or {})) from None
+
+
+def apply_overrides(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenario:
+    """A new, re-validated scenario with ``overrides`` applied.
+
+    Keys are field names, dotted for nested ones (``dataset.train_n``, ``defense.lr``,
+    ``phases.0.rounds``); ``None`` restores an optional field's default (``episode_rounds=None``).
+
+    :raises ScenarioError: an unknown field or a value the schema rejects.
+    """
+    data = scenario.model_dump(mode="python", exclude_unset=False)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node: Any = data
+        try:
+            for part in parts[:-1]:
+                if isinstance(node, list):
+                    node = node[int(part)]
+                else:
+                    if node.get(part) is None:  # an unset optional section (randomization)
+                        node[part] = {}
+                    node = node[part]
+                if not isinstance(node, (dict, list)):
+                    raise KeyError(part)
+            if isinstance(node, list):
+                node[int(parts[-1])] = value
+            else:
+                node[parts[-1]] = copy.deepcopy(value)
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise ScenarioError(f"override {key}={value!r} of scenario {scenario.name!r}: no such field") from None
+    return validate_scenario(data, f"scenario {scenario.name!r} with overrides {dict(overrides)}")
+
+
+# ----------------------------------------------------------------------------- messages
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Path of every node of the YAML document → its 1-based line (for error messages)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    index: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        index[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                walk(value_node, path + (str(key_node.value),))
+                index[path + (str(key_node.value),)] = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    """The schema model a (validated) path points into, to list its allowed fields."""
+    model: Any = Scenario
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _unwrap(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``list[Phase]`` / ``Phase | None`` → ``Phase``."""
+    for _ in range(3):
+        origin = get_origin(annotation)
+        if origin is None:
+            return annotation
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        annotation = models[0] if models else (args[0] if args else annotation)
+    return annotation
+
+
+def _normalise_loc(loc: tuple) -> tuple:
+    # pydantic adds the union member / validator name to the location of some errors
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"function-after", "function-before"})))
+
+
+def format_validation_error(exc: ValidationError, source: str, lines: Mapping[tuple, int] | None = None) -> str:
+    """One line per problem: ``dotted.path (line N) = value: what is wrong / allowed``."""
+    lines = lines or {}
+    problems: list[tuple[int, str]] = []
+    for error in exc.errors():
+        loc = _normalise_loc(tuple(error["loc"]))
+        inner = (error.get("ctx") or {}).get("error")
+        if isinstance(inner, _Issues):
+            entries = [(loc + tuple(path), value, message) for path, value, message in inner.issues]
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                model = _model_at(loc[:-1])
+                allowed = ", ".join(model.model_fields) if model is not None else "?"
+                message = f"unknown field; allowed fields here: {allowed}"
+            value: Any = error.get("input")
+            if error["type"] == "missing":
+                entries = [(loc, _MISSING, "required field is missing")]
+            else:
+                entries = [(loc, value, message)]
+        for path, value, message in entries:
+            line = _nearest_line(path, lines)
+            where = f" (line {line})" if line is not None else ""
+            shown = "" if value is _MISSING else f" = {_short(value)}"
+            problems.append((line or 0, f"  {_dotted(path) or '<top level>'}{where}{shown}: {message}"))
+    problems.sort(key=lambda p: p[0])  # stable: file order, then pydantic's order
+    count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+    return f"{source}: invalid scenario ({count}):\n" + "\n".join(text for _, text in problems)
+
+
+_MISSING = object()
+
+
+def _nearest_line(path: tuple, lines: Mapping[tuple, int]) -> int | None:
+    if not path:
+        return lines.get(())
+    for cut in range(len(path), 0, -1):
+        if path[:cut] in lines:
+            return lines[path[:cut]]
+    return None
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+__all__ = [
+    "AttackSpec",
+    "BackboneSpec",
+    "Budget",
+    "DatasetSpec",
+    "DefenseSpec",
+    "DetectorSpec",
+    "Phase",
+    "RandomSpec",
+    "RewardWeights",
+    "Scenario",
+    "ScenarioError",
+    "Transition",
+    "apply_overrides",
+    "format_validation_error",
+    "load_scenario",
+    "parse_fraction",
+    "scenario_hash",
+    "scenarios_available",
+    "validate_scenario",
+]

@@ -1,0 +1,257 @@
+"""The Gymnasium environment, tested the way Minigrid and Gymnasium-Robotics test theirs."""
+
+from __future__ import annotations
+
+import pickle
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import cmai_env
+from cmai_env.env import DISCRETE_BETAS, CMAIEnv, action_from_betas, betas_from_action
+from cmai_env.observation import OBS_SIZE, OBS_SLICES
+
+# Small but real: the pixel fidelity still crafts attacks through the backbone.
+SMALL = {"batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32, "episode_rounds": 4}
+TRAINING_SCENARIOS = cmai_env.scenarios_available(include_evaluation_only=False)
+EVAL_SCENARIOS = sorted(set(cmai_env.scenarios_available()) - set(TRAINING_SCENARIOS))
+
+
+def make(scenario="quickstart", fidelity="embedding", **overrides) -> CMAIEnv:
+    kwargs = {**SMALL, **overrides}
+    return gym.make("cmai_env/CMAI-v0", scenario=scenario, fidelity=fidelity, **kwargs).unwrapped
+
+
+def strip_wall_clock(info: dict) -> dict:
+    """Info without wall-clock fields (the only ones allowed to differ between identical runs)."""
+    out = {}
+    for key, value in info.items():
+        if key.endswith("_ms"):
+            continue
+        out[key] = strip_wall_clock(value) if isinstance(value, dict) else value
+    return out
+
+
+def assert_same_info(a: dict, b: dict) -> None:
+    a, b = strip_wall_clock(a), strip_wall_clock(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_equal(a[key], b[key], err_msg=key)
+
+
+def rollout(env: CMAIEnv, seed: int, actions: list) -> list:
+    obs, _ = env.reset(seed=seed)
+    out = [obs]
+    for action in actions:
+        obs, reward, terminated, truncated, info = env.step(action)
+        out.append((obs, reward, terminated, truncated, info))
+        if terminated or truncated:
+            break
+    return out
+
+
+def assert_same_rollout(a: list, b: list) -> None:
+    np.testing.assert_array_equal(a[0], b[0])
+    assert len(a) == len(b)
+    for step_a, step_b in zip(a[1:], b[1:]):
+        np.testing.assert_array_equal(step_a[0], step_b[0])
+        assert step_a[1:4] == step_b[1:4]
+        assert_same_info(step_a[4], step_b[4])
+
+
+@pytest.mark.parametrize("fidelity", ["embedding", "pixel"])
+@pytest.mark.parametrize("scenario", TRAINING_SCENARIOS)
+def test_check_env_every_training_scenario(scenario, fidelity):
+    env = make(scenario, fidelity)
+    gym_check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=True)
+
+
+@pytest.mark.parametrize("fidelity", ["embedding", "pixel"])
+@pytest.mark.parametrize("scenario", EVAL_SCENARIOS)
+def test_check_env_evaluation_scenarios_through_eval_id(scenario, fidelity):
+    env = gym.make("cmai_env/CMAI-Eval-v0", scenario=scenario, fidelity=fidelity, **SMALL).unwrapped
+    gym_check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=True)
+
+
+def test_discrete_id_check_env():
+    env = gym.make("cmai_env/CMAI-Discrete-v0", fidelity="embedding", **SMALL).unwrapped
+    assert env.action_space.n == len(DISCRETE_BETAS)
+    gym_check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=True)
+
+
+def test_evaluation_only_scenarios_cannot_be_trained_on():
+    assert EVAL_SCENARIOS, "at least one evaluation-only scenario ships"
+    with pytest.raises(ValueError, match="evaluation-only"):
+        gym.make("cmai_env/CMAI-v0", scenario=EVAL_SCENARIOS[0], fidelity="embedding")
+
+
+def test_spaces_and_observation_layout():
+    env = make()
+    assert env.action_space == gym.spaces.Box(-1, 1, (3,), np.float32)
+    assert env.observation_space.shape == (OBS_SIZE,)
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    obs, _, _, _, info = env.step(action_from_betas(np.array([0.2, 0.3, 0.5])))
+    np.testing.assert_allclose(obs[OBS_SLICES["prev_betas"]], info["betas"], atol=1e-6)
+    np.testing.assert_allclose(info["betas"], [0.2, 0.3, 0.5], atol=1e-3)
+    assert obs[OBS_SLICES["prev_clean_acc"]][0] == pytest.approx(info["clean_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("fidelity", ["embedding", "pixel"])
+def test_same_seed_same_rollout_across_instances_and_resets(fidelity):
+    rng = np.random.default_rng(1)
+    actions = [rng.uniform(-1, 1, 3).astype(np.float32) for _ in range(4)]
+    first, second = make(fidelity=fidelity), make(fidelity=fidelity)
+    a = rollout(first, 7, actions)
+    assert_same_rollout(a, rollout(second, 7, actions))
+    assert_same_rollout(a, rollout(first, 7, actions))  # one instance reset twice
+    different = rollout(first, 8, actions)
+    assert not np.array_equal(a[1][0], different[1][0])
+
+
+def test_pickle_round_trip_mid_episode():
+    env = make(fidelity="pixel")
+    env.reset(seed=3)
+    env.step(np.zeros(3, np.float32))
+    clone = pickle.loads(pickle.dumps(env))
+    action = np.array([0.5, -0.5, 0.2], np.float32)
+    original, copied = env.step(action), clone.step(action)
+    np.testing.assert_array_equal(original[0], copied[0])
+    assert original[1] == copied[1]
+    assert_same_info(original[4], copied[4])
+
+
+def test_subproc_vec_env_with_two_workers():
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    # "module:ID" makes each worker import cmai_env (which registers the IDs) before gym.make.
+    vec = make_vec_env(
+        "cmai_env:cmai_env/CMAI-v0", n_envs=2, seed=0, vec_env_cls=SubprocVecEnv,
+        env_kwargs={"fidelity": "embedding", **SMALL},
+    )
+    try:
+        obs = vec.reset()
+        assert obs.shape == (2, OBS_SIZE)
+        obs, rewards, dones, infos = vec.step(np.zeros((2, 3), np.float32))
+        assert rewards.shape == (2,) and np.all(np.isfinite(rewards))
+        assert {"asr", "clean_acc", "betas"} <= infos[0].keys()
+    finally:
+        vec.close()
+
+
+def test_gymnasium_make_vec_with_two_workers():
+    vec = gym.make_vec("cmai_env/CMAI-v0", num_envs=2, vectorization_mode="async", fidelity="embedding", **SMALL)
+    try:
+        obs, _ = vec.reset(seed=0)
+        assert obs.shape == (2, OBS_SIZE)
+        obs, rewards, _, _, infos = vec.step(np.zeros((2, 3), np.float32))
+        assert np.all(np.isfinite(rewards)) and "asr" in infos
+    finally:
+        vec.close()
+
+
+def test_wrong_actions_are_clear_errors():
+    env = make()
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        env.step(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        env.step(np.array([np.nan, 0, 0], np.float32))
+    discrete = gym.make("cmai_env/CMAI-Discrete-v0", fidelity="embedding", **SMALL).unwrapped
+    discrete.reset(seed=0)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        discrete.step(10)
+
+
+def test_step_before_reset_and_after_the_end():
+    env = make(episode_rounds=2)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(3, np.float32))
+    env.reset(seed=0)
+    env.step(np.zeros(3, np.float32))
+    *_, truncated, _ = env.step(np.zeros(3, np.float32))
+    assert truncated
+    with pytest.raises(RuntimeError, match="episode ended"):
+        env.step(np.zeros(3, np.float32))
+
+
+def test_betas_round_trip_through_actions():
+    for betas in ([1 / 3] * 3, [0.7, 0.2, 0.1], [0.05, 0.05, 0.9]):
+        np.testing.assert_allclose(betas_from_action(action_from_betas(np.array(betas))), betas, atol=1e-6)
+
+
+def test_info_has_every_documented_key():
+    env = make(scenario="abrupt_shift", episode_rounds=None)
+    env.reset(seed=0)
+    info = None
+    while True:
+        _, _, _, truncated, info = env.step(env.action_space.sample())
+        if info["shift"] or truncated:
+            break
+    for key in ("clean_acc", "asr", "asr_per_attack", "consistency_score", "detector_tpr", "detector_fpr",
+                "betas", "phase", "attacks", "latency", "compute_cost", "losses"):
+        assert key in info, key
+    assert env.unwrapped.last_timing.round_ms > 0
+    assert set(info["latency"]) >= {"detection_rounds", "detection_ms", "weight_response_rounds",
+                                    "weight_response_ms", "recovery_rounds", "recovery_ms"}
+    assert info["shift"], "abrupt_shift shifts within its episode"
+
+
+def test_render_rgb_array():
+    env = make(render_mode="rgb_array")
+    env.reset(seed=0)
+    env.step(np.zeros(3, np.float32))
+    frame = env.render()
+    assert frame.ndim == 3 and frame.shape[2] == 3 and frame.dtype == np.uint8 and frame.std() > 0
+
+
+def test_thousand_random_rounds_stay_finite_and_memory_flat():
+    env = make(scenario="mixed_modalities", episode_rounds=100)
+    env.action_space.seed(0)
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    after_first = None
+    for episode in range(10):
+        obs, _ = env.reset(seed=episode)
+        assert np.all(np.isfinite(obs))
+        truncated = False
+        while not truncated:
+            obs, reward, _, truncated, _ = env.step(env.action_space.sample())
+            assert np.all(np.isfinite(obs)) and np.isfinite(reward)
+        if episode == 0:
+            after_first = rss_mb()
+    assert rss_mb() - after_first < 50, "memory grew after the first episode"
+
+
+def test_overrides_are_validated():
+    with pytest.raises(ValueError, match="batch_size"):
+        make(batch_size=-3)
+    with pytest.raises(ValueError, match="fidelity"):
+        make(fidelity="voxel")
+
+
+@pytest.mark.slow
+def test_decision_matters_on_quickstart():
+    """Fixed task-only vs fixed adversarial-favouring weights end an episode ≥ 0.2 ASR apart."""
+    final = {}
+    for name, betas in {"task_only": [1.0, 0.0, 0.0], "adv_favouring": [0.1, 0.1, 0.8]}.items():
+        env = gym.make("cmai_env/CMAI-v0", scenario="quickstart").unwrapped
+        env.reset(seed=0)
+        action = action_from_betas(np.array(betas))
+        truncated, asrs = False, []
+        while not truncated:
+            _, _, _, truncated, info = env.step(action)
+            if info["attacks"]:
+                asrs.append(info["asr"])
+        final[name] = float(np.mean(asrs[-3:]))
+    assert final["task_only"] - final["adv_favouring"] >= 0.2, final
