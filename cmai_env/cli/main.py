@@ -16,6 +16,8 @@ SUBCOMMAND_MODULES = [
     "cmai_env.cli.scenarios",
     "cmai_env.cli.attack",
     "cmai_env.cli.adv_train",
+    "agents.cli_train",
+    "agents.cli_evaluate",
 ]
 
 

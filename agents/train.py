@@ -1,0 +1,644 @@
+"""Train a gating policy with Stable-Baselines3 on a CMAI scenario.
+
+    from agents.train import TrainArgs, train
+    run_dir = train(TrainArgs(algo="ppo", scenario="quickstart", timesteps=20_000, out=Path("runs")))
+
+is what ``cmai train --algo ppo --scenario quickstart --timesteps 20000 --out runs`` runs. The
+steps, top to bottom: resolve the scenario and the hyperparameters, lay out the run folder,
+build the vectorised training env and a separately seeded evaluation env, create the model
+(its policy is the gating network, see :mod:`agents.policies`), learn with checkpoint,
+evaluation and TensorBoard callbacks, save.
+
+Run folder (the rl-baselines3-zoo layout), ``<out>/<algo>/<scenario>_<n>/`` with ``n`` the next
+free integer::
+
+    <scenario>.zip             final model
+    best_model.zip             best mean evaluation return (EvalCallback)
+    evaluations.npz            evaluation returns over training (EvalCallback)
+    checkpoints/               rl_model_<steps>_steps.zip (+ vecnormalize pkl when used)
+    <scenario>/config.yml      resolved hyperparameters (policy, n_timesteps, n_envs, ...)
+    <scenario>/args.yml        the TrainArgs / command-line arguments
+    <scenario>/env_kwargs.yml  keyword arguments of the env beyond the scenario (fidelity, overrides)
+    <scenario>/scenario.yml    byte copy of the scenario file (sha256 in run.json)
+    <scenario>/vecnormalize.pkl  observation/return statistics, when ``normalize`` is on
+    0.monitor.csv ...          Monitor episode logs of the training envs
+    run.json                   algo, env_id, scenario name + sha256, seed, versions, timesteps, wall time
+
+Hyperparameters
+---------------
+``agents/hyperparams/<algo>.yml`` maps a scenario name (or ``default``) to the algorithm's
+keyword arguments; the scenario's entry is merged over ``default``. Keys that are not
+constructor arguments: ``policy``, ``n_timesteps``, ``n_envs``, ``normalize`` (bool or
+VecNormalize kwargs), ``noise_type``/``noise_std`` (TD3/SAC action noise). Values
+``lin_<x>`` for ``learning_rate``/``clip_range``/``clip_range_vf`` decay linearly from x to 0;
+``train_freq: [1, episode]`` becomes a tuple. ``policy_kwargs`` uses the YAML form of
+:func:`agents.policies.resolve_policy_kwargs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import inspect
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import yaml
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
+from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
+
+from agents.callbacks import CMAIMetricsCallback, FinalEvalCallback
+from agents.policies import ALGOS, ENV_ID_FOR_ALGO, RUN_FILE, algo_class, resolve_policy_kwargs
+
+HYPERPARAMS_DIR = Path(__file__).parent / "hyperparams"
+#: The evaluation env is seeded ``seed + EVAL_SEED_OFFSET`` so it never replays a training episode.
+EVAL_SEED_OFFSET = 10_000
+#: Hyperparameter keys that configure the run, not the algorithm's constructor.
+RUN_KEYS = ("policy", "n_timesteps", "n_envs", "normalize", "noise_type", "noise_std")
+#: Constructor arguments ``cmai train`` sets from its own options.
+RESERVED_KEYS = {"env": "the scenario", "seed": "--seed", "device": "--device", "tensorboard_log": "--tensorboard", "verbose": "--verbose"}
+SCHEDULE_KEYS = ("learning_rate", "clip_range", "clip_range_vf")
+#: ``--env-kwargs`` keys that are CMAIEnv constructor arguments rather than scenario fields.
+ENV_ARGUMENTS = ("fidelity", "device", "render_mode")
+NOISE_TYPES = ("normal", "ornstein-uhlenbeck")
+
+
+# ---------------------------------------------------------------------------------- arguments
+@dataclass
+class TrainArgs:
+    """Everything ``cmai train`` takes (one field per command-line option).
+
+    :param algo: ``ppo``, ``a2c``, ``sac``, ``td3``, ``dqn`` or ``recurrent_ppo``.
+    :param scenario: a shipped scenario name or a YAML file.
+    :param timesteps: environment steps (rounds, summed over envs); ``None``: ``n_timesteps``
+        of the hyperparameters.
+    :param seed: seeds the model, the training envs (``seed + rank``) and the evaluation env
+        (``seed + EVAL_SEED_OFFSET``).
+    :param n_envs: parallel training envs; ``None``: ``n_envs`` of the hyperparameters, else 1.
+    :param out: root of the run folders.
+    :param tensorboard: TensorBoard log root (``<tensorboard>/<scenario>/<algo>_<k>``); ``None``: off.
+    :param hyperparams: a YAML file replacing ``agents/hyperparams/<algo>.yml``.
+    :param set: hyperparameter overrides, ``key=value`` strings (YAML values, dotted keys for
+        nested ones: ``policy_kwargs.net_arch=[32,32]``) or a mapping.
+    :param env_kwargs: scenario overrides, ``key:value`` strings (``episode_rounds:20``,
+        ``defense.lr:0.001``) or a mapping.
+    :param eval_freq: evaluate every this many environment steps; ``None``: a tenth of the
+        budget; ``0``: never (no ``best_model.zip``).
+    :param eval_episodes: episodes per evaluation.
+    :param checkpoint_freq: save a checkpoint every this many environment steps; ``None``: a
+        quarter of the budget; ``0``: never.
+    :param fidelity: ``embedding`` (fast, the default for training) or ``pixel``.
+    :param device: torch device of the policy and of the environment's backbone.
+    :param progress: show SB3's progress bar.
+    :param subproc: run the training envs in subprocesses (``SubprocVecEnv``) when ``n_envs > 1``.
+    :param verbose: SB3 verbosity (0 silent, 1 tables and evaluation results).
+    """
+
+    algo: str = "ppo"
+    scenario: str = "quickstart"
+    timesteps: int | None = None
+    seed: int = 0
+    n_envs: int | None = None
+    out: Path = Path("runs")
+    tensorboard: Path | None = None
+    hyperparams: Path | None = None
+    set: Sequence[str] | Mapping[str, Any] = field(default_factory=list)
+    env_kwargs: Sequence[str] | Mapping[str, Any] = field(default_factory=list)
+    eval_freq: int | None = None
+    eval_episodes: int = 2
+    checkpoint_freq: int | None = None
+    fidelity: str = "embedding"
+    device: str = "cpu"
+    progress: bool = True
+    subproc: bool = False
+    verbose: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """YAML-safe form (paths as strings) for ``args.yml``."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, (list, tuple)):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+# ---------------------------------------------------------------------------------- parsing
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` (no dot) as a float, as YAML 1.2 and humans do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A YAML scalar/list/mapping from the command line (``3e-4`` → float, ``[32,32]`` → list)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"cannot parse value {text!r} as YAML: {str(exc).splitlines()[0]}") from None
+
+
+def load_yaml(path: Path) -> Any:
+    """Read a YAML file with :func:`parse_value`'s float rules."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML: {exc}") from None
+
+
+def parse_assignments(items: Sequence[str] | Mapping[str, Any], sep: str, option: str) -> dict[str, Any]:
+    """``["a=1", "b.c=[1,2]"]`` → ``{"a": 1, "b.c": [1, 2]}`` (a mapping passes through).
+
+    :param sep: ``=`` for ``--set``, ``:`` for ``--env-kwargs``.
+    :param option: the option's name, for error messages.
+    """
+    if isinstance(items, Mapping):
+        return dict(items)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, found, value = str(item).partition(sep)
+        key = key.strip()
+        if not found or not key or not re.fullmatch(r"[A-Za-z_][\w.\-]*", key):
+            raise ValueError(f"{option} expects key{sep}value (e.g. {'learning_rate=3e-4' if sep == '=' else 'episode_rounds:20'}), got {item!r}")
+        out[key] = parse_value(value)
+    return out
+
+
+def set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    """``target["a"]["b"] = value`` for ``key="a.b"``, creating (or replacing non-dict) levels."""
+    *parents, leaf = key.split(".")
+    node = target
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+# ---------------------------------------------------------------------------------- scenario
+@dataclass
+class ScenarioSource:
+    """The scenario a run uses: its validated name, the file's bytes and their sha256."""
+
+    argument: str
+    name: str
+    data: bytes
+    sha256: str
+    evaluation_only: bool
+
+
+def resolve_scenario(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> ScenarioSource:
+    """Load and validate a scenario (plus env overrides) before anything is written.
+
+    :raises FileNotFoundError: neither a shipped name nor an existing file.
+    :raises ValueError: the file or an override does not validate (the message names the field).
+    """
+    from cmai_env.scenario import apply_overrides, load_scenario, scenario_bytes
+
+    scenario = load_scenario(name_or_path)
+    # Constructor arguments of CMAIEnv are not scenario fields; the env validates those itself.
+    scenario_fields = {k: v for k, v in (overrides or {}).items() if k not in ENV_ARGUMENTS}
+    if scenario_fields:
+        apply_overrides(scenario, scenario_fields)
+    data = scenario_bytes(name_or_path)
+    return ScenarioSource(
+        argument=str(name_or_path),
+        name=scenario.name,
+        data=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+        evaluation_only=scenario.evaluation_only,
+    )
+
+
+# ---------------------------------------------------------------------------------- hyperparameters
+def load_hyperparams(algo: str, scenario: str, path: Path | None = None) -> dict[str, Any]:
+    """The hyperparameters for ``scenario``: its entry merged over ``default``.
+
+    :param path: a file in the same format replacing ``agents/hyperparams/<algo>.yml``.
+    """
+    path = Path(path) if path is not None else HYPERPARAMS_DIR / f"{algo}.yml"
+    if not path.is_file():
+        raise FileNotFoundError(f"hyperparameter file not found: {path}")
+    table = load_yaml(path) or {}
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected a mapping of scenario name (or 'default') to hyperparameters")
+    if scenario not in table and "default" not in table:
+        raise ValueError(f"{path} has no entry for scenario {scenario!r} and no 'default' entry (it has: {', '.join(map(str, table))})")
+    merged: dict[str, Any] = {}
+    for key in ("default", scenario):
+        entry = table.get(key) or {}
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: entry {key!r} must be a mapping of hyperparameters")
+        for name, value in entry.items():
+            if isinstance(value, dict) and isinstance(merged.get(name), dict):
+                merged[name] = {**merged[name], **value}
+            else:
+                merged[name] = value
+    return merged
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any]) -> None:
+    """Reject names the algorithm (or its policy) does not take, naming the bad key.
+
+    :raises ValueError: unknown or reserved hyperparameter, unknown policy, bad noise type.
+    """
+    cls = algo_class(algo)
+    params = set(inspect.signature(cls.__init__).parameters) - {"self", "policy", "_init_setup_model"}
+    known = sorted((params - set(RESERVED_KEYS)) | set(RUN_KEYS))
+    for key in hyperparams:
+        if key in RESERVED_KEYS:
+            raise ValueError(f"hyperparameter {key!r} is set by cmai train ({RESERVED_KEYS[key]}), not in the hyperparameters")
+        if key not in known:
+            raise ValueError(f"unknown hyperparameter {key!r} for {algo}{_suggest(key, known)}; known: {', '.join(known)}")
+    policy = hyperparams.get("policy", "MlpPolicy")
+    if not isinstance(policy, str) or policy not in cls.policy_aliases:
+        raise ValueError(f"unknown policy {policy!r} for {algo}; choose one of {', '.join(cls.policy_aliases)}")
+    policy_kwargs = hyperparams.get("policy_kwargs") or {}
+    if not isinstance(policy_kwargs, dict):
+        raise ValueError(f"policy_kwargs must be a mapping, got {policy_kwargs!r}")
+    policy_params = set(inspect.signature(cls.policy_aliases[policy].__init__).parameters) - {"self", "observation_space", "action_space", "lr_schedule"}
+    policy_known = sorted(policy_params | {"gating"})
+    for key in policy_kwargs:
+        if key not in policy_known:
+            raise ValueError(f"unknown hyperparameter 'policy_kwargs.{key}' for {algo}/{policy}{_suggest(key, policy_known)}; known: {', '.join(policy_known)}")
+    noise = hyperparams.get("noise_type")
+    if noise is not None and noise not in NOISE_TYPES:
+        raise ValueError(f"unknown noise_type {noise!r}; choose one of {', '.join(NOISE_TYPES)}")
+    for key in ("n_timesteps", "n_envs"):
+        if key in hyperparams and (not isinstance(hyperparams[key], int) or hyperparams[key] < 1):
+            raise ValueError(f"hyperparameter {key} must be a positive integer, got {hyperparams[key]!r}")
+    model_kwargs(algo, hyperparams, n_actions=3)  # gating spec, activations, schedules, noise
+
+
+def _schedule(key: str, value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("lin_"):
+        try:
+            start = float(value[len("lin_") :])
+        except ValueError:
+            raise ValueError(f"{key}: linear schedule must look like lin_3e-4, got {value!r}") from None
+        return LinearSchedule(start, 0.0, 1.0)  # start at progress_remaining = 1, 0 at the end
+    return value
+
+
+def model_kwargs(algo: str, hyperparams: Mapping[str, Any], n_actions: int) -> tuple[str, dict[str, Any]]:
+    """(policy name, constructor kwargs) from validated YAML-form hyperparameters."""
+    kwargs = {k: v for k, v in hyperparams.items() if k not in RUN_KEYS}
+    for key in SCHEDULE_KEYS:
+        if key in kwargs:
+            kwargs[key] = _schedule(key, kwargs[key])
+    if isinstance(kwargs.get("train_freq"), list):
+        kwargs["train_freq"] = tuple(kwargs["train_freq"])
+    if "policy_kwargs" in kwargs:
+        kwargs["policy_kwargs"] = resolve_policy_kwargs(kwargs["policy_kwargs"])
+    noise = hyperparams.get("noise_type")
+    if noise is not None:
+        sigma = float(hyperparams.get("noise_std", 0.1)) * np.ones(n_actions)
+        cls = NormalActionNoise if noise == "normal" else OrnsteinUhlenbeckActionNoise
+        kwargs["action_noise"] = cls(mean=np.zeros(n_actions), sigma=sigma)
+    return str(hyperparams.get("policy", "MlpPolicy")), kwargs
+
+
+# ---------------------------------------------------------------------------------- environments
+def make_cmai_env(env_id: str, **kwargs: Any) -> gym.Env:
+    """``gymnasium.make(env_id, **kwargs)`` after registering the CMAI IDs (also in subprocesses)."""
+    import cmai_env  # noqa: F401
+
+    return gym.make(env_id, **kwargs)
+
+
+def make_envs(
+    env_id: str,
+    env_kwargs: Mapping[str, Any],
+    n_envs: int,
+    seed: int,
+    normalize: bool | Mapping[str, Any] = False,
+    subproc: bool = False,
+    monitor_dir: Path | None = None,
+    training: bool = True,
+) -> VecEnv:
+    """Monitored, vectorised CMAI envs (``DummyVecEnv``; ``SubprocVecEnv`` if asked and n_envs > 1).
+
+    :param normalize: wrap in ``VecNormalize`` (``True`` or its kwargs); evaluation envs
+        (``training=False``) never update the statistics or normalise the reward.
+    """
+    vec_cls = SubprocVecEnv if subproc and n_envs > 1 else DummyVecEnv
+    env = make_vec_env(
+        functools.partial(make_cmai_env, env_id),
+        n_envs=n_envs,
+        seed=seed,
+        env_kwargs=dict(env_kwargs),
+        vec_env_cls=vec_cls,
+        monitor_dir=None if monitor_dir is None else str(monitor_dir),
+    )
+    return normalize_env(env, normalize, training)
+
+
+def normalize_env(env: VecEnv, normalize: bool | Mapping[str, Any], training: bool = True) -> VecEnv:
+    """Wrap ``env`` in ``VecNormalize`` when ``normalize`` is true (or VecNormalize kwargs).
+
+    An evaluation env (``training=False``) neither updates the statistics nor normalises the reward;
+    the EvalCallback copies the training env's statistics into it before each evaluation.
+    """
+    if not normalize:
+        return env
+    options = dict(normalize) if isinstance(normalize, Mapping) else {}
+    if not training:
+        options.update(training=False, norm_reward=False)
+    return VecNormalize(env, **options)
+
+
+# ---------------------------------------------------------------------------------- run folder
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_") or "scenario"
+
+
+def next_run_dir(out: Path, algo: str, scenario: str) -> Path:
+    """``<out>/<algo>/<scenario>_<n>`` with ``n`` one more than the largest existing (from 1)."""
+    root = Path(out) / algo
+    pattern = re.compile(rf"^{re.escape(scenario)}_(\d+)$")
+    taken = [int(m.group(1)) for p in root.glob(f"{scenario}_*") if (m := pattern.match(p.name)) and p.is_dir()]
+    return root / f"{scenario}_{max(taken, default=0) + 1}"
+
+
+def _dump_yaml(path: Path, data: Any, flow: bool | None = None) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=True, default_flow_style=flow))
+
+
+def _versions() -> dict[str, str]:
+    import sb3_contrib
+    import stable_baselines3
+    import torch
+
+    import cmai_env
+
+    return {
+        "cmai": cmai_env.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "sb3_contrib": sb3_contrib.__version__,
+        "gymnasium": gym.__version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+# ---------------------------------------------------------------------------------- training
+@dataclass
+class PreparedRun:
+    """A validated configuration, before anything is written or built."""
+
+    args: TrainArgs
+    scenario: ScenarioSource
+    env_id: str
+    env_kwargs: dict[str, Any]
+    hyperparams: dict[str, Any]
+    timesteps: int
+    n_envs: int
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`run_training` leaves in memory: the run folder, the model and its env."""
+
+    run_dir: Path
+    model: BaseAlgorithm
+    env: VecEnv
+    record: dict[str, Any]
+
+
+def prepare(args: TrainArgs) -> PreparedRun:
+    """Validate every input (algorithm, scenario, overrides, hyperparameters) without side effects.
+
+    :raises ValueError, FileNotFoundError: with a message naming the bad value.
+    """
+    algo_class(args.algo)
+    if args.fidelity not in ("embedding", "pixel"):
+        raise ValueError(f"fidelity must be 'embedding' or 'pixel', got {args.fidelity!r}")
+    env_overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
+    for key in ("scenario", "action_mode", "allow_evaluation_only"):
+        if key in env_overrides:
+            raise ValueError(f"--env-kwargs cannot set {key!r}: it follows from --scenario and --algo")
+    env_overrides.setdefault("fidelity", args.fidelity)
+    scenario = resolve_scenario(args.scenario, env_overrides)
+    if scenario.evaluation_only:
+        raise ValueError(f"scenario {scenario.name!r} is evaluation-only (held-out attacks); train on a training scenario and evaluate on it")
+
+    hyperparams = load_hyperparams(args.algo, scenario.name, args.hyperparams)
+    for key, value in parse_assignments(args.set, "=", "--set").items():
+        set_dotted(hyperparams, key, value)
+    validate_hyperparams(args.algo, hyperparams)
+    timesteps = args.timesteps if args.timesteps is not None else hyperparams.get("n_timesteps")
+    if timesteps is None or int(timesteps) < 1:
+        raise ValueError(f"timesteps must be a positive integer (--timesteps or n_timesteps), got {timesteps!r}")
+    n_envs = args.n_envs if args.n_envs is not None else int(hyperparams.get("n_envs", 1))
+    if n_envs < 1:
+        raise ValueError(f"n_envs must be at least 1, got {n_envs}")
+    for name in ("eval_freq", "checkpoint_freq"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0 (0 disables it), got {value}")
+    if args.eval_episodes < 1:
+        raise ValueError(f"eval_episodes must be at least 1, got {args.eval_episodes}")
+    hyperparams["n_timesteps"] = int(timesteps)
+    hyperparams["n_envs"] = n_envs
+    hyperparams.setdefault("policy", "MlpPolicy")
+    return PreparedRun(args, scenario, ENV_ID_FOR_ALGO[args.algo], env_overrides, hyperparams, int(timesteps), n_envs)
+
+
+def build_model(
+    algo: str,
+    hyperparams: Mapping[str, Any],
+    env: VecEnv,
+    seed: int,
+    device: str = "cpu",
+    tensorboard_log: Path | None = None,
+    verbose: int = 0,
+) -> BaseAlgorithm:
+    """Create the algorithm with the gating policy from YAML-form hyperparameters."""
+    policy, kwargs = model_kwargs(algo, hyperparams, int(np.prod(env.action_space.shape or (1,))))
+    return ALGOS[algo](
+        policy,
+        env,
+        seed=seed,
+        device=device,
+        tensorboard_log=None if tensorboard_log is None else str(tensorboard_log),
+        verbose=verbose,
+        **kwargs,
+    )
+
+
+def _callbacks(args: TrainArgs, plan: PreparedRun, run_dir: Path, eval_env: VecEnv | None, eval_freq: int, checkpoint_freq: int) -> list[BaseCallback]:
+    """TensorBoard metrics, best-model evaluation and checkpoints (frequencies in env steps)."""
+    callbacks: list[BaseCallback] = [CMAIMetricsCallback()]
+    if eval_env is not None:
+        callbacks.append(
+            FinalEvalCallback(
+                eval_env,
+                n_eval_episodes=args.eval_episodes,
+                eval_freq=max(eval_freq // plan.n_envs, 1),  # the callback counts vectorised steps
+                log_path=str(run_dir),
+                best_model_save_path=str(run_dir),
+                deterministic=True,
+                verbose=args.verbose,
+            )
+        )
+    if checkpoint_freq > 0:
+        callbacks.append(
+            CheckpointCallback(
+                save_freq=max(checkpoint_freq // plan.n_envs, 1),
+                save_path=str(run_dir / "checkpoints"),
+                name_prefix="rl_model",
+                save_vecnormalize=bool(plan.hyperparams.get("normalize", False)),
+            )
+        )
+    return callbacks
+
+
+def run_training(args: TrainArgs) -> TrainingResult:
+    """Train as :func:`train` does and keep the model and env in memory (the caller closes ``env``)."""
+    # 1. Validate everything before writing anything.
+    plan = prepare(args)
+    hp = plan.hyperparams
+    normalize = hp.get("normalize", False)
+    eval_freq = max(plan.timesteps // 10, 1) if args.eval_freq is None else args.eval_freq
+    checkpoint_freq = max(plan.timesteps // 4, 1) if args.checkpoint_freq is None else args.checkpoint_freq
+
+    # 2. Environments (monitored training envs seeded seed + rank, a separately seeded eval env)
+    #    and the model, whose policy is the gating network g. Both are built before any file is
+    #    written, so hyperparameters the algorithm rejects leave no half-made run folder.
+    scenario_name = _slug(plan.scenario.name)
+    run_dir = next_run_dir(args.out, args.algo, scenario_name)
+    params_dir = run_dir / scenario_name
+    env_kwargs = {"scenario": plan.scenario.argument, "device": args.device, **plan.env_kwargs}
+    start = time.perf_counter()
+    env: VecEnv | None = None
+    eval_env: VecEnv | None = None
+    try:
+        env = make_envs(plan.env_id, env_kwargs, plan.n_envs, args.seed, normalize, args.subproc, monitor_dir=run_dir)
+        if eval_freq > 0:
+            eval_env = make_envs(plan.env_id, env_kwargs, 1, args.seed + EVAL_SEED_OFFSET, normalize, training=False)
+        tb_root = None if args.tensorboard is None else Path(args.tensorboard) / scenario_name
+        model = build_model(args.algo, hp, env, args.seed, args.device, tb_root, args.verbose)
+    except BaseException as exc:
+        for vec_env in (env, eval_env):
+            if vec_env is not None:
+                vec_env.close()
+        shutil.rmtree(run_dir, ignore_errors=True)  # only Monitor files were written
+        if isinstance(exc, (TypeError, AssertionError)):
+            raise ValueError(f"{args.algo} rejected the hyperparameters {hp}: {exc}") from exc
+        raise
+    setup_time = time.perf_counter() - start
+
+    # 3. The run folder: what reproduces the run is written before learning starts.
+    params_dir.mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    _dump_yaml(params_dir / "args.yml", args.to_dict())
+    _dump_yaml(params_dir / "config.yml", hp)
+    _dump_yaml(params_dir / "env_kwargs.yml", plan.env_kwargs, flow=False)
+    (params_dir / "scenario.yml").write_bytes(plan.scenario.data)
+    record: dict[str, Any] = {
+        "algo": args.algo,
+        "env_id": plan.env_id,
+        "scenario": {
+            "name": plan.scenario.name,
+            "argument": plan.scenario.argument,
+            "sha256": plan.scenario.sha256,
+            "file": f"{scenario_name}/scenario.yml",
+            "params_dir": scenario_name,
+        },
+        "env_kwargs": plan.env_kwargs,
+        "seed": args.seed,
+        "eval_seed": args.seed + EVAL_SEED_OFFSET,
+        "timesteps": plan.timesteps,
+        "n_envs": plan.n_envs,
+        "fidelity": plan.env_kwargs.get("fidelity"),
+        "device": args.device,
+        "normalize": bool(normalize),
+        "model": f"{scenario_name}.zip",
+        "versions": _versions(),
+        "command": " ".join(sys.argv) if sys.argv and Path(sys.argv[0]).name == "cmai" else None,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "running",
+    }
+    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
+
+    # 4. Learn (TensorBoard metrics, evaluation + best model, checkpoints), then save the final
+    #    model and the normalisation statistics it expects.
+    try:
+        start = time.perf_counter()
+        model.learn(
+            total_timesteps=plan.timesteps,
+            callback=_callbacks(args, plan, run_dir, eval_env, eval_freq, checkpoint_freq),
+            progress_bar=args.progress,
+            tb_log_name=args.algo,
+        )
+        wall_time = time.perf_counter() - start
+        model.save(run_dir / f"{scenario_name}.zip")
+        if isinstance(env, VecNormalize):
+            env.save(str(params_dir / "vecnormalize.pkl"))
+    except BaseException:
+        record["status"] = "failed"
+        (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
+        env.close()
+        raise
+    finally:
+        if eval_env is not None:
+            eval_env.close()
+
+    record.update(
+        status="finished",
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        wall_time_s=round(wall_time, 3),
+        setup_time_s=round(setup_time, 3),
+        timesteps_done=int(model.num_timesteps),
+        tensorboard_dir=None if args.tensorboard is None else model.logger.get_dir(),
+        best_model="best_model.zip" if (run_dir / "best_model.zip").exists() else None,
+    )
+    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
+    return TrainingResult(run_dir=run_dir, model=model, env=env, record=record)
+
+
+def train(args: TrainArgs) -> Path:
+    """Train a gating policy and return its run folder (layout in the module docstring)."""
+    result = run_training(args)
+    result.env.close()
+    if args.verbose >= 1:
+        print(f"run folder: {result.run_dir} ({result.record['wall_time_s']:.1f} s)")
+    return result.run_dir

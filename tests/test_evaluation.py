@@ -1,0 +1,194 @@
+"""Evaluation protocol, CLI (`cmai evaluate`, `cmai benchmark`, `cmai quickstart`) and CI helpers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+import cmai_env
+from agents.evaluation import (
+    CONTINUOUS_ENV_ID,
+    DISCRETE_ENV_ID,
+    EVAL_ENV_ID,
+    EVAL_SEED_OFFSET,
+    ROUND_COLUMNS,
+    env_spec,
+    evaluate_policy,
+    parse_env_kwargs,
+    protocol_for,
+)
+from agents.stats import paired_difference, t_interval
+from cmai_env.cli.main import main
+from cmai_env.scenario import scenario_hash
+
+TINY = ["batch_size:8", "dataset.train_n:64", "dataset.probe_n:16", "episode_rounds:6"]
+TINY_KWARGS = parse_env_kwargs(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    """Keep the no_defense reference cache inside the test's folder."""
+    monkeypatch.setenv("CMAI_CACHE_DIR", str(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------------------ units
+def test_t_interval_by_hand():
+    interval = t_interval([1.0, 2.0, 3.0])
+    # mean 2, s = 1, t_{0.975, 2} = 4.302653
+    assert interval.mean == pytest.approx(2.0)
+    assert interval.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert t_interval([0.5]).half_width is None and t_interval([None]).mean is None
+    diff = paired_difference([3.0, 5.0], [1.0, 2.0])  # d = (2, 3): s = √0.5, s/√2 = 0.5
+    assert diff.mean == pytest.approx(2.5) and diff.half_width == pytest.approx(12.706205 * 0.5, rel=1e-6)
+
+
+def test_parse_env_kwargs_types_and_errors():
+    assert parse_env_kwargs(["episode_rounds:8", "defense.lr:1e-3", "fidelity:embedding", "x:true"]) == {
+        "episode_rounds": 8,
+        "defense.lr": 1e-3,
+        "fidelity": "embedding",
+        "x": True,
+    }
+    with pytest.raises(ValueError, match="key:value"):
+        parse_env_kwargs(["episode_rounds=8"])
+
+
+def test_protocol_table_and_env_ids():
+    assert protocol_for("quickstart").seeds == (0, 1, 2, 3, 4) and protocol_for("quickstart").episodes_per_seed == 1
+    assert protocol_for("my_own_file").seeds == (0, 1, 2, 3, 4)
+    assert len(protocol_for("randomized_training").seeds) == 10
+    assert env_spec("unseen_attacks").env_id == EVAL_ENV_ID
+    assert env_spec("quickstart").env_id == CONTINUOUS_ENV_ID
+    assert env_spec("quickstart", action_mode="discrete").env_id == DISCRETE_ENV_ID
+    spec = env_spec("unseen_attacks", action_mode="discrete")
+    assert spec.env_id == EVAL_ENV_ID and spec.env_kwargs["action_mode"] == "discrete"
+
+
+# ------------------------------------------------------------------------------ evaluate
+def test_cli_evaluate_writes_rounds_summary_and_plots(tmp_path):
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--policy", "baseline:uniform", "--scenario", "quickstart", "--seeds", "0", "1", "--episodes", "1",
+                 "--fidelity", "embedding", "--out", str(out), "--env-kwargs", *TINY, "--quiet",
+                 "--tensorboard", str(tmp_path / "tb")])
+    assert code == 0
+    with (out / "rounds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 6 and list(rows[0]) == list(ROUND_COLUMNS)
+    assert {r["seed"] for r in rows} == {"0", "1"} and rows[0]["env_seed"] == str(EVAL_SEED_OFFSET)
+    np.testing.assert_allclose(float(rows[0]["beta_task"]), 1 / 3, atol=1e-6)
+
+    summary = json.loads((out / "summary.json").read_text())
+    meta = summary["metadata"]
+    assert meta["env_id"] == CONTINUOUS_ENV_ID
+    assert meta["scenario_hash"] == scenario_hash("quickstart")
+    assert meta["cmai_version"] == cmai_env.__version__
+    assert meta["seeds"] == [0, 1] and meta["fidelity"] == "embedding" and meta["env_kwargs"]["episode_rounds"] == 6
+    assert "git_commit" in meta
+    for name in ("return", "asr", "clean_acc", "clean_acc_drop", "consistency_score", "detector_tpr", "detector_fpr"):
+        entry = summary["metrics"][name]
+        assert entry["n"] == 2 and math.isfinite(entry["mean"]) and math.isfinite(entry["half_width"]), name
+        assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+    for name in ("detection_rounds", "detection_ms", "weight_response_rounds", "weight_response_ms", "recovery_rounds", "recovery_ms"):
+        assert {"mean", "ci95", "measured", "shifts"} <= set(summary["latency"][name])
+    assert set(summary["reference"]["clean_acc_per_seed"]) == {"0", "1"}
+    # the return in summary.json is the sum of the per-round rewards of rounds.csv
+    per_seed = [sum(float(r["reward"]) for r in rows if r["seed"] == s) for s in ("0", "1")]
+    assert summary["metrics"]["return"]["values"] == pytest.approx(per_seed)
+    assert (out / "episode_seed0.png").stat().st_size > 0 and (out / "mean_over_seeds.png").is_file()
+    # TensorBoard: one event folder per seed/episode with the documented cmai/... tags
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "quickstart_uniform" / "seed1_ep0"))
+    events.Reload()
+    assert {"cmai/asr", "cmai/beta_adv", "cmai/episode/return"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("cmai/asr")] == list(range(6))
+
+
+def _numbers(summary: dict) -> dict:
+    """Every summary number except wall-clock (``*_ms``) fields."""
+    out = {k: v for k, v in summary["metrics"].items()}
+    out.update({k: v for k, v in summary["latency"].items() if not k.endswith("_ms")})
+    out["asr_per_attack"] = summary["asr_per_attack"]
+    out["mean_betas"] = summary["mean_betas"]
+    return out
+
+
+def test_same_evaluation_twice_gives_identical_numbers():
+    kwargs = dict(seeds=[0], episodes=2, fidelity="embedding", env_kwargs=TINY_KWARGS)
+    first = evaluate_policy("baseline:proeat_dynamic", "quickstart", **kwargs)
+    second = evaluate_policy("baseline:proeat_dynamic", "quickstart", **kwargs)  # reuses the pooled env
+    assert _numbers(first.summary()) == _numbers(second.summary())
+    assert len(first.episodes) == 2 and first.episodes[0].metrics != first.episodes[1].metrics
+    # no_defense's own drop is exactly 0
+    reference = evaluate_policy("baseline:no_defense", "quickstart", **kwargs)
+    assert reference.interval("clean_acc_drop").mean == 0.0
+    assert first.reference_clean_acc == reference.reference_clean_acc
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--policy", "baseline:nope"], "unknown baseline 'nope'"),
+        (["--policy", "no/such/run"], "policy folder 'no/such/run' not found"),
+        (["--policy", "baseline:uniform", "--env-kwargs", "episode_rounds"], "key:value"),
+    ],
+)
+def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys, argv, message):
+    code = main(["evaluate", "--scenario", "quickstart", "--out", str(tmp_path / "x"), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_benchmark_policy_exits_2(tmp_path, capsys):
+    code = main(["benchmark", "--scenarios", "quickstart", "--out", str(tmp_path), "--policies", str(tmp_path / "missing")])
+    assert code == 2 and "not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ benchmark
+@pytest.mark.slow
+def test_cli_benchmark_writes_comparison_and_ablation(tmp_path):
+    out = tmp_path / "bench"
+    code = main(["benchmark", "--scenarios", "quickstart", "--seeds", "0", "1", "--fidelity", "embedding", "--out", str(out),
+                 "--baselines", "no_defense", "uniform", "--policies", "baseline:detector_switch", "--env-kwargs", *TINY,
+                 "--no-plots", "--quiet"])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    block = report["scenarios"]["quickstart"]
+    names = [row["policy"] for row in block["comparison"]]
+    # the ASR references are always run, whatever --baselines says
+    assert set(names) == {"no_defense", "uniform", "static_adversarial", "proeat_dynamic", "static_consistency", "detector_switch"}
+    rows = {row["policy"]: row for row in block["comparison"]}
+    assert rows["static_adversarial"]["asr_reduction_vs_static_adversarial"]["mean"] == 0.0
+    assert rows["no_defense"]["clean_acc_drop"]["mean"] == 0.0
+    for row in rows.values():
+        assert math.isfinite(row["asr"]["half_width"]) and math.isfinite(row["return"]["half_width"])
+    ablation = block["ablation"][0]
+    assert ablation["policy"] == "detector_switch"
+    assert [v["variant"] for v in ablation["variants"]] == ["full", "no_consist", "no_adv", "fixed_mean"]
+    variants = {v["variant"]: v for v in ablation["variants"]}
+    assert variants["no_consist"]["mean_betas"][1] < 0.01 and variants["no_adv"]["mean_betas"][2] < 0.01
+    np.testing.assert_allclose(variants["fixed_mean"]["mean_betas"], variants["full"]["mean_betas"], atol=2e-3)
+    assert variants["full"]["delta_return_vs_full"]["mean"] == 0.0
+    markdown = (out / "results.md").read_text()
+    assert "### Comparison" in markdown and "### Ablation" in markdown and "detector_switch/no_adv" in json.dumps(report)
+    assert (out / "quickstart" / "uniform" / "summary.json").is_file()
+
+
+# ------------------------------------------------------------------------------ quickstart
+@pytest.mark.slow
+def test_cli_quickstart_trains_evaluates_and_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "qs"
+    code = main(["quickstart", "--timesteps", "64", "--seeds", "0", "1", "--out", str(out), "--env-kwargs", *TINY, "--quiet"])
+    assert code == 0
+    report = json.loads((out / "quickstart.json").read_text())
+    assert [row["policy"] for row in report["rows"]] == ["ppo", "uniform", "no_defense"]
+    uniform = next(row for row in report["rows"] if row["policy"] == "uniform")
+    assert uniform["return_minus_uniform"]["mean"] == 0.0
+    for row in report["rows"]:
+        assert math.isfinite(row["return"]["half_width"])
+    assert "return − uniform" in (out / "quickstart.md").read_text()
+    assert "ppo" in capsys.readouterr().out
