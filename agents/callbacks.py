@@ -53,19 +53,13 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
 
+from cmai_env.latency import LATENCY_FIELDS as LATENCY_KEYS
+
 if TYPE_CHECKING:
     import optuna
 
 PREFIX = "cmai/"
 EPISODE_PREFIX = "cmai/episode/"
-LATENCY_KEYS: tuple[str, ...] = (
-    "detection_rounds",
-    "detection_ms",
-    "weight_response_rounds",
-    "weight_response_ms",
-    "recovery_rounds",
-    "recovery_ms",
-)
 #: Per-round metric tags read directly from ``info`` (tag → info key).
 INFO_TAGS: dict[str, str] = {
     "cmai/asr": "asr",

@@ -63,6 +63,7 @@ import numpy as np
 
 import cmai_env
 from agents.stats import Interval, t_interval
+from cmai_env.latency import LATENCY_FIELDS
 
 if TYPE_CHECKING:
     from agents.policies import GatingPolicy
@@ -74,14 +75,6 @@ EVAL_ENV_ID = "cmai_env/CMAI-Eval-v0"
 EVAL_SEED_OFFSET = 100_000
 #: Metrics summarised per seed (all but ``return`` are means over rounds, see the module docstring).
 EPISODE_METRICS = ("return", "asr", "clean_acc", "consistency_score", "detector_tpr", "detector_fpr", "compute_cost")
-LATENCY_FIELDS = (
-    "detection_rounds",
-    "detection_ms",
-    "weight_response_rounds",
-    "weight_response_ms",
-    "recovery_rounds",
-    "recovery_ms",
-)
 ROUND_COLUMNS = (
     "policy",
     "seed",

@@ -26,6 +26,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 
+#: The six adaptation latencies, as keys of ``info["latency"]`` (TensorBoard: ``cmai/latency/<key>``).
+LATENCY_FIELDS: tuple[str, ...] = (
+    "detection_rounds",
+    "detection_ms",
+    "weight_response_rounds",
+    "weight_response_ms",
+    "recovery_rounds",
+    "recovery_ms",
+)
+
+
 @dataclass
 class ShiftRecord:
     """Latencies of one shift; ``None`` until measured."""

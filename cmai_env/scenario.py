@@ -113,7 +113,7 @@ class DefenseSpec(_Model):
     #: ℓ∞ image budget ``ε_v`` of the adversarial-training examples
     eps_v: Budget = 4 / 255
     #: L2 per-token budget ``ε_t`` of the text adversarial-training examples
-    eps_t: Budget = 0.5
+    eps_t: Budget = 0.2
     alpha: float = Field(1.0, ge=0, allow_inf_nan=False)
     #: PGD steps crafting ``L_adv``'s examples (0: no adversarial term)
     attack_steps: int = Field(3, ge=0)

@@ -93,7 +93,7 @@ class TrainerConfig:
     last_blocks: int = 1
     lr: float = 1e-3
     eps_v: float = 4 / 255
-    eps_t: float = 0.5
+    eps_t: float = 0.2
     alpha: float = 1.0
     attack_steps: int = 3
     updates_per_round: int = 1

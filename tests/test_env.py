@@ -241,6 +241,7 @@ def test_overrides_are_validated():
 
 
 @pytest.mark.slow
+@pytest.mark.ci_slow
 def test_decision_matters_on_quickstart():
     """Fixed task-only vs fixed adversarial-favouring weights end an episode ≥ 0.2 ASR apart."""
     final = {}

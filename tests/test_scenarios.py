@@ -79,7 +79,7 @@ def test_shipped_scenario_loads_and_is_cheap(name):
 
 def test_quickstart_is_small():
     scenario = load_scenario("quickstart")
-    assert scenario.batch_size == 32 and scenario.dataset.probe_n == 128 and scenario.defense.attack_steps == 2
+    assert scenario.batch_size == 32 and scenario.dataset.probe_n == 128 and scenario.defense.attack_steps == 3
     assert len(scenario.phases) == 2 and scenario.total_rounds() == 24
 
 
@@ -102,7 +102,7 @@ def test_scenarios_cover_the_attack_registry():
 
 def test_fractions_are_parsed():
     scenario = load_scenario("quickstart")
-    params = scenario.phases[0].attacks[0].params
+    params = next(p for p in scenario.phases if p.name == "image_pgd").attacks[0].params
     assert params["eps"] == pytest.approx(8 / 255) and params["step_size"] == pytest.approx(3 / 255)
     assert isinstance(params["steps"], int)
     defense = scenario_from({"defense": {"eps_v": "4/255", "eps_t": "1/2"}, "phases": [{"name": "a", "rounds": 1}]}).defense
@@ -239,8 +239,8 @@ def test_gradual_transition_from_quiet_ramps_the_share():
 
 def test_abrupt_transition_switches_at_once():
     s = stream("quickstart")
-    assert [e.name for e in s.plan(11).mixture] == ["pgd_linf"]
-    assert [e.name for e in s.plan(12).mixture] == ["bridge_text_to_image"] and s.plan(12).blend == 1.0
+    assert [e.name for e in s.plan(11).mixture] == ["bridge_text_to_image"]
+    assert [e.name for e in s.plan(12).mixture] == ["pgd_linf"] and s.plan(12).blend == 1.0
 
 
 # ----------------------------------------------------------------------------- errors

@@ -118,8 +118,10 @@ class EmbeddingFidelity(Fidelity):
         defense = scenario.defense
         self.params = list(self.image_adapter.parameters()) + list(self.text_adapter.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=defense.lr)
-        self.train_radius_v = RADIUS * defense.eps_v / (8 / 255)
-        self.train_radius_t = RADIUS * defense.eps_t / 0.5
+        # Training budgets map to radii the way attack budgets do: relative to the default budget
+        # of the image (pgd_linf) and text (text_embedding_pgd) attacks.
+        self.train_radius_v = RADIUS * defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"])
+        self.train_radius_t = RADIUS * defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"])
         self._initial = self._snapshot()
 
     # ------------------------------------------------------------------ state
@@ -268,10 +270,10 @@ class EmbeddingFidelity(Fidelity):
         l_total.backward()
         self.optimizer.step()
         return UpdateResult(
-            l_task=float(l_task),
-            l_consistency=float(l_cons),
-            l_adv=float(l_adv),
-            l_total=float(l_total),
+            l_task=float(l_task.detach()),
+            l_consistency=float(l_cons.detach()),
+            l_adv=float(l_adv.detach()),
+            l_total=float(l_total.detach()),
             attack_steps_used=steps,
             max_attack_steps=defense.attack_steps,
             attack_ms=attack_ms,
