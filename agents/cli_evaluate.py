@@ -277,7 +277,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser(
         "evaluate",
         help="evaluate a trained policy or a baseline under the frozen protocol",
-        description="Writes rounds.csv, summary.json (mean and 95%% CI over seeds) and PNGs under --out.",
+        description="Writes rounds.csv, summary.json (mean and 95% CI over seeds) and PNGs under --out.",
     )
     evaluate.add_argument("--policy", required=True, help="a run folder from `cmai train`, a model .zip, or baseline:NAME")
     evaluate.add_argument("--scenario", required=True, help="shipped scenario name or YAML file (evaluation-only ones use CMAI-Eval-v0)")

@@ -387,3 +387,13 @@ def test_cli_list_and_show(capsys):
     assert yaml.safe_load(yaml_part)["name"] == "gradual_drift"
     assert validate_scenario(yaml.safe_load(yaml_part)) == load_scenario("gradual_drift"), "show prints a loadable scenario"
     assert "56 rounds" in timeline and timeline.count("*") >= 3 and "~6 rounds" in timeline
+
+
+def test_readme_scenario_example_validates(tmp_path):
+    """The scenario a newcomer copies from the README must load as written."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("#### Writing a scenario\n```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "my_shift.yaml"
+    path.write_text(block)
+    scenario = load_scenario(path)
+    assert scenario.name == "my_shift" and scenario.total_rounds() == 20
