@@ -8,7 +8,7 @@ change detector, latency tracking, info). The overhead ratio is env time ÷ bare
 Goals on 2 CPU cores: embedding fidelity ≥ 500 rounds/s, pixel overhead ratio ≤ 1.15,
 peak RSS ≤ 1.5 GB.
 
-    python benchmarks/env_throughput.py [--rounds 40] [--scenarios quickstart abrupt_shift]
+    python benchmarks/env_throughput.py [--rounds 40] [--scenarios quickstart abrupt_shift] [--threads 1]
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ def main() -> None:
     parser.add_argument("--fidelities", nargs="+", default=["embedding", "pixel"])
     parser.add_argument("--rounds", type=int, default=40, help="pixel rounds (embedding runs 25× as many)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for these small batches)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
 
     print(f"torch threads: {torch.get_num_threads()}")
     print(f"{'scenario':<16}{'fidelity':<11}{'rounds':>7}{'rounds/s':>10}{'ms/round':>10}{'bare ms':>9}{'overhead':>10}{'peak RSS MB':>13}")

@@ -149,7 +149,6 @@ def test_bad_benchmark_policy_exits_2(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ benchmark
-@pytest.mark.slow
 def test_cli_benchmark_writes_comparison_and_ablation(tmp_path):
     out = tmp_path / "bench"
     code = main(["benchmark", "--scenarios", "quickstart", "--seeds", "0", "1", "--fidelity", "embedding", "--out", str(out),
@@ -179,7 +178,6 @@ def test_cli_benchmark_writes_comparison_and_ablation(tmp_path):
 
 
 # ------------------------------------------------------------------------------ quickstart
-@pytest.mark.slow
 def test_cli_quickstart_trains_evaluates_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "qs"
     code = main(["quickstart", "--timesteps", "64", "--seeds", "0", "1", "--out", str(out), "--env-kwargs", *TINY, "--quiet"])

@@ -163,14 +163,25 @@ class EmbeddingFidelity(Fidelity):
         """L2-PGD ascent on ``loss_fn(raw + δ)`` with ‖δ‖ ≤ radius per row (one δ if ``shared``)."""
         if radius <= 0 or steps <= 0:
             return raw
-        delta = torch.zeros(1 if shared else raw.shape[0], raw.shape[1], device=raw.device, requires_grad=True)
-        step = 2.5 * radius / steps
+        (crafted,) = self._pgd_joint((raw,), loss_fn, (radius,), steps, shared)
+        return crafted
+
+    def _pgd_joint(self, raws: tuple[torch.Tensor, ...], loss_fn, radii: tuple[float, ...], steps: int, shared: bool = False):
+        """Simultaneous L2-PGD on several inputs (``loss_fn(*perturbed)``), each within its own radius.
+
+        Step size ``2.5·r/steps`` per input (Madry et al.'s rule of thumb); rows stay independent
+        because every loss here is a per-row sum or mean.
+        """
+        deltas = [
+            torch.zeros(1 if shared else raw.shape[0], raw.shape[1], device=raw.device, requires_grad=True) for raw in raws
+        ]
         for _ in range(steps):
-            (grad,) = torch.autograd.grad(loss_fn(raw + delta), delta)
+            grads = torch.autograd.grad(loss_fn(*(raw + d for raw, d in zip(raws, deltas))), deltas)
             with torch.no_grad():
-                delta += step * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                delta *= (radius / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-        return (raw + delta).detach()
+                for delta, grad, radius in zip(deltas, grads, radii):
+                    delta += (2.5 * radius / steps) * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    delta *= (radius / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        return tuple((raw + d).detach() for raw, d in zip(raws, deltas))
 
     def _run_attack(self, attack: EmbeddingAttack, raw_v, raw_t, labels, classes):
         """Perturbed (raw_v, raw_t) for one attack against the current adapters."""
@@ -239,8 +250,8 @@ class EmbeddingFidelity(Fidelity):
                 e_v, e_t, lv, lt = self._forward(v, t, classes)
                 return F.cross_entropy(lv, labels) + F.cross_entropy(lt, labels) + defense.alpha * self._consistency(e_v, e_t, lv, lt).mean()
 
-            craft_t = self._pgd(raw_t, lambda t: objective(raw_v, t), self.train_radius_t, steps)
-            craft_v = self._pgd(raw_v, lambda v: objective(v, craft_t), self.train_radius_v, steps)
+            # δ_v and δ_t ascend together, as in the pixel trainer's joint PGD.
+            craft_v, craft_t = self._pgd_joint((raw_v, raw_t), objective, (self.train_radius_v, self.train_radius_t), steps)
         attack_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         observed = torch.from_numpy(np.flatnonzero(traffic.is_adv & flagged)).to(self.device)
