@@ -104,10 +104,35 @@ class CMAIEnv(gym.Env):
     with step 1/3). A wrong shape or a non-finite value raises ``ValueError``.
 
     ## Observation Space
-    ``Box(-10, 10, (68,), float32)``; element by element in :mod:`cmai_env.observation`
-    (``OBS_SLICES`` names the fields): fixed 16-d projections of the batch-mean image, text and
-    gap embeddings, consistency statistics, detector flag rate and change-detector state, the
-    previous round's metrics, weights and losses, and episode progress.
+    ``Box(-10, 10, (68,), float32)``, built from the incoming batch's hidden states and the
+    previous round (``cmai_env.observation.OBS_SLICES`` maps each name to its slice):
+
+    =====  ======================  =========================================================  =========
+    index  name                    meaning                                                    range
+    =====  ======================  =========================================================  =========
+    0-15   image_embed_proj        P·mean(e_v): batch-mean image embedding, fixed projection  [-10, 10]
+    16-31  text_embed_proj         P·mean(e_t): batch-mean caption embedding                  [-10, 10]
+    32-47  gap_embed_proj          P·mean(e_v − e_t): mean cross-modal gap                    [-10, 10]
+    48     consistency_mean        mean L_consistency over the incoming batch                 [0, 10]
+    49     consistency_std         its standard deviation                                     [0, 10]
+    50     consistency_max         its maximum                                                [0, 10]
+    51     cosine_mean             mean cos(e_v, e_t) of incoming pairs                       [-1, 1]
+    52     cosine_min              minimum cos(e_v, e_t)                                      [-1, 1]
+    53     flag_rate               share of incoming pairs the detector flags                 [0, 1]
+    54     drift                   1 if the change detector fired this round                  {0, 1}
+    55     rounds_since_drift      rounds since it last fired, /episode length (1 if never)   [0, 1]
+    56     prev_clean_acc          previous round's probe clean accuracy                      [0, 1]
+    57     prev_asr                previous round's probe ASR                                 [0, 1]
+    58     prev_consistency_score  previous round's probe consistency score (mean cosine)     [-1, 1]
+    59     prev_detector_tpr       previous round's detector TPR on incoming traffic          [0, 1]
+    60     prev_detector_fpr       previous round's detector FPR on incoming traffic          [0, 1]
+    61-63  prev_betas              previous [β_task, β_consist, β_adv]                        [0, 1]
+    64-66  prev_losses             previous log(1 + [L_task, L_consistency, L_adv])           [0, 10]
+    67     progress                round / episode length                                     [0, 1]
+    =====  ======================  =========================================================  =========
+
+    ``P`` is a fixed (D × 16) Gaussian matrix seeded with 0 per embedding width D, so every
+    backbone gives the same size (see :mod:`cmai_env.observation`).
 
     ## Rewards
     ``r = w_clean·clean_acc − w_asr·asr + w_consistency·consistency_score

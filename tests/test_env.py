@@ -256,3 +256,16 @@ def test_decision_matters_on_quickstart():
                 asrs.append(info["asr"])
         final[name] = float(np.mean(asrs[-3:]))
     assert final["task_only"] - final["adv_favouring"] >= 0.2, final
+
+
+def test_docstring_observation_table_matches_the_layout():
+    """The env's docstring is its contract: its observation table must list OBS_SLICES exactly."""
+    rows = []
+    for line in CMAIEnv.__doc__.splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[1] in OBS_SLICES and parts[0][0].isdigit():
+            rows.append((parts[0], parts[1]))
+    expected = [
+        (f"{s.start}" if s.stop - s.start == 1 else f"{s.start}-{s.stop - 1}", name) for name, s in OBS_SLICES.items()
+    ]
+    assert rows == expected
