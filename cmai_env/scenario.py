@@ -104,7 +104,11 @@ class BackboneSpec(_Model):
 
 
 class DefenseSpec(_Model):
-    """What the trainer may update and how it crafts ``L_adv``'s examples."""
+    """What the trainer may update and how it crafts ``L_adv``'s examples.
+
+    ``defended`` applies to the pixel fidelity; the embedding fidelity always trains residual
+    adapters on its cached embeddings (with this ``lr``, budgets and steps).
+    """
 
     defended: Literal["adapter", "projection", "last_blocks", "all"] = "adapter"
     #: number of transformer blocks updated when ``defended`` is ``last_blocks``
