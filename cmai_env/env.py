@@ -275,18 +275,22 @@ class CMAIEnv(gym.Env):
         self._drift = drift
         flag_rate = float(self._flags.mean())
         self.latency.traffic_observed(t, _now_ms(), flag_rate, drift, np.asarray(self._previous.betas))
-        since = 1.0 if self._last_drift is None else (t - self._last_drift) / max(self.episode_rounds, 1)
+        return self._observation(t)
+
+    def _observation(self, traffic_round: int) -> np.ndarray:
+        """The observation of the traffic held in ``_stats``/``_flags`` (drawn in ``traffic_round``)."""
+        since = 1.0 if self._last_drift is None else (traffic_round - self._last_drift) / max(self.episode_rounds, 1)
         return build_observation(
             self.projection,
             self._stats.image_embeds,
             self._stats.text_embeds,
             self._stats.consistency,
             self._stats.cosine,
-            flag_rate,
-            drift,
+            float(self._flags.mean()),
+            self._drift,
             since,
             self._previous,
-            t / max(self.episode_rounds, 1),
+            self._t / max(self.episode_rounds, 1),
         )
 
     # ------------------------------------------------------------------ gym API
@@ -315,7 +319,7 @@ class CMAIEnv(gym.Env):
             raise RuntimeError(f"episode ended after {self.episode_rounds} rounds; call reset()")
         received_ms = _now_ms()
         betas = self.betas_for(action)
-        t, plan, traffic, stats, flags = self._t, self._plan, self._traffic, self._stats, self._flags
+        t, plan, traffic, flags = self._t, self._plan, self._traffic, self._flags
         self.latency.action_received(t, received_ms, betas)
 
         update: UpdateResult = self.world.update(traffic, betas, flags, self.np_random)
@@ -377,19 +381,12 @@ class CMAIEnv(gym.Env):
         truncated = self._t >= self.episode_rounds
         if truncated:
             # No next round: the last observation is refreshed with this round's metrics only.
-            obs = self._final_observation(stats)
+            obs = self._observation(self._t - 1)
         else:
             obs = self._observe_round(_now_ms())
         self.last_timing = RoundTiming(traffic.attack_ms, update.attack_ms, update.update_ms, probe.probe_ms, _now_ms() - received_ms)
         self._last_obs = obs
         return obs, reward, False, truncated, info
-
-    def _final_observation(self, stats: TrafficStats) -> np.ndarray:
-        since = 1.0 if self._last_drift is None else (self._t - 1 - self._last_drift) / max(self.episode_rounds, 1)
-        return build_observation(
-            self.projection, stats.image_embeds, stats.text_embeds, stats.consistency, stats.cosine,
-            float(self._flags.mean()), self._drift, since, self._previous, 1.0,
-        )
 
     def render(self):
         if self.render_mode != "rgb_array":
