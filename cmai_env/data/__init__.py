@@ -2,7 +2,7 @@
 
 ``load_dataset(name, ...)`` is the one entry point; ``available_datasets()`` lists the names.
 Built-in generators (``shapes``, ``digits``) need no files; the real-format loaders
-(``coco-captions``, ``medmnist``, ``folder``) read the formats their projects publish.
+(``coco-captions``, ``visual-genome``, ``medmnist``, ``folder``) read the formats their projects publish.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from cmai_env.data.digits import load_digits
 from cmai_env.data.folder import load_folder
 from cmai_env.data.medmnist import load_medmnist
 from cmai_env.data.shapes import load_shapes
+from cmai_env.data.visual_genome import load_visual_genome
 
 _LOADERS: dict[str, Callable[..., CaptionedDataset]] = {
     "shapes": load_shapes,
@@ -23,6 +24,7 @@ _LOADERS: dict[str, Callable[..., CaptionedDataset]] = {
     "coco-captions": load_coco_captions,
     "medmnist": load_medmnist,
     "folder": load_folder,
+    "visual-genome": load_visual_genome,
 }
 
 
