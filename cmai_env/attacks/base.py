@@ -167,16 +167,54 @@ class AttackResult:
     modality: Modality
 
 
+#: How the embedding fidelity plays an attack (see :class:`EmbeddingCounterpart`).
+EmbeddingFamily = Literal["image", "text", "universal", "bridge_image", "bridge_text", "both"]
+
+
+@dataclass(frozen=True)
+class EmbeddingCounterpart:
+    """An attack's stand-in in the ``embedding`` fidelity, on the cached input embeddings.
+
+    :param family: what it perturbs and how (L2-PGD within radius ``r``):
+        ``image`` (e_v, up the image's zero-shot CE), ``text`` (e_t, up the caption's CE),
+        ``universal`` (one δ shared by the attack's pairs of a round, on e_v), ``bridge_image`` /
+        ``bridge_text`` (e_v / e_t pulled toward the nearest wrong class prompt), ``both`` (e_t
+        and e_v, each up its own CE).
+    :param budget: the attack parameter that sets its strength; the radius is
+        ``r = RADIUS · params[budget] / default[budget]`` (:mod:`cmai_env.fidelity.embedding`).
+    :param steps: the attack parameter holding its iteration count (capped at ``MAX_STEPS``);
+        ``None``: one step.
+    """
+
+    family: EmbeddingFamily
+    budget: str = "eps"
+    steps: str | None = "steps"
+
+    @property
+    def modality(self) -> Modality:
+        """Which prediction the attack flips: ``image``, ``text`` or ``both``."""
+        return {"image": "image", "universal": "image", "bridge_image": "image", "text": "text", "bridge_text": "text"}.get(self.family, "both")  # type: ignore[return-value]
+
+
 @dataclass
 class Attack:
     """Base class: subclasses are dataclasses whose fields are the attack's budget/parameters.
 
-    Subclasses set ``name`` and ``modality`` and implement :meth:`perturb`.
+    Subclasses set ``name`` and ``modality`` and implement :meth:`perturb`. To be playable in the
+    ``embedding`` fidelity (and the batched vector environment) a subclass also declares its
+    counterpart there, in its own class body, e.g.::
+
+        embedding = EmbeddingCounterpart("image", budget="eps")   # an image-space ℓp attack
+
+    ``embedding = None`` (the default) makes the embedding fidelity refuse scenarios that use the
+    attack with a clear error; the pixel fidelity runs every attack. Adding an attack therefore
+    touches one file: its module (plus the import in ``cmai_env/attacks/__init__.py``).
     """
 
     name: ClassVar[str] = ""
     modality: ClassVar[Modality] = "image"
     description: ClassVar[str] = ""
+    embedding: ClassVar[EmbeddingCounterpart | None] = None
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         raise NotImplementedError

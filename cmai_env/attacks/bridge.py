@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, register_attack
+from cmai_env.attacks.base import Attack, AttackResult, EmbeddingCounterpart, PairBatch, ZeroShotTask, register_attack
 from cmai_env.attacks.image import check_budget, pgd_linf_ascent, uniform_noise
 from cmai_env.attacks.text import clean_token_embeddings, pgd_token_ascent, token_masks
 
@@ -72,6 +72,7 @@ class BridgeImageToText(Attack):
 
     name = "bridge_image_to_text"
     modality = "image"
+    embedding = EmbeddingCounterpart("bridge_image", budget="eps")
     description = "CrossFire-style bridge: PGD-ℓ∞ pulls the image embedding onto a wrong class's text embedding"
 
     eps: float = 16 / 255
@@ -116,6 +117,7 @@ class BridgeTextToImage(Attack):
 
     name = "bridge_text_to_image"
     modality = "text"
+    embedding = EmbeddingCounterpart("bridge_text", budget="eps")
     description = "CrossFire-style bridge: token-embedding PGD pulls the caption onto a wrong class's image embedding"
 
     eps: float = 0.2

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, register_attack
+from cmai_env.attacks.base import Attack, AttackResult, EmbeddingCounterpart, PairBatch, ZeroShotTask, register_attack
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -152,6 +152,7 @@ class FGSM(Attack):
 
     name = "fgsm"
     modality = "image"
+    embedding = EmbeddingCounterpart("image", budget="eps", steps=None)
     description = "FGSM: one signed-gradient step on the image's zero-shot CE (ℓ∞)"
 
     eps: float = 8 / 255
@@ -179,6 +180,7 @@ class PGDLinf(Attack):
 
     name = "pgd_linf"
     modality = "image"
+    embedding = EmbeddingCounterpart("image", budget="eps")
     description = "PGD-ℓ∞ on the image's zero-shot CE (untargeted)"
 
     eps: float = 8 / 255
@@ -211,6 +213,7 @@ class PGDL2(Attack):
 
     name = "pgd_l2"
     modality = "image"
+    embedding = EmbeddingCounterpart("image", budget="eps")
     description = "PGD-ℓ2 on the image's zero-shot CE (untargeted)"
 
     eps: float = 0.5

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, register_attack
+from cmai_env.attacks.base import Attack, AttackResult, EmbeddingCounterpart, PairBatch, ZeroShotTask, register_attack
 from cmai_env.attacks.image import check_budget, pgd_linf_ascent
 from cmai_env.attacks.text import clean_token_embeddings, pgd_token_ascent, text_ce_loss, token_masks
 
@@ -44,6 +44,7 @@ class CoAttack(Attack):
 
     name = "co_attack"
     modality = "both"
+    embedding = EmbeddingCounterpart("both", budget="eps")
     description = "Co-Attack: text embedding PGD, then image PGD-ℓ∞ away from clean and perturbed caption embeddings"
 
     eps: float = 8 / 255

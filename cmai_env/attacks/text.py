@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, register_attack
+from cmai_env.attacks.base import Attack, AttackResult, EmbeddingCounterpart, PairBatch, ZeroShotTask, register_attack
 from cmai_env.attacks.image import check_budget, normal_noise, uniform_noise
 from cmai_env.models import Backbone
 
@@ -139,6 +139,7 @@ class TextEmbeddingPGD(Attack):
 
     name = "text_embedding_pgd"
     modality = "text"
+    embedding = EmbeddingCounterpart("text", budget="eps")
     description = "PGD on input token embeddings (L2 per token) against the caption's zero-shot CE"
 
     eps: float = 0.2
@@ -221,6 +222,7 @@ class TokenSubstitution(Attack):
 
     name = "token_substitution"
     modality = "text"
+    embedding = EmbeddingCounterpart("text", budget="k", steps=None)
     description = "HotFlip-style gradient-guided substitution of up to k word tokens"
 
     k: int = 1

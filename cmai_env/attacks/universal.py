@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, frozen_model, register_attack
+from cmai_env.attacks.base import Attack, AttackResult, EmbeddingCounterpart, PairBatch, ZeroShotTask, frozen_model, register_attack
 from cmai_env.attacks.image import check_budget, uniform_noise
 
 
@@ -41,6 +41,7 @@ class Universal(Attack):
 
     name = "universal"
     modality = "image"
+    embedding = EmbeddingCounterpart("universal", budget="eps")
     description = "universal ℓ∞ perturbation: one δ fitted by sign-gradient ascent on the mean CE, added to unseen images"
 
     eps: float = 8 / 255
