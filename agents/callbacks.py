@@ -16,7 +16,7 @@ tag                                    value (from the env's ``info``)
 ``cmai/beta_adv``                      ``β_adv``
 ``cmai/detector_tpr``                  detector true-positive rate on the incoming traffic
 ``cmai/detector_fpr``                  detector false-positive rate on the incoming traffic
-``cmai/latency/detection_rounds``      latest shift → detection, rounds (only once measured)
+``cmai/latency/detection_rounds``      shift → detection, rounds (once per shift, see below)
 ``cmai/latency/detection_ms``          the same in wall-clock ms
 ``cmai/latency/weight_response_rounds``  detection → first weight change, rounds
 ``cmai/latency/weight_response_ms``    the same in ms (includes the policy's inference time)
@@ -39,8 +39,17 @@ During training the per-round and per-episode tags are written straight to the a
 logger's TensorBoard writer (as rl-baselines3-zoo's ``RawStatisticsCallback`` does), so they
 keep round resolution instead of one value per ``log_interval`` and do not flood the console;
 the per-episode means also go through ``self.logger.record_mean`` into the console/CSV table
-(excluded from TensorBoard there, so no tag is written twice). Evaluation code writes the same
-tags with :class:`TensorBoardRecorder` (``step`` = round).
+(excluded from TensorBoard there, so no tag is written twice; keys longer than SB3's 36-character
+console column are kept out of the console table, where they would be cut and collide). Evaluation
+code writes the same tags with :class:`TensorBoardRecorder` (``step`` = round).
+
+Latencies are written **once per shift, at the round where they are measured** (a shift's detection
+latency at its detection round, its recovery latency at its recovery round), never repeated while
+``info["latency"]`` keeps carrying the latest shift. A latency that is never measured (no detection, no
+weight change, or ASR never back at the scenario's ``asr_target`` before the next shift or the episode's
+end) is simply absent from TensorBoard: no point is written, and nothing is written as 0. A detection
+latency of 0 rounds means the detector flagged the shift's own round (its traffic is observed before the
+agent acts).
 """
 
 from __future__ import annotations
@@ -106,8 +115,21 @@ def info_reward(info: dict, fallback: float | None = None) -> float | None:
     return None if fallback is None else float(fallback)
 
 
+#: SB3's console (``stdout``) output cuts keys to this many characters.
+CONSOLE_KEY_LENGTH = 36
+
+
+def console_exclude(tag: str, exclude: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """``exclude`` for ``logger.record*``: adds ``stdout`` for keys the console table would cut (and collide)."""
+    out = exclude + (("stdout",) if len(tag) > CONSOLE_KEY_LENGTH else ())
+    return out or None
+
+
 def round_scalars(info: dict, reward: float | None = None) -> dict[str, float]:
-    """The per-round tags of one environment's ``info`` (latencies only where measured).
+    """The per-round tags of one environment's ``info``, with every latency the latest shift has measured.
+
+    :class:`TensorBoardRecorder` writes latencies only at the round they are first measured; this
+    function reports them as ``info`` carries them.
 
     :param info: the ``info`` dict of one ``env.step``.
     :param reward: the step's reward, used when ``info`` has no ``reward_terms``.
@@ -143,13 +165,23 @@ class EpisodeStats:
         self.rows: list[dict[str, float]] = []
         self.shifts: dict[int, dict[str, Any]] = {}
 
-    def add(self, info: dict, scalars: dict[str, float]) -> None:
-        """Add one round (its ``info`` and its :func:`round_scalars`)."""
+    def add(self, info: dict, scalars: dict[str, float]) -> dict[str, float]:
+        """Add one round (its ``info`` and its :func:`round_scalars`).
+
+        :return: the latency tags measured for the first time in this round (``cmai/latency/<key>``).
+        """
         self.rows.append({k: v for k, v in scalars.items() if k not in LATENCY_TAGS})
         latency = info.get("latency") or {}
-        if latency.get("shift_round") is not None:
-            # info carries the latest shift's record, updated in place as latencies are measured.
-            self.shifts[int(latency["shift_round"])] = dict(latency)
+        if latency.get("shift_round") is None:
+            return {}
+        # info carries the latest shift's record, updated in place as latencies are measured.
+        before = self.shifts.get(int(latency["shift_round"]), {})
+        self.shifts[int(latency["shift_round"])] = dict(latency)
+        return {
+            tag: float(latency[key])
+            for tag, key in zip(LATENCY_TAGS, LATENCY_KEYS)
+            if latency.get(key) is not None and before.get(key) is None
+        }
 
     def summary(self) -> dict[str, float]:
         """The episode's tags (see the module docstring)."""
@@ -233,8 +265,8 @@ class TensorBoardRecorder:
         for i, info in enumerate(infos):
             reward = None if rewards is None else float(np.asarray(rewards).reshape(-1)[i])
             scalars = round_scalars(info, reward)
-            rows.append(scalars)
-            self.episodes[i].add(info, scalars)
+            new_latencies = self.episodes[i].add(info, scalars)
+            rows.append({**{k: v for k, v in scalars.items() if k not in LATENCY_TAGS}, **new_latencies})
             if bool(np.asarray(dones).reshape(-1)[i]):
                 finished.append(self.episodes[i].summary())
                 self.episodes[i] = EpisodeStats()
@@ -291,11 +323,11 @@ class CMAIMetricsCallback(BaseCallback):
         infos = self.locals.get("infos", [])
         dones = self.locals.get("dones", np.zeros(len(infos), dtype=bool))
         _, finished = self.recorder.record_step(infos, dones, self.num_timesteps, self.locals.get("rewards"))
-        exclude = ("tensorboard",) if self.recorder.writing else None
+        exclude = ("tensorboard",) if self.recorder.writing else ()
         for summary in finished:
             self.episodes_seen += 1
             for tag, value in summary.items():
-                self.logger.record_mean(tag, value, exclude=exclude)
+                self.logger.record_mean(tag, value, exclude=console_exclude(tag, exclude))
             if self.verbose >= 1:
                 print(
                     f"episode {self.episodes_seen}: asr {summary.get('cmai/episode/asr', float('nan')):.3f}, "
