@@ -7,7 +7,7 @@
 
 Bad input (an unknown baseline, a missing policy folder or scenario, a malformed
 ``--env-kwargs``) raises ``ValueError``/``FileNotFoundError``, which ``cmai`` turns into a
-one-line error and exit code 2.
+one-line error and exit code 1.
 """
 
 from __future__ import annotations

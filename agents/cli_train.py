@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 ALGO_NAMES = "ppo, a2c, sac, td3, dqn, recurrent_ppo"
@@ -42,6 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--subproc", action="store_true", help="SubprocVecEnv when --n-envs > 1")
     tr.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     tr.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 SB3 tables and evaluations (default: 1)")
+    tr.add_argument(
+        "--resume", type=Path, default=None, metavar="RUN_DIR",
+        help="continue an interrupted or failed run from its latest model or checkpoint, with its own arguments "
+        "(other options but --verbose/--no-progress are ignored)",
+    )
     tr.set_defaults(func=run_train)
 
     tu = subparsers.add_parser(
@@ -71,18 +77,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tu.set_defaults(func=run_tune)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from agents.train import TrainArgs, train
+#: Exit status of a run stopped by Ctrl-C (the shell's 128 + SIGINT).
+EXIT_INTERRUPTED = 130
 
-    train(
-        TrainArgs(
-            algo=args.algo, scenario=args.scenario, timesteps=args.timesteps, seed=args.seed, n_envs=args.n_envs,
-            out=args.out, tensorboard=args.tensorboard, hyperparams=args.hyperparams, set=list(args.set),
-            env_kwargs=list(args.env_kwargs), eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,
-            checkpoint_freq=args.checkpoint_freq, fidelity=args.fidelity, device=args.device,
-            progress=args.progress, subproc=args.subproc, verbose=args.verbose,
+
+def run_train(args: argparse.Namespace) -> int:
+    from agents.train import TrainArgs, TrainingInterrupted, train
+
+    try:
+        run_dir = train(
+            TrainArgs(
+                algo=args.algo, scenario=args.scenario, timesteps=args.timesteps, seed=args.seed, n_envs=args.n_envs,
+                out=args.out, tensorboard=args.tensorboard, hyperparams=args.hyperparams, set=list(args.set),
+                env_kwargs=list(args.env_kwargs), eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,
+                checkpoint_freq=args.checkpoint_freq, fidelity=args.fidelity, device=args.device,
+                progress=args.progress, subproc=args.subproc, verbose=args.verbose, resume=args.resume,
+            )
         )
-    )
+    except TrainingInterrupted as stop:
+        print(f"cmai train: interrupted after {stop.timesteps} steps; the model so far is in {stop.run_dir} "
+              f"(cmai evaluate works on it); continue with: cmai train --resume {stop.run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"run folder: {run_dir}")
     return 0
 
 

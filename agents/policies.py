@@ -46,7 +46,6 @@ drives all of them with the same loop::
 from __future__ import annotations
 
 import json
-import pickle
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -291,12 +290,25 @@ class RunInfo:
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
-    """Parse ``run.json`` of a run folder written by ``cmai train``."""
+    """Parse ``run.json`` of a run folder written by ``cmai train``.
+
+    :raises FileNotFoundError: no ``run.json``.
+    :raises ValueError: ``run.json`` is damaged or lacks the fields a run needs (naming the file).
+    """
     run_dir = Path(run_dir)
     path = run_dir / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a cmai training run (no {RUN_FILE}); pass a run folder or a model .zip")
-    return RunInfo(run_dir=run_dir, record=json.loads(path.read_text()))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); the run folder is damaged") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in ("algo", "env_id", "scenario", "model") if key not in record]
+    if missing or not isinstance(record.get("scenario"), dict):
+        raise ValueError(f"{path}: lacks {', '.join(missing) or 'scenario'}; the run folder is damaged")
+    return RunInfo(run_dir=run_dir, record=record)
 
 
 def _find_run(model_path: Path) -> RunInfo | None:
@@ -319,11 +331,9 @@ _POLICY_MODULES: dict[str, str] = {
 
 def _algo_from_zip(model_path: Path) -> str:
     """Infer the algorithm of a standalone SB3 .zip from its JSON ``data`` entry (no unpickling)."""
-    try:
-        with zipfile.ZipFile(model_path) as archive:
-            data = json.loads(archive.read("data"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{model_path} is not a Stable-Baselines3 model archive ({exc})") from None
+    from agents.safe_load import read_model_data
+
+    data = read_model_data(model_path)
     module = str(data.get("policy_class", {}).get("__module__", ""))
     for prefix, algo in _POLICY_MODULES.items():
         if module.startswith(prefix):
@@ -333,23 +343,42 @@ def _algo_from_zip(model_path: Path) -> str:
     raise ValueError(f"cannot tell which algorithm saved {model_path} (policy module {module!r}); pass its run folder")
 
 
-def _vecnormalize_for(model_path: Path, run: RunInfo | None) -> Path | None:
-    """The VecNormalize statistics that go with a model file, if the run used them."""
+def normalization_for(model_path: Path, run: RunInfo | None) -> Path | None:
+    """The normalisation statistics (``.npz``) that go with a model file, if the run used them.
+
+    :raises agents.safe_load.UnsafeFileError: only a legacy pickled ``.pkl`` exists.
+    """
+    from agents.safe_load import normalization_path
+
     if model_path.parent.name == "checkpoints":
-        # CheckpointCallback: rl_model_<steps>_steps.zip ↔ rl_model_vecnormalize_<steps>_steps.pkl
+        # Checkpoints: rl_model_<steps>_steps.zip ↔ rl_model_vecnormalize_<steps>_steps.npz
         stem = model_path.stem
         if stem.endswith("_steps"):
             head, _, steps = stem[: -len("_steps")].rpartition("_")
-            candidate = model_path.parent / f"{head}_vecnormalize_{steps}_steps.pkl"
-            if candidate.exists():
-                return candidate
-    folders = [model_path.parent]
-    if run is not None:
-        folders = [run.params_dir, run.run_dir]
+            found = normalization_path(model_path.parent, f"{head}_vecnormalize_{steps}_steps")
+            if found is not None:
+                return found
+    folders = [model_path.parent] if run is None else [run.params_dir, run.run_dir]
     for folder in folders:
-        if (folder / "vecnormalize.pkl").exists():
-            return folder / "vecnormalize.pkl"
+        found = normalization_path(folder)
+        if found is not None:
+            return found
     return None
+
+
+def _check_hash(model_path: Path, run: RunInfo | None) -> None:
+    """Compare a model file with the sha256 its run recorded when saving it (if it did)."""
+    if run is None:
+        return
+    from agents.safe_load import file_sha256
+
+    try:
+        relative = model_path.resolve().relative_to(run.run_dir.resolve()).as_posix()
+    except ValueError:
+        return
+    expected = (run.record.get("files") or {}).get(relative)
+    if expected is not None and file_sha256(model_path) != expected:
+        raise ValueError(f"{model_path}: its sha256 differs from the one {run.run_dir / RUN_FILE} recorded at save time; the file was modified")
 
 
 class SB3GatingPolicy:
@@ -363,7 +392,8 @@ class SB3GatingPolicy:
     :param model: the loaded algorithm.
     :param algo: its command-line name (``ppo``, ``sac``, …).
     :param env_id: the environment ID it acts in (``CMAI-Discrete-v0`` for DQN).
-    :param obs_normalizer: a ``VecNormalize`` whose ``normalize_obs`` is applied, or ``None``.
+    :param obs_normalizer: statistics whose ``normalize_obs`` is applied (an
+        :class:`agents.safe_load.NormalizationStats` or a ``VecNormalize``), or ``None``.
     :param name: label used in reports (default ``<algo>:<run folder>``).
     :param run: the run folder's record, when loaded from one.
     """
@@ -432,19 +462,46 @@ class SB3GatingPolicy:
         return f"SB3GatingPolicy(name={self.name!r}, algo={self.algo!r}, env_id={self.env_id!r}, normalized={self.obs_normalizer is not None})"
 
 
+def _model_settings(model_path: Path, run: RunInfo | None) -> tuple[str, str, dict[str, Any]]:
+    """(algo, env ID, hyperparameters) of a model: from its run folder, else its ``cmai.json`` entry."""
+    from agents.safe_load import UnsafeFileError, read_model_metadata
+
+    if run is not None:
+        config = run.params_dir / "config.yml"
+        if not config.is_file():
+            raise FileNotFoundError(f"{config} not found: the run folder is incomplete (its hyperparameters are needed to load {model_path.name})")
+        from agents.train import load_yaml
+
+        hyperparams = load_yaml(config)
+        if not isinstance(hyperparams, dict):
+            raise ValueError(f"{config}: expected a mapping of hyperparameters")
+        return run.algo, run.env_id, hyperparams
+    meta = read_model_metadata(model_path)
+    if meta is None:
+        _algo_from_zip(model_path)  # a clear error for files that are no SB3 archive at all
+        raise UnsafeFileError(
+            f"{model_path}: a model archive outside a cmai run folder and without CMAI's cmai.json entry; "
+            "loading it would mean unpickling its settings, which can run code. Pass its run folder instead."
+        )
+    return str(meta["algo"]), str(meta["env_id"]), dict(meta["hyperparams"])
+
+
 def load_policy(run_dir_or_model_path: str | Path, which: str = "final", device: str = "cpu") -> SB3GatingPolicy:
-    """Load a trained gating policy.
+    """Load a trained gating policy without unpickling anything (see :mod:`agents.safe_load`).
 
     :param run_dir_or_model_path: a run folder written by ``cmai train``
         (``<out>/<algo>/<scenario>_<n>``) or a model ``.zip`` (inside a run, its
-        ``checkpoints/``, or standalone: the algorithm is then read from the archive).
+        ``checkpoints/``, or standalone: its ``cmai.json`` entry then gives the algorithm and
+        hyperparameters).
     :param which: for a run folder, ``final`` (``<scenario>.zip``), ``best`` (``best_model.zip``)
         or a checkpoint file name.
     :param device: torch device for the network.
     :return: the policy; ``policy.env_id`` says which environment ID it acts in.
-
-    SB3 archives and ``vecnormalize.pkl`` contain pickles: load only runs you produced or trust.
+    :raises FileNotFoundError: no such run or model file (a failed or interrupted run says so).
+    :raises ValueError: a damaged file, or one that could only be loaded by unpickling it.
     """
+    from agents.safe_load import load_model, load_normalization
+
     path = Path(run_dir_or_model_path)
     if path.is_dir():
         run: RunInfo | None = read_run(path)
@@ -455,15 +512,20 @@ def load_policy(run_dir_or_model_path: str | Path, which: str = "final", device:
     else:
         raise FileNotFoundError(f"no run folder or model file at {path}")
     if not model_path.is_file():
+        status = run.record.get("status") if run is not None else None
+        if status in ("failed", "running"):
+            raise FileNotFoundError(
+                f"model file not found: {model_path}: run {run.run_dir} is {status!r} "
+                f"({'it stopped with an error' if status == 'failed' else 'still training, or killed before it could save'}); "
+                f"resume it with cmai train --resume {run.run_dir}"
+            )
         raise FileNotFoundError(f"model file not found: {model_path}")
-    algo = run.algo if run is not None else _algo_from_zip(model_path)
-    env_id = run.env_id if run is not None else ENV_ID_FOR_ALGO[algo]
-    model = algo_class(algo).load(model_path, device=device)
-    normalizer = None
-    stats_path = _vecnormalize_for(model_path, run)
-    if stats_path is not None:
-        with stats_path.open("rb") as handle:  # our own run's statistics (SB3 stores them pickled)
-            normalizer = pickle.load(handle)
-        normalizer.training = False
+    _check_hash(model_path, run)
+    algo, env_id, hyperparams = _model_settings(model_path, run)
+    model = load_model(model_path, algo, env_id, hyperparams, device=device)
+    stats_path = normalization_for(model_path, run)
+    normalizer = None if stats_path is None else load_normalization(stats_path)
     label = f"{algo}:{run.run_dir.name}" if run is not None else f"{algo}:{model_path.stem}"
+    if run is not None and run.record.get("status") == "interrupted":
+        label += " (interrupted)"
     return SB3GatingPolicy(model, algo, env_id, obs_normalizer=normalizer, name=label, run=run)

@@ -15,14 +15,18 @@ free integer::
     <scenario>.zip             final model
     best_model.zip             best mean evaluation return (EvalCallback)
     evaluations.npz            evaluation returns over training (EvalCallback)
-    checkpoints/               rl_model_<steps>_steps.zip (+ vecnormalize pkl when used)
+    checkpoints/               rl_model_<steps>_steps.zip (+ rl_model_vecnormalize_<steps>_steps.npz)
     <scenario>/config.yml      resolved hyperparameters (policy, n_timesteps, n_envs, ...)
     <scenario>/args.yml        the TrainArgs / command-line arguments
     <scenario>/env_kwargs.yml  keyword arguments of the env beyond the scenario (fidelity, overrides)
     <scenario>/scenario.yml    byte copy of the scenario file (sha256 in run.json)
-    <scenario>/vecnormalize.pkl  observation/return statistics, when ``normalize`` is on
+    <scenario>/vecnormalize.npz  observation/return statistics, when ``normalize`` is on (no pickle)
     0.monitor.csv ...          Monitor episode logs of the training envs
-    run.json                   algo, env_id, scenario name + sha256, seed, versions, timesteps, wall time
+    run.json                   algo, env_id, scenario name + sha256, seed, versions, timesteps, wall time,
+                               status (running, finished, failed, interrupted), sha256 of every model file
+
+Every model archive also carries a ``cmai.json`` entry (algorithm, env ID, hyperparameters), so it
+loads without unpickling (:mod:`agents.safe_load`) even when copied out of the folder.
 
 Hyperparameters
 ---------------
@@ -64,7 +68,17 @@ from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
 from agents.callbacks import CMAIMetricsCallback, FinalEvalCallback
-from agents.policies import ALGOS, ENV_ID_FOR_ALGO, RUN_FILE, algo_class, resolve_policy_kwargs
+from agents.policies import ALGOS, ENV_ID_FOR_ALGO, RUN_FILE, RunInfo, normalization_for, algo_class, read_run, resolve_policy_kwargs
+from agents.safe_load import (
+    NORMALIZATION_FILE,
+    file_sha256,
+    load_model,
+    load_normalization,
+    read_model_data,
+    read_model_metadata,
+    save_normalization,
+    write_model_metadata,
+)
 
 HYPERPARAMS_DIR = Path(__file__).parent / "hyperparams"
 #: The evaluation env is seeded ``seed + EVAL_SEED_OFFSET`` so it never replays a training episode.
@@ -108,6 +122,8 @@ class TrainArgs:
     :param progress: show SB3's progress bar.
     :param subproc: run the training envs in subprocesses (``SubprocVecEnv``) when ``n_envs > 1``.
     :param verbose: SB3 verbosity (0 silent, 1 tables and evaluation results).
+    :param resume: a run folder to continue (``cmai train --resume``): its own ``args.yml`` then
+        replaces every other field but ``progress`` and ``verbose``.
     """
 
     algo: str = "ppo"
@@ -128,6 +144,7 @@ class TrainArgs:
     progress: bool = True
     subproc: bool = False
     verbose: int = 1
+    resume: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """YAML-safe form (paths as strings) for ``args.yml``."""
@@ -353,6 +370,7 @@ def make_envs(
     subproc: bool = False,
     monitor_dir: Path | None = None,
     training: bool = True,
+    append_monitor: bool = False,
 ) -> VecEnv:
     """Monitored, vectorised CMAI envs (``DummyVecEnv``; ``SubprocVecEnv`` if asked and n_envs > 1).
 
@@ -367,6 +385,7 @@ def make_envs(
         env_kwargs=dict(env_kwargs),
         vec_env_cls=vec_cls,
         monitor_dir=None if monitor_dir is None else str(monitor_dir),
+        monitor_kwargs={"override_existing": not append_monitor},  # a resumed run appends to its logs
     )
     return normalize_env(env, normalize, training)
 
@@ -504,6 +523,21 @@ def build_model(
     )
 
 
+class SafeCheckpointCallback(CheckpointCallback):
+    """SB3's ``CheckpointCallback`` that stores the normalisation statistics as ``.npz``, not a pickle.
+
+    Files: ``rl_model_<steps>_steps.zip`` and, when normalising, ``rl_model_vecnormalize_<steps>_steps.npz``.
+    """
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.save_freq == 0:
+            self.model.save(self._checkpoint_path(extension="zip"))
+            env = self.model.get_vec_normalize_env()
+            if self.save_vecnormalize and env is not None:
+                save_normalization(env, self._checkpoint_path("vecnormalize_", extension="npz"))
+        return True
+
+
 def _callbacks(args: TrainArgs, plan: PreparedRun, run_dir: Path, eval_env: VecEnv | None, eval_freq: int, checkpoint_freq: int) -> list[BaseCallback]:
     """TensorBoard metrics, best-model evaluation and checkpoints (frequencies in env steps)."""
     callbacks: list[BaseCallback] = [CMAIMetricsCallback()]
@@ -521,7 +555,7 @@ def _callbacks(args: TrainArgs, plan: PreparedRun, run_dir: Path, eval_env: VecE
         )
     if checkpoint_freq > 0:
         callbacks.append(
-            CheckpointCallback(
+            SafeCheckpointCallback(
                 save_freq=max(checkpoint_freq // plan.n_envs, 1),
                 save_path=str(run_dir / "checkpoints"),
                 name_prefix="rl_model",
@@ -531,8 +565,88 @@ def _callbacks(args: TrainArgs, plan: PreparedRun, run_dir: Path, eval_env: VecE
     return callbacks
 
 
+def reserve_run_dir(out: Path, algo: str, scenario: str) -> Path:
+    """Create and return the next free ``<out>/<algo>/<scenario>_<n>``.
+
+    ``mkdir`` either creates the folder or fails, so two runs started at once never share one.
+    """
+    while True:
+        candidate = next_run_dir(out, algo, scenario)
+        candidate.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+
+
+def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
+
+
+def _seal_model_files(run_dir: Path, plan: PreparedRun, record: dict[str, Any]) -> None:
+    """Give every model archive of the run its ``cmai.json`` entry and record its sha256 in ``run.json``.
+
+    The entry lets a model copied out of the folder load without unpickling; the hashes let
+    :func:`agents.policies.load_policy` notice a file modified after training.
+    """
+    files: dict[str, str] = {}
+    for archive in sorted([*run_dir.glob("*.zip"), *(run_dir / "checkpoints").glob("*.zip")]):
+        if read_model_metadata(archive) is None:
+            write_model_metadata(archive, plan.args.algo, plan.env_id, plan.hyperparams)
+        files[archive.relative_to(run_dir).as_posix()] = file_sha256(archive)
+    record["files"] = files
+
+
+def _save_final(model: BaseAlgorithm, env: VecEnv, run_dir: Path, plan: PreparedRun, scenario_name: str) -> None:
+    """The final (or interrupted) model and the normalisation statistics it expects."""
+    model.save(run_dir / f"{scenario_name}.zip")
+    if isinstance(env, VecNormalize):
+        save_normalization(env, run_dir / scenario_name / NORMALIZATION_FILE)
+
+
+def _latest_model(run: RunInfo) -> Path:
+    """The model file of ``run`` with the most environment steps (final/interrupted model or checkpoint)."""
+    candidates = [run.model_path("final"), *sorted((run.run_dir / "checkpoints").glob("rl_model_*_steps.zip"))]
+    found = [(int(read_model_data(p).get("num_timesteps", 0)), p) for p in candidates if p.is_file()]
+    if not found:
+        raise FileNotFoundError(f"{run.run_dir}: no model or checkpoint to resume from (the run stopped before its first checkpoint); start it again")
+    return max(found, key=lambda item: item[0])[1]
+
+
+def resume_args(run_dir: Path) -> TrainArgs:
+    """The :class:`TrainArgs` a run was started with (its ``args.yml``), set to resume it."""
+    run = read_run(run_dir)
+    path = run.params_dir / "args.yml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: cannot resume {run_dir} without the arguments it was started with")
+    stored = load_yaml(path)
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: expected a mapping of cmai train arguments")
+    known = {f.name for f in dataclasses.fields(TrainArgs)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown argument(s) {', '.join(unknown)}")
+    for key in ("out", "tensorboard", "hyperparams"):
+        if stored.get(key) is not None:
+            stored[key] = Path(stored[key])
+    stored["resume"] = Path(run_dir)
+    return TrainArgs(**stored)
+
+
 def run_training(args: TrainArgs) -> TrainingResult:
-    """Train as :func:`train` does and keep the model and env in memory (the caller closes ``env``)."""
+    """Train as :func:`train` does and keep the model and env in memory (the caller closes ``env``).
+
+    With ``args.resume`` set, continues that run folder from its latest model or checkpoint
+    (same hyperparameters, environments and seeds) up to its recorded number of timesteps.
+    A ``KeyboardInterrupt`` (Ctrl-C) saves the current model, marks the run ``interrupted`` and
+    re-raises; ``cmai train --resume RUN_DIR`` continues it.
+    """
+    if args.resume is not None:
+        resumed = read_run(args.resume)
+        if resumed.record.get("status") == "finished":
+            raise ValueError(f"{args.resume} already finished ({resumed.record.get('timesteps_done')} steps); nothing to resume")
+        args = dataclasses.replace(resume_args(args.resume), progress=args.progress, verbose=args.verbose)
     # 1. Validate everything before writing anything.
     plan = prepare(args)
     hp = plan.hyperparams
@@ -541,104 +655,142 @@ def run_training(args: TrainArgs) -> TrainingResult:
     checkpoint_freq = max(plan.timesteps // 4, 1) if args.checkpoint_freq is None else args.checkpoint_freq
 
     # 2. Environments (monitored training envs seeded seed + rank, a separately seeded eval env)
-    #    and the model, whose policy is the gating network g. Both are built before any file is
-    #    written, so hyperparameters the algorithm rejects leave no half-made run folder.
+    #    and the model, whose policy is the gating network g. Both are built before anything else
+    #    is written, so hyperparameters the algorithm rejects leave no half-made run folder.
     scenario_name = _slug(plan.scenario.name)
-    run_dir = next_run_dir(args.out, args.algo, scenario_name)
+    resuming = args.resume is not None
+    run_dir = Path(args.resume) if resuming else reserve_run_dir(args.out, args.algo, scenario_name)
     params_dir = run_dir / scenario_name
     env_kwargs = {"scenario": plan.scenario.argument, "device": args.device, **plan.env_kwargs}
     start = time.perf_counter()
     env: VecEnv | None = None
     eval_env: VecEnv | None = None
+    resumed_from: Path | None = None
     try:
-        env = make_envs(plan.env_id, env_kwargs, plan.n_envs, args.seed, normalize, args.subproc, monitor_dir=run_dir)
+        env = make_envs(plan.env_id, env_kwargs, plan.n_envs, args.seed, normalize, args.subproc, monitor_dir=run_dir, append_monitor=resuming)
         if eval_freq > 0:
             eval_env = make_envs(plan.env_id, env_kwargs, 1, args.seed + EVAL_SEED_OFFSET, normalize, training=False)
         tb_root = None if args.tensorboard is None else Path(args.tensorboard) / scenario_name
-        model = build_model(args.algo, hp, env, args.seed, args.device, tb_root, args.verbose)
+        if resuming:
+            resumed_from = _latest_model(read_run(run_dir))
+            model = load_model(resumed_from, args.algo, plan.env_id, hp, device=args.device, env=env)
+            model.tensorboard_log = None if tb_root is None else str(tb_root)
+            if isinstance(env, VecNormalize):
+                stats = normalization_for(resumed_from, read_run(run_dir))
+                if stats is None:
+                    raise FileNotFoundError(f"{run_dir}: the run normalises observations but has no saved statistics for {resumed_from.name}")
+                load_normalization(stats).apply_to(env)
+        else:
+            model = build_model(args.algo, hp, env, args.seed, args.device, tb_root, args.verbose)
     except BaseException as exc:
         for vec_env in (env, eval_env):
             if vec_env is not None:
                 vec_env.close()
-        shutil.rmtree(run_dir, ignore_errors=True)  # only Monitor files were written
+        if not resuming:
+            shutil.rmtree(run_dir, ignore_errors=True)  # only Monitor files were written
         if isinstance(exc, (TypeError, AssertionError)):
             raise ValueError(f"{args.algo} rejected the hyperparameters {hp}: {exc}") from exc
         raise
     setup_time = time.perf_counter() - start
 
     # 3. The run folder: what reproduces the run is written before learning starts.
-    params_dir.mkdir(parents=True)
-    (run_dir / "checkpoints").mkdir()
-    _dump_yaml(params_dir / "args.yml", args.to_dict())
-    _dump_yaml(params_dir / "config.yml", hp)
-    _dump_yaml(params_dir / "env_kwargs.yml", plan.env_kwargs, flow=False)
-    (params_dir / "scenario.yml").write_bytes(plan.scenario.data)
-    record: dict[str, Any] = {
-        "algo": args.algo,
-        "env_id": plan.env_id,
-        "scenario": {
-            "name": plan.scenario.name,
-            "argument": plan.scenario.argument,
-            "sha256": plan.scenario.sha256,
-            "file": f"{scenario_name}/scenario.yml",
-            "params_dir": scenario_name,
-        },
-        "env_kwargs": plan.env_kwargs,
-        "seed": args.seed,
-        "eval_seed": args.seed + EVAL_SEED_OFFSET,
-        "timesteps": plan.timesteps,
-        "n_envs": plan.n_envs,
-        "fidelity": plan.env_kwargs.get("fidelity"),
-        "device": args.device,
-        "normalize": bool(normalize),
-        "model": f"{scenario_name}.zip",
-        "versions": _versions(),
-        "command": " ".join(sys.argv) if sys.argv and Path(sys.argv[0]).name == "cmai" else None,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "running",
-    }
-    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
+    if resuming:
+        record = read_run(run_dir).record
+        record.setdefault("resumes", []).append(
+            {"from": resumed_from.relative_to(run_dir).as_posix(), "at_timesteps": int(model.num_timesteps),
+             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        )
+        record["status"] = "running"
+    else:
+        params_dir.mkdir(parents=True)
+        (run_dir / "checkpoints").mkdir()
+        _dump_yaml(params_dir / "args.yml", args.to_dict())
+        _dump_yaml(params_dir / "config.yml", hp)
+        _dump_yaml(params_dir / "env_kwargs.yml", plan.env_kwargs, flow=False)
+        (params_dir / "scenario.yml").write_bytes(plan.scenario.data)
+        record = {
+            "algo": args.algo,
+            "env_id": plan.env_id,
+            "scenario": {
+                "name": plan.scenario.name,
+                "argument": plan.scenario.argument,
+                "sha256": plan.scenario.sha256,
+                "file": f"{scenario_name}/scenario.yml",
+                "params_dir": scenario_name,
+            },
+            "env_kwargs": plan.env_kwargs,
+            "seed": args.seed,
+            "eval_seed": args.seed + EVAL_SEED_OFFSET,
+            "timesteps": plan.timesteps,
+            "n_envs": plan.n_envs,
+            "fidelity": plan.env_kwargs.get("fidelity"),
+            "device": args.device,
+            "normalize": bool(normalize),
+            "model": f"{scenario_name}.zip",
+            "versions": _versions(),
+            "command": " ".join(sys.argv) if sys.argv and Path(sys.argv[0]).name == "cmai" else None,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "running",
+        }
+    _write_record(run_dir, record)
 
     # 4. Learn (TensorBoard metrics, evaluation + best model, checkpoints), then save the final
-    #    model and the normalisation statistics it expects.
+    #    model and the normalisation statistics it expects. Ctrl-C saves what was learnt so far.
+    remaining = plan.timesteps - (int(model.num_timesteps) if resuming else 0)
+    start = time.perf_counter()
     try:
-        start = time.perf_counter()
-        model.learn(
-            total_timesteps=plan.timesteps,
-            callback=_callbacks(args, plan, run_dir, eval_env, eval_freq, checkpoint_freq),
-            progress_bar=args.progress,
-            tb_log_name=args.algo,
-        )
+        if remaining > 0:
+            model.learn(
+                total_timesteps=remaining,
+                callback=_callbacks(args, plan, run_dir, eval_env, eval_freq, checkpoint_freq),
+                progress_bar=args.progress,
+                tb_log_name=args.algo,
+                reset_num_timesteps=not resuming,
+            )
         wall_time = time.perf_counter() - start
-        model.save(run_dir / f"{scenario_name}.zip")
-        if isinstance(env, VecNormalize):
-            env.save(str(params_dir / "vecnormalize.pkl"))
+        _save_final(model, env, run_dir, plan, scenario_name)
+    except KeyboardInterrupt:
+        _save_final(model, env, run_dir, plan, scenario_name)
+        _seal_model_files(run_dir, plan, record)
+        record.update(status="interrupted", timesteps_done=int(model.num_timesteps),
+                      interrupted=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        _write_record(run_dir, record)
+        env.close()
+        raise TrainingInterrupted(run_dir, int(model.num_timesteps)) from None
     except BaseException:
         record["status"] = "failed"
-        (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
+        _write_record(run_dir, record)
         env.close()
         raise
     finally:
         if eval_env is not None:
             eval_env.close()
 
+    _seal_model_files(run_dir, plan, record)
     record.update(
         status="finished",
         finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        wall_time_s=round(wall_time, 3),
+        wall_time_s=round(wall_time + float(record.get("wall_time_s") or 0.0), 3),
         setup_time_s=round(setup_time, 3),
         timesteps_done=int(model.num_timesteps),
         tensorboard_dir=None if args.tensorboard is None else model.logger.get_dir(),
         best_model="best_model.zip" if (run_dir / "best_model.zip").exists() else None,
     )
-    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
+    _write_record(run_dir, record)
     return TrainingResult(run_dir=run_dir, model=model, env=env, record=record)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: the model so far is saved in :attr:`run_dir` (status ``interrupted``)."""
+
+    def __init__(self, run_dir: Path, timesteps: int) -> None:
+        super().__init__(f"training interrupted after {timesteps} steps; model saved in {run_dir}")
+        self.run_dir = run_dir
+        self.timesteps = timesteps
+
+
 def train(args: TrainArgs) -> Path:
-    """Train a gating policy and return its run folder (layout in the module docstring)."""
+    """Train a gating policy (or resume one, ``args.resume``) and return its run folder (layout in the module docstring)."""
     result = run_training(args)
     result.env.close()
-    if args.verbose >= 1:
-        print(f"run folder: {result.run_dir} ({result.record['wall_time_s']:.1f} s)")
     return result.run_dir

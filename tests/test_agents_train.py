@@ -199,7 +199,8 @@ def test_reloaded_policy_acts_like_the_in_memory_model(tmp_path):
                   progress=False, verbose=0)
     )
     try:
-        assert (result.run_dir / "quickstart/vecnormalize.pkl").is_file()
+        assert (result.run_dir / "quickstart/vecnormalize.npz").is_file()
+        assert not list(result.run_dir.rglob("*.pkl"))  # nothing pickled is written
         policy = load_policy(result.run_dir)
         assert isinstance(policy, GatingPolicy) and policy.obs_normalizer is not None
         for obs in rollout_observations(policy):
@@ -315,20 +316,20 @@ def test_tune_writes_best_hyperparams(tmp_path):
     ],
 )
 def test_bad_inputs_exit_2_naming_the_value(tmp_path, capsys, argv, needle):
-    assert cli("train", "--timesteps", "64", "--out", str(tmp_path), *QUIET, *argv) == 2
+    assert cli("train", "--timesteps", "64", "--out", str(tmp_path), *QUIET, *argv) == 1
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "ppo").exists()  # nothing written for a rejected configuration
 
 
 def test_hyperparameters_the_algorithm_rejects_leave_no_run_folder(tmp_path, capsys):
     argv = ["train", "--timesteps", "64", "--out", str(tmp_path), "--env-kwargs", *SMALL_ENV, *QUIET]
-    assert cli(*argv, "--set", "n_steps=abc") == 2
+    assert cli(*argv, "--set", "n_steps=abc") == 1
     assert "ppo rejected the hyperparameters" in capsys.readouterr().err
     assert not (tmp_path / "ppo" / "quickstart_1").exists()
 
 
 def test_tune_rejects_unknown_algo(tmp_path, capsys):
-    assert cli("tune", "--algo", "nope", "--out", str(tmp_path)) == 2
+    assert cli("tune", "--algo", "nope", "--out", str(tmp_path)) == 1
     assert "'nope'" in capsys.readouterr().err
 
 

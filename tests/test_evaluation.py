@@ -137,15 +137,15 @@ def test_same_evaluation_twice_gives_identical_numbers():
         (["--policy", "baseline:uniform", "--env-kwargs", "episode_rounds"], "key:value"),
     ],
 )
-def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys, argv, message):
+def test_bad_inputs_exit_1_with_a_message(tmp_path, capsys, argv, message):
     code = main(["evaluate", "--scenario", "quickstart", "--out", str(tmp_path / "x"), *argv])
-    assert code == 2
+    assert code == 1
     assert message in capsys.readouterr().err
 
 
-def test_bad_benchmark_policy_exits_2(tmp_path, capsys):
+def test_bad_benchmark_policy_exits_1(tmp_path, capsys):
     code = main(["benchmark", "--scenarios", "quickstart", "--out", str(tmp_path), "--policies", str(tmp_path / "missing")])
-    assert code == 2 and "not found" in capsys.readouterr().err
+    assert code == 1 and "not found" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ benchmark

@@ -138,5 +138,5 @@ def test_cli_backbone_eval_json(capsys):
 
 
 def test_cli_reports_bad_input_without_traceback(capsys):
-    assert cmai(["backbone", "eval", "--backbone", "nope", "--n", "4"]) == 2
+    assert cmai(["backbone", "eval", "--backbone", "nope", "--n", "4"]) == 1
     assert "unknown backbone 'nope'" in capsys.readouterr().err

@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status for bad input (a file, field or value the user can fix); argparse's usage errors stay 2.
+EXIT_BAD_INPUT = 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -37,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError) as exc:
         # Bad input (paths, names, malformed files) is the user's to fix: say what, not a traceback.
         print(f"cmai: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
