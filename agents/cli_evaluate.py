@@ -70,23 +70,28 @@ def print_summary(result: EvaluationResult) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from agents.output_dir import claim_output_dir
+
     policy = resolve_policy(args.policy, device=args.device)
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     if args.device != "cpu":
         env_kwargs["device"] = args.device
-    result = evaluate_policy(
-        policy,
-        args.scenario,
-        seeds=args.seeds,
-        episodes=args.episodes,
-        fidelity=args.fidelity,
-        env_kwargs=env_kwargs,
-        use_disk_cache=not args.no_cache,
-        tensorboard=args.tensorboard,
-        out=args.out,
-        plots=not args.no_plots,
-        log=_log(args.quiet),
-    )
+    # One writer per --out, and results already there are kept unless --overwrite (checked before
+    # any episode runs, so a refused command costs nothing).
+    with claim_output_dir(args.out, ("summary.json", "rounds.csv"), overwrite=args.overwrite):
+        result = evaluate_policy(
+            policy,
+            args.scenario,
+            seeds=args.seeds,
+            episodes=args.episodes,
+            fidelity=args.fidelity,
+            env_kwargs=env_kwargs,
+            use_disk_cache=not args.no_cache,
+            tensorboard=args.tensorboard,
+            out=args.out,
+            plots=not args.no_plots,
+            log=_log(args.quiet),
+        )
     if not args.quiet:
         print_summary(result)
         print(f"wrote {', '.join(str(p) for p in result.files.values())}")
@@ -96,21 +101,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ benchmark
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from agents.benchmark import BenchmarkArgs, run_benchmark
+    from agents.output_dir import claim_output_dir
 
-    report = run_benchmark(
-        BenchmarkArgs(
-            scenarios=args.scenarios,
-            out=Path(args.out),
-            seeds=args.seeds,
-            episodes=args.episodes,
-            policies=args.policies or [],
-            baselines=args.baselines,
-            fidelity=args.fidelity,
-            env_kwargs=parse_env_kwargs(args.env_kwargs),
-            plots=not args.no_plots,
-        ),
-        log=_log(args.quiet),
-    )
+    with claim_output_dir(args.out, ("results.json", "results.md"), overwrite=args.overwrite):
+        report = run_benchmark(
+            BenchmarkArgs(
+                scenarios=args.scenarios,
+                out=Path(args.out),
+                seeds=args.seeds,
+                episodes=args.episodes,
+                policies=args.policies or [],
+                baselines=args.baselines,
+                fidelity=args.fidelity,
+                env_kwargs=parse_env_kwargs(args.env_kwargs),
+                plots=not args.no_plots,
+            ),
+            log=_log(args.quiet),
+        )
     if not args.quiet:
         print((Path(args.out) / "results.md").read_text())
         print(f"wrote {Path(args.out) / 'results.md'} and {Path(args.out) / 'results.json'} ({len(report['scenarios'])} scenario(s))")
@@ -269,6 +276,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fidelity", choices=("pixel", "embedding"), default=None, help="default: a trained policy's training fidelity, else the scenario's")
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides, e.g. episode_rounds:20 defense.lr:0.001")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out (default: refuse, so nothing is lost)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or tables")
 
 
