@@ -11,6 +11,11 @@ attack's modality ``m`` (``both``: a pair counts as correct only when both modal
   batch (``calibration``) to the detector's target FPR (5% by default); ``detector_tpr`` is the
   share of attacked pairs flagged, ``detector_fpr`` the share of the clean evaluation pairs
   flagged, ``detector_auroc`` the threshold-free separability of the two score sets;
+* the defended system rejects flagged pairs, so what the attacker wins is a flipped *and*
+  unflagged pair: ``system_asr`` = |{correct on clean ∧ wrong on adversarial ∧ not flagged}| /
+  |{correct on clean}|, and ``detector_tpr_flipped`` is the share of the flipped pairs flagged
+  (an attack that leaves some pairs unchanged, like the AutoAttack chain, lowers
+  ``detector_tpr`` without evading anything; this figure does not move);
 * ``seconds`` = time spent crafting, ``images_per_s`` = n / seconds.
 
 The environment and adversarial-training tools reuse this function on their own probe sets.
@@ -42,6 +47,8 @@ class AttackReport:
     detector_auroc: float
     detector_tpr: float
     detector_fpr: float
+    system_asr: float  #: share of originally correct pairs flipped and not flagged
+    detector_tpr_flipped: float  #: share of flipped pairs flagged (NaN when none flipped)
     detector_threshold: float
     #: where τ came from: ``calibration`` (the separate clean batch), ``given`` (the detector was
     #: already calibrated) or ``evaluation`` (no calibration batch: the evaluated clean pairs)
@@ -124,6 +131,8 @@ def evaluate_attack(
         detector.calibrate(clean_stats["consistency"])
         calibrated_on = "evaluation"
     det = detector.evaluate(clean_stats["consistency"], adv_stats["consistency"])
+    flagged = torch.from_numpy(detector.flags(adv_stats["consistency"]))
+    flipped = clean_stats["correct"] & ~adv_stats["correct"]
 
     n = len(clean)
     return AttackReport(
@@ -138,6 +147,8 @@ def evaluate_attack(
         detector_auroc=det.auroc,
         detector_tpr=det.tpr,
         detector_fpr=det.fpr,
+        system_asr=attack_success_rate(clean_stats["correct"], adv_stats["correct"] | flagged),
+        detector_tpr_flipped=float(flagged[flipped].double().mean()) if flipped.any() else float("nan"),
         detector_threshold=det.threshold,
         calibrated_on=calibrated_on,
         loss_clean=float(clean_stats["loss"].double().mean()),

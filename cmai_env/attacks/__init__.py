@@ -14,7 +14,17 @@ name                     modality  what it does
 ``bridge_text_to_image`` text      caption embedding pulled onto a wrong class's images (0.2)
 ``co_attack``            both      text embedding PGD, then image PGD away from both captions
 ``universal``            image     one fitted ℓ∞ δ added to every image (8/255)
+``apgd_ce``              image     APGD on CE, 100 iterations (AutoAttack component, 8/255)
+``apgd_t``               image     targeted APGD on DLR, 9 targets × 100 iterations
+``fab_t``                image     targeted FAB, 9 targets × 100 iterations
+``square``               image     Square Attack, black-box, 5,000 queries
+``autoattack``           image     APGD-CE → APGD-T → FAB-T → Square, worst case per example
+``aware_pgd_linf``       image     detector-aware image PGD: min(margin, κ) − λ·L_consistency
+``aware_caption_rewrite`` image    detector-aware: caption rewritten to c*, image PGD ↓ L_consistency
 =======================  ========  =========================================================
+
+Each attack states its threat model (``Attack.threat_model``: the modalities the attacker
+controls, white- or black-box, detector-aware or not); ``modality`` is the prediction it flips.
 
     from cmai_env.attacks import PairBatch, ZeroShotTask, make_attack
     attack = make_attack("pgd_linf", eps=4 / 255)
@@ -30,6 +40,7 @@ from cmai_env.attacks.base import (
     Modality,
     PairBatch,
     TaskOutputs,
+    ThreatModel,
     ZeroShotTask,
     attack_class,
     attack_success_rate,
@@ -44,9 +55,19 @@ from cmai_env.attacks.text import TextEmbeddingPGD, TokenSubstitution, pgd_token
 from cmai_env.attacks.bridge import BridgeImageToText, BridgeTextToImage
 from cmai_env.attacks.joint import CoAttack
 from cmai_env.attacks.universal import Universal
+from cmai_env.attacks.autoattack import APGDCE, APGDT, FABT, AutoAttack, Square
+from cmai_env.attacks.adaptive import AwareCaptionRewrite, AwarePGDLinf
 
 __all__ = [
+    "APGDCE",
+    "APGDT",
     "Attack",
+    "AutoAttack",
+    "AwareCaptionRewrite",
+    "AwarePGDLinf",
+    "FABT",
+    "Square",
+    "ThreatModel",
     "AttackResult",
     "BridgeImageToText",
     "BridgeTextToImage",

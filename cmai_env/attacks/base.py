@@ -196,6 +196,44 @@ class EmbeddingCounterpart:
         return {"image": "image", "universal": "image", "bridge_image": "image", "text": "text", "bridge_text": "text"}.get(self.family, "both")  # type: ignore[return-value]
 
 
+Knowledge = Literal["white-box", "black-box"]
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """Who the attacker is: what it may change and what it knows (Carlini & Wagner 2017; Tramèr et al. 2020).
+
+    :param controls: the modalities the attacker may change (``image``, ``text`` or both); a
+        modality it does not control reaches the model as the clean, trusted input.
+    :param knowledge: ``white-box`` (gradients of the defended model) or ``black-box`` (only
+        queries of its class scores).
+    :param detector_aware: the attacker knows the consistency detector and optimises against it
+        (an adaptive attack); ``False``: it attacks the classifier only.
+    """
+
+    controls: tuple[Literal["image", "text"], ...]
+    knowledge: Knowledge = "white-box"
+    detector_aware: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.controls or not set(self.controls) <= {"image", "text"}:
+            raise ValueError(f"ThreatModel.controls must be a non-empty subset of ('image', 'text'), got {self.controls!r}")
+        if self.knowledge not in ("white-box", "black-box"):
+            raise ValueError(f"ThreatModel.knowledge must be 'white-box' or 'black-box', got {self.knowledge!r}")
+
+    def __str__(self) -> str:
+        aware = " · detector-aware" if self.detector_aware else ""
+        return f"controls {'+'.join(self.controls)} · {self.knowledge}{aware}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"controls": list(self.controls), "knowledge": self.knowledge, "detector_aware": self.detector_aware}
+
+    @classmethod
+    def of_modality(cls, modality: Modality) -> "ThreatModel":
+        """The white-box, detector-unaware threat model of an attack that perturbs ``modality``."""
+        return cls(("image", "text") if modality == "both" else (modality,))
+
+
 @dataclass
 class Attack:
     """Base class: subclasses are dataclasses whose fields are the attack's budget/parameters.
@@ -209,12 +247,36 @@ class Attack:
     ``embedding = None`` (the default) makes the embedding fidelity refuse scenarios that use the
     attack with a clear error; the pixel fidelity runs every attack. Adding an attack therefore
     touches one file: its module (plus the import in ``cmai_env/attacks/__init__.py``).
+
+    Every attack states its threat model (:class:`ThreatModel`: the modalities the attacker
+    controls, white- or black-box, detector-aware or not). A subclass that does not set
+    ``threat_model`` gets ``ThreatModel.of_modality(modality)``: white-box, detector-unaware,
+    controlling the modality it perturbs. ``modality`` says which prediction is scored (and
+    perturbed); ``threat_model.controls`` may be wider (an attacker who rewrites the caption and
+    perturbs the image to flip the image's prediction). A detector-aware attack names its
+    non-adaptive ``counterpart`` (a registered attack at the same budget) so that reports can put
+    the two side by side.
     """
 
     name: ClassVar[str] = ""
     modality: ClassVar[Modality] = "image"
     description: ClassVar[str] = ""
     embedding: ClassVar[EmbeddingCounterpart | None] = None
+    threat_model: ClassVar[ThreatModel] = ThreatModel(("image",))
+    #: the registered non-adaptive attack this one adapts (detector-aware attacks), else None
+    counterpart: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "threat_model" not in cls.__dict__:
+            cls.threat_model = ThreatModel.of_modality(cls.modality)
+
+    def counterpart_params(self) -> dict[str, object]:
+        """Parameters of :attr:`counterpart` at this attack's budget (shared parameter names)."""
+        if self.counterpart is None:
+            return {}
+        allowed = attack_class(self.counterpart).parameters()
+        return {key: getattr(self, key) for key in self.parameters() if key in allowed}
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         raise NotImplementedError
@@ -298,6 +360,7 @@ __all__ = [
     "Attack",
     "AttackResult",
     "Modality",
+    "ThreatModel",
     "PairBatch",
     "TaskOutputs",
     "ZeroShotTask",

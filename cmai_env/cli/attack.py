@@ -8,6 +8,16 @@ detector's threshold on ``--calibration-n`` clean pairs of the ``val`` split, an
 :class:`cmai_env.robustness.AttackReport` (``clean_accuracy``, ``asr``, ``consistency_clean``,
 ``consistency_adv``, ``detector_auroc``, ``detector_tpr``, ``detector_fpr``, …). ``universal``
 is fitted on ``--fit-n`` pairs of the ``train`` split first, so it is applied to unseen images.
+
+``list`` shows each attack's threat model (modalities controlled, white-/black-box, detector-aware).
+For a detector-aware attack (``aware_pgd_linf``, ``aware_caption_rewrite``) ``eval`` also runs its
+non-adaptive counterpart at the same budget on the same pairs and ``τ`` and reports it under
+``counterpart`` (``asr``, ``system_asr``, ``detector_tpr``, …), so detection against the adaptive
+attacker stands next to detection against the attacker it adapts (``--no-counterpart`` skips it).
+``system_asr`` is the share of originally correct pairs flipped *and* not flagged.
+
+    cmai attack eval --attack autoattack --n 500 --json        # AutoAttack-grade ASR
+    cmai attack eval --attack aware_caption_rewrite --json     # detector TPR: adaptive vs counterpart
 """
 
 from __future__ import annotations
@@ -40,8 +50,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--fit-n", type=int, default=512, help="train pairs a universal perturbation is fitted on (default: 512)")
     ev.add_argument("--target-fpr", type=float, default=0.05, help="detector target false-positive rate (default: 0.05)")
     ev.add_argument("--batch-size", type=int, default=128, help="pairs per attack call (default: 128)")
+    ev.add_argument(
+        "--no-counterpart", action="store_true",
+        help="for a detector-aware attack, skip evaluating its non-adaptive counterpart at the same budget",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=run_eval)
+
+
+#: what ``eval`` reports of a detector-aware attack's non-adaptive counterpart
+COUNTERPART_KEYS = (
+    "attack", "asr", "system_asr", "detector_tpr", "detector_tpr_flipped", "detector_auroc", "detector_fpr",
+    "consistency_adv", "robust_accuracy",
+)
 
 
 def _parse_value(text: str) -> object:
@@ -83,6 +104,8 @@ def run_list(args: argparse.Namespace) -> int:
         cls = attack_class(name)
         params = ", ".join(f"{key}={_format(value)}" for key, value in cls.parameters().items())
         print(f"{name} [{cls.modality}]: {cls.description}")
+        against = f" · non-adaptive counterpart: {cls.counterpart}" if cls.counterpart else ""
+        print(f"    threat model: {cls.threat_model}{against}")
         print(f"    {params}")
     return 0
 
@@ -124,13 +147,28 @@ def run_eval(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     if hasattr(attack, "fit"):
         attack.fit(task, pairs("train", args.fit_n), generator)
-    report = evaluate_attack(
-        task, clean, attack, generator, ConsistencyDetector(args.target_fpr), calibration, batch_size=args.batch_size
-    )
+    detector = ConsistencyDetector(args.target_fpr)
+    report = evaluate_attack(task, clean, attack, generator, detector, calibration, batch_size=args.batch_size)
     params = {key: getattr(attack, key) for key in type(attack).parameters()}
+    extra: dict[str, object] = {}
+    if getattr(attack, "broken_by", None):
+        extra["broken_by"] = dict(attack.broken_by)  # AutoAttack-grade chains: examples each component flipped first
+    if attack.counterpart is not None and not args.no_counterpart:
+        # The same pairs, τ and seed, so the two rows differ only in what the attacker optimises.
+        other = make_attack(attack.counterpart, **attack.counterpart_params())
+        other_report = evaluate_attack(
+            task, clean, other, torch.Generator().manual_seed(args.seed), detector, batch_size=args.batch_size
+        )
+        extra["counterpart"] = {
+            **{key: value for key, value in other_report.as_dict().items() if key in COUNTERPART_KEYS},
+            "params": {key: getattr(other, key) for key in type(other).parameters()},
+            "threat_model": type(other).threat_model.as_dict(),
+        }
     emit(
         {
             **report.as_dict(),
+            "threat_model": type(attack).threat_model.as_dict(),
+            **extra,
             "params": params,
             "backbone": backbone.name,
             "dataset": args.dataset,
