@@ -137,12 +137,19 @@ def run_eval(args: argparse.Namespace) -> int:
     def load(split: str, n: int):
         return load_dataset(args.dataset, split=split, n=n, seed=args.seed, image_size=backbone.image_size, root=args.data_root)
 
+    generative = getattr(backbone, "generative", False)
+
     def pairs(split: str, n: int) -> PairBatch:
-        return PairBatch.from_dataset(backbone, load(split, n))
+        return task.pairs(load(split, n)) if generative else PairBatch.from_dataset(backbone, load(split, n))
 
     data = load(args.split, args.n)
     task = ZeroShotTask.from_dataset(backbone, data)
-    clean = PairBatch.from_dataset(backbone, data)
+    if generative:
+        # Captioning: the prompt is the text, ASR counts generations whose class changes (flamingo_task.py).
+        from cmai_env.models.flamingo_task import GenerativeTask, generative_attack
+
+        task, attack = GenerativeTask.from_dataset(backbone, data), generative_attack(attack)
+    clean = pairs(args.split, args.n)
     calibration = pairs(args.calibration_split, args.calibration_n or args.n)
     generator = torch.Generator().manual_seed(args.seed)
     if hasattr(attack, "fit"):

@@ -20,13 +20,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=run_eval)
 
-    pt = sub.add_parser("pretrain", help="contrastively pretrain an embedded backbone on shapes")
-    pt.add_argument("--name", default="cmai-tiny")
-    pt.add_argument("--steps", type=int, default=1500)
-    pt.add_argument("--batch-size", type=int, default=256)
-    pt.add_argument("--lr", type=float, default=2e-3)
+    pt = sub.add_parser("pretrain", help="pretrain an embedded backbone on shapes (contrastive CLIP, or flamingo captioning)")
+    pt.add_argument(
+        "--arch", choices=("clip", "flamingo"), default="clip",
+        help="clip: contrastive open_clip pretraining; flamingo: captioning pretraining of a generative backbone "
+        "on a frozen cmai-tiny tower (default: clip)",
+    )
+    pt.add_argument("--name", default=None, help="architecture (default: cmai-tiny; cmai-tiny-flamingo with --arch flamingo)")
+    pt.add_argument("--steps", type=int, default=None, help="default: 1500 (clip), 1200 (flamingo)")
+    pt.add_argument("--batch-size", type=int, default=None, help="default: 256 (clip), 128 (flamingo)")
+    pt.add_argument("--lr", type=float, default=None, help="default: 2e-3 (clip), 3e-3 (flamingo)")
     pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--budget-minutes", type=float, default=15.0)
+    pt.add_argument("--budget-minutes", type=float, default=None, help="default: 15 wall minutes (clip), 10 CPU minutes (flamingo)")
     pt.add_argument("--device", default="cpu")
     pt.add_argument("--out", default=None, help="folder for <name>.pt/.json (default: the package's weights/)")
     pt.set_defaults(func=run_pretrain)
@@ -41,6 +46,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
     backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
     data = load_dataset(args.dataset, split=args.split, n=args.n, seed=args.seed, image_size=backbone.image_size, root=args.data_root)
+    if getattr(backbone, "generative", False):
+        from cmai_env.models.flamingo import evaluate_generative
+
+        # caption_accuracy from greedy captions, zero_shot_accuracy from the LM's class log-likelihoods
+        head = {"backbone": backbone.name, "pretrained": backbone.pretrained, "dataset": args.dataset, "split": args.split}
+        emit({**head, "n": len(data), "num_classes": len(data.class_names), **evaluate_generative(backbone, data)}, args.json)
+        return 0
     class_embeds = backbone.class_text_embeddings(data.class_names, data.templates)
     accuracy = backbone.zero_shot_accuracy(data.images, data.labels, class_embeds)
     emit(
@@ -61,11 +73,23 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_pretrain(args: argparse.Namespace) -> int:
     from cmai_env.models.pretrain import PretrainConfig, pretrain
 
-    config = PretrainConfig(
-        name=args.name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        budget_minutes=args.budget_minutes, device=args.device,
-    )
     command = "cmai " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("cmai") else ""
+    overrides = {k: getattr(args, k) for k in ("name", "steps", "batch_size", "lr") if getattr(args, k) is not None}
+    if args.arch == "flamingo":
+        from cmai_env.models.flamingo_pretrain import FlamingoPretrainConfig, pretrain_flamingo
+
+        if args.budget_minutes is not None:
+            overrides["budget_cpu_minutes"] = args.budget_minutes
+        record = pretrain_flamingo(
+            FlamingoPretrainConfig(seed=args.seed, device=args.device, **overrides), out=Path(args.out) if args.out else None, command=command
+        )
+        for key in ("caption_accuracy", "zero_shot_accuracy"):
+            print(f"{key} on {record[key]['n']} held-out images: {record[key]['value']:.4f}")
+        print(f"training CPU minutes: {record['train_cpu_minutes']}")
+        return 0
+    if args.budget_minutes is not None:
+        overrides["budget_minutes"] = args.budget_minutes
+    config = PretrainConfig(seed=args.seed, device=args.device, **overrides)
     record = pretrain(config, out=Path(args.out) if args.out else None, command=command)
     print(f"zero-shot accuracy on {record['zero_shot_accuracy']['n']} held-out images: {record['zero_shot_accuracy']['value']:.4f}")
     return 0

@@ -41,10 +41,17 @@ def embedded_backbones() -> list[str]:
     return sorted(p.stem for p in configs_dir().glob("*.json"))
 
 
+def generative_backbones() -> list[str]:
+    """CMAI's generative architectures (configs with ``"architecture": "flamingo"``, see ``flamingo.py``)."""
+    from cmai_env.models.flamingo import is_flamingo_config
+
+    return sorted(p.stem for p in configs_dir().glob("*.json") if is_flamingo_config(p))
+
+
 def _ensure_registered() -> None:
     # open_clip keeps one module-level config registry; adding our folder is idempotent
-    # because it rescans by file stem.
-    if not set(embedded_backbones()) <= set(open_clip.list_models()):
+    # because it rescans by file stem. Generative configs are not open_clip configs.
+    if not set(embedded_backbones()) - set(generative_backbones()) <= set(open_clip.list_models()):
         open_clip.add_model_config(configs_dir())
 
 
@@ -106,6 +113,10 @@ def load_backbone(name: str = "cmai-tiny", pretrained: str | None = None, device
     :param device: ``"cpu"`` or ``"cuda"`` (or a ``torch.device``).
     """
     _ensure_registered()
+    if name in generative_backbones():
+        from cmai_env.models.flamingo import load_flamingo
+
+        return load_flamingo(name, configs_dir() / f"{name}.json", pretrained, device, weights_dir())
     known = available_backbones()
     if name not in known:
         raise ValueError(
