@@ -231,13 +231,18 @@ class CMAIEnv(gym.Env):
         """Validate an action and turn it into loss weights β."""
         if self.action_mode == "discrete":
             arr = np.asarray(action)
-            if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer) and not float(arr.reshape(-1)[0]).is_integer():
+            if arr.size != 1 or arr.dtype.kind not in "iuf" or not float(arr.reshape(-1)[0]).is_integer():
                 raise ValueError(f"discrete action must be one integer in [0, {len(DISCRETE_BETAS)}), got {action!r}")
             index = int(arr.reshape(-1)[0])
             if not 0 <= index < len(DISCRETE_BETAS):
                 raise ValueError(f"discrete action must be in [0, {len(DISCRETE_BETAS)}), got {index}")
             return DISCRETE_BETAS[index].copy()
-        arr = np.asarray(action, dtype=np.float64)
+        try:
+            arr = np.asarray(action, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"action must be 3 numbers [β_task, β_consist, β_adv] logits in [-1, 1] (e.g. env.action_space.sample()), got {action!r}"
+            ) from None
         if arr.shape != (3,):
             raise ValueError(f"action must have shape (3,) = [β_task, β_consist, β_adv] logits in [-1, 1], got shape {arr.shape}")
         if not np.all(np.isfinite(arr)):

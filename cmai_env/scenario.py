@@ -40,6 +40,21 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 SCENARIO_SUFFIXES = (".yaml", ".yml")
 
+# Resource limits, checked when a scenario is validated so that a typo (or a hostile file) is an
+# error naming the field, never an out-of-memory or a hang later on.
+#: largest scenario file read, in bytes
+MAX_FILE_BYTES = 256 * 1024
+#: YAML aliases (``*name``) allowed in one file: a few anchors are convenient, thousands expand
+#: exponentially ("billion laughs")
+MAX_YAML_ALIASES = 64
+#: rounds in one episode (a whole schedule pass, or ``episode_rounds``)
+MAX_EPISODE_ROUNDS = 100_000
+#: pairs in the incoming pool / the probe set (a 32×32 image pool of 50,000 is ~0.6 GB of pixels)
+MAX_TRAIN_N = 50_000
+MAX_PROBE_N = 10_000
+#: incoming pairs per round
+MAX_BATCH_SIZE = 4_096
+
 
 class ScenarioError(ValueError):
     """A scenario file (or override) that cannot be read or does not validate."""
@@ -81,9 +96,9 @@ class DatasetSpec(_Model):
     #: file or folder for real-format datasets (coco-captions, medmnist, folder)
     root: str | None = None
     #: pool the incoming batches are drawn from
-    train_n: int = Field(2000, gt=0)
+    train_n: int = Field(2000, gt=0, le=MAX_TRAIN_N)
     #: held-out pairs the round's metrics are measured on
-    probe_n: int = Field(256, gt=0)
+    probe_n: int = Field(256, gt=0, le=MAX_PROBE_N)
     seed: int = 0
 
     @field_validator("name")
@@ -135,13 +150,22 @@ class DetectorSpec(_Model):
 
 
 class RewardWeights(_Model):
-    """``r = w_clean·acc − w_asr·ASR + w_consistency·score + w_detection·(tpr − fpr) − w_compute·cost``."""
+    """``r = w_clean·acc − w_asr·ASR + w_consistency·score + w_detection·(tpr − fpr) − w_compute·cost``.
 
-    clean_acc: float = Field(1.0, ge=0)
-    asr: float = Field(1.0, ge=0)
-    consistency: float = Field(0.25, ge=0)
-    detection: float = Field(0.25, ge=0)
-    compute: float = Field(0.05, ge=0)
+    At least one weight must be positive (with all zero every round's reward is 0).
+    """
+
+    clean_acc: float = Field(1.0, ge=0, allow_inf_nan=False)
+    asr: float = Field(1.0, ge=0, allow_inf_nan=False)
+    consistency: float = Field(0.25, ge=0, allow_inf_nan=False)
+    detection: float = Field(0.25, ge=0, allow_inf_nan=False)
+    compute: float = Field(0.05, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> "RewardWeights":
+        if not any((self.clean_acc, self.asr, self.consistency, self.detection, self.compute)):
+            raise _Issues([((), self.model_dump(), "at least one reward weight must be positive (all 0 makes every reward 0)")])
+        return self
 
 
 class RandomSpec(_Model):
@@ -270,9 +294,9 @@ class Scenario(_Model):
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     fidelity: Literal["pixel", "embedding"] = "pixel"
     #: incoming pairs per round
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH_SIZE)
     #: rounds per episode (None: the schedule's total; shorter truncates, longer extends the last phase)
-    episode_rounds: int | None = Field(None, ge=1)
+    episode_rounds: int | None = Field(None, ge=1, le=MAX_EPISODE_ROUNDS)
     defense: DefenseSpec = Field(default_factory=DefenseSpec)
     detector: DetectorSpec = Field(default_factory=DetectorSpec)
     reward: RewardWeights = Field(default_factory=RewardWeights)
@@ -282,7 +306,7 @@ class Scenario(_Model):
     #: periodic: cycles through the phases
     repeat: int = Field(1, ge=1)
     randomization: RandomSpec | None = None
-    phases: list[Phase] = Field(min_length=1)
+    phases: list[Phase] = Field(min_length=1, max_length=1_000)
     #: attacks reserved for evaluation; a training scenario may not use them
     held_out_attacks: list[str] = Field(default_factory=list)
 
@@ -315,6 +339,12 @@ class Scenario(_Model):
             issues.append((("randomization",), self.randomization.model_dump(), f"only used by schedule random (schedule is {self.schedule})"))
         if self.schedule != "periodic" and self.repeat != 1:
             issues.append((("repeat",), self.repeat, f"only used by schedule periodic (schedule is {self.schedule})"))
+        rounds = 0 if self.schedule == "random" and self.randomization is None else max(self.episode_length(), self.total_rounds())
+        if rounds > MAX_EPISODE_ROUNDS:
+            field = ("episode_rounds",) if self.episode_rounds is not None else (("repeat",) if self.schedule == "periodic" else ("phases",))
+            issues.append((field, rounds, f"an episode of {rounds:,} rounds exceeds the limit of {MAX_EPISODE_ROUNDS:,} rounds"))
+        if self.batch_size > self.dataset.train_n:
+            issues.append((("batch_size",), self.batch_size, f"must be at most dataset.train_n ({self.dataset.train_n}), the pool batches are drawn from"))
         if issues:
             raise _Issues(issues)
         return self
@@ -451,7 +481,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
         field as a dotted path with its value and what is allowed).
     """
     label, data = _resolve(name_or_path)
-    text = data.decode("utf-8")
+    text = _checked_text(label, data)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -464,6 +494,34 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     if "name" not in raw and isinstance(name_or_path, (str, Path)):
         raw["name"] = Path(str(name_or_path)).stem
     return validate_scenario(raw, label, _line_index(text))
+
+
+def _checked_text(label: str, data: bytes) -> str:
+    """The file as text, after the size, encoding and alias limits (cheap checks before parsing).
+
+    :raises ScenarioError: too large, not UTF-8 text, or too many YAML aliases.
+    """
+    if len(data) > MAX_FILE_BYTES:
+        raise ScenarioError(f"{label}: {len(data):,} bytes; a scenario file may have at most {MAX_FILE_BYTES:,} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{label}: not a UTF-8 text file (byte {exc.start} is {data[exc.start:exc.start + 1]!r}); a scenario is a YAML text file") from None
+    if "\x00" in text:
+        raise ScenarioError(f"{label}: contains NUL bytes; a scenario is a YAML text file")
+    aliases = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: aliases are not expanded
+            if isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > MAX_YAML_ALIASES:
+                    raise ScenarioError(
+                        f"{label}, line {event.start_mark.line + 1}: more than {MAX_YAML_ALIASES} YAML aliases (*name); "
+                        "write the repeated parts out (deeply nested aliases expand exponentially)"
+                    )
+    except yaml.YAMLError:
+        pass  # syntax errors are reported by the full parse, with their line
+    return text
 
 
 def validate_scenario(raw: Mapping[str, Any], source: str = "<scenario>", lines: dict[tuple, int] | None = None) -> Scenario:

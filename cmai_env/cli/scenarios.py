@@ -68,7 +68,7 @@ def run_validate(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             scenario = load_scenario(path)
-        except (ScenarioError, FileNotFoundError) as exc:
+        except (ScenarioError, OSError) as exc:  # each file is reported; one bad file does not stop the rest
             failed += 1
             print(f"INVALID {path}\n{exc}", file=sys.stderr)
         else:

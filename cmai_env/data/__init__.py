@@ -57,7 +57,16 @@ def load_dataset(
     kwargs = dict(split=split, n=n, seed=seed, image_size=image_size, **options)
     if root is not None:
         kwargs["root"] = Path(root)
-    return _LOADERS[name](**kwargs)
+    dataset = _LOADERS[name](**kwargs)
+    if len(dataset.labels) == 0 and n != 0:
+        # Every consumer (calibration, probes, batches) needs at least one pair; say so here, where
+        # the file and split are known, not as an empty torch.cat much later.
+        where = f" at {root}" if root is not None else ""
+        raise DatasetFormatError(
+            f"{name}{where}: the {split!r} split is empty (the data is too small for a {split} split); "
+            "add images, or give the split explicitly (a CSV 'split' column)"
+        )
+    return dataset
 
 
 __all__ = ["SPLITS", "CaptionedDataset", "DatasetFormatError", "available_datasets", "load_dataset", "to_image_tensor"]

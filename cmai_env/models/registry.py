@@ -83,18 +83,29 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Accepts a bare state dict, ``{"state_dict": ...}`` (open_clip training checkpoints) and
     DistributedDataParallel ``module.`` prefixes.
     """
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a directory; pass the checkpoint file inside it (a .pt/.pth state dict)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes); expected a torch state dict saved with torch.save")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt / unsafe files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
-            f"could not read checkpoint {path}: {exc}. Expected a torch state dict saved with torch.save "
+            f"could not read checkpoint {path}: {reason}. Expected a torch state dict saved with torch.save "
             "(only tensors and plain containers are accepted)."
-        ) from exc
+        ) from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} holds no state dict of tensors (got {type(obj).__name__})")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ValueError(
+            f"checkpoint {path} has NaN or infinite values in {len(broken)} tensor(s) ({', '.join(broken[:3])}"
+            f"{', …' if len(broken) > 3 else ''}); it cannot be used as weights"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -134,6 +145,8 @@ def load_backbone(name: str = "cmai-tiny", pretrained: str | None = None, device
         source = None
     elif _looks_like_path(pretrained):
         weights_path = Path(pretrained).expanduser()
+        if weights_path.is_dir():
+            raise IsADirectoryError(f"pretrained checkpoint {weights_path} is a directory; pass the .pt state dict file inside it")
         if not weights_path.is_file():
             raise FileNotFoundError(
                 f"pretrained checkpoint {weights_path} does not exist; pass an existing .pt file, "
