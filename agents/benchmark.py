@@ -45,7 +45,7 @@ from agents.evaluation import (
     protocol_for,
     resolve_policy,
 )
-from agents.stats import Interval, paired_difference
+from agents.stats import Interval, bounds_for, paired_difference
 
 if TYPE_CHECKING:
     from agents.policies import GatingPolicy
@@ -177,7 +177,7 @@ def _comparison_row(result: EvaluationResult, by_name: dict[str, EvaluationResul
     for ref in ASR_REFERENCES:
         reference = by_name.get(ref)
         row[f"asr_reduction_vs_{ref}"] = (
-            None if reference is None else _interval_json(paired_difference(reference.per_seed("asr"), result.per_seed("asr")))
+            None if reference is None else _interval_json(paired_difference(reference.per_seed("asr"), result.per_seed("asr"), bounds=bounds_for("asr")))
         )
     row["clean_acc"] = _interval_json(result.interval("clean_acc"))
     row["clean_acc_drop"] = _interval_json(result.interval("clean_acc_drop"))
@@ -204,7 +204,7 @@ def _ablation_rows(results: dict[str, EvaluationResult]) -> list[dict[str, Any]]
                 "clean_acc": _interval_json(result.interval("clean_acc")),
                 "return": _interval_json(result.interval("return")),
                 "delta_return_vs_full": _interval_json(paired_difference(result.per_seed("return"), full.per_seed("return"))),
-                "delta_asr_vs_full": _interval_json(paired_difference(result.per_seed("asr"), full.per_seed("asr"))),
+                "delta_asr_vs_full": _interval_json(paired_difference(result.per_seed("asr"), full.per_seed("asr"), bounds=bounds_for("asr"))),
                 "mean_betas": result.mean_betas().round(4).tolist(),
             }
         )
@@ -214,9 +214,7 @@ def _ablation_rows(results: dict[str, EvaluationResult]) -> list[dict[str, Any]]
 def _fmt(entry: dict | None, digits: int = 3) -> str:
     if entry is None or entry.get("mean") is None:
         return "—"
-    text = f"{entry['mean']:.{digits}f}"
-    if entry.get("half_width") is not None:
-        text += f" ± {entry['half_width']:.{digits}f}"
+    text = Interval.from_dict(entry).format(digits)
     if "measured" in entry and entry.get("shifts"):
         text += f" ({entry['measured']}/{entry['shifts']})"
     return text

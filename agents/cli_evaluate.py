@@ -216,7 +216,7 @@ def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
 
 def _cell(entry: dict, digits: int = 3) -> str:
     """``mean ± half-width`` of an :meth:`Interval.as_dict` (the 95% CI is mean ± half-width)."""
-    return Interval(entry["mean"], entry["half_width"], entry["n"], tuple(entry["values"])).format(digits)
+    return Interval.from_dict(entry).format(digits)
 
 
 def _quickstart_markdown(report: dict[str, Any]) -> str:

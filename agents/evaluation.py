@@ -62,7 +62,7 @@ import gymnasium as gym
 import numpy as np
 
 import cmai_env
-from agents.stats import Interval, t_interval
+from agents.stats import Interval, bounds_for, t_interval
 from cmai_env.latency import LATENCY_FIELDS
 
 if TYPE_CHECKING:
@@ -392,8 +392,8 @@ class EvaluationResult:
         return out
 
     def interval(self, metric: str) -> Interval:
-        """Mean and 95% t-interval over seeds of ``metric`` (see :meth:`per_seed`)."""
-        return t_interval(self.per_seed(metric))
+        """Mean and 95% t-interval over seeds of ``metric`` (see :meth:`per_seed`), clipped to its range."""
+        return t_interval(self.per_seed(metric), bounds=bounds_for(metric))
 
     def mean_betas(self) -> np.ndarray:
         """Mean [β_task, β_consist, β_adv] over every evaluated round."""

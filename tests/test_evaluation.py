@@ -46,6 +46,22 @@ def test_t_interval_by_hand():
     assert diff.mean == pytest.approx(2.5) and diff.half_width == pytest.approx(12.706205 * 0.5, rel=1e-6)
 
 
+def test_intervals_never_leave_a_metrics_range():
+    from agents.stats import Interval, bounds_for
+
+    accuracy = t_interval([1.0, 1.0, 0.99], bounds=bounds_for("clean_acc"))
+    assert accuracy.mean + accuracy.half_width > 1.0  # the symmetric t-interval would exceed 1
+    assert accuracy.high == 1.0 and accuracy.low == pytest.approx(accuracy.mean - accuracy.half_width)
+    assert accuracy.as_dict()["ci95"][1] == 1.0 and accuracy.format() == f"{accuracy.mean:.3f} [{accuracy.low:.3f}, 1.000]"
+    assert Interval.from_dict(accuracy.as_dict()) == accuracy
+    latency = t_interval([0.0, 0.0, 3.0], bounds=bounds_for("recovery_rounds"))
+    assert latency.low == 0.0 and latency.high > 3.0
+    assert bounds_for("asr:pgd_linf") == (0.0, 1.0) and bounds_for("return") == (None, None)
+    drop = paired_difference([1.0, 0.0], [0.0, 1.0], bounds=bounds_for("asr"))  # ASR differences lie in [-1, 1]
+    assert (drop.low, drop.high) == (-1.0, 1.0)
+    assert "±" in t_interval([1.0, 2.0, 4.0]).format()  # unbounded: mean ± half-width
+
+
 def test_parse_env_kwargs_types_and_errors():
     assert parse_env_kwargs(["episode_rounds:8", "defense.lr:1e-3", "fidelity:embedding", "x:true"]) == {
         "episode_rounds": 8,
