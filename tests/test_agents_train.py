@@ -179,6 +179,7 @@ def test_recorder_logs_latencies_only_once_measured(tmp_path):
     assert {t for t in LATENCY_TAGS if t in scalars} == {"cmai/latency/detection_rounds", "cmai/latency/detection_ms"}
     recorder = TensorBoardRecorder(tmp_path / "eval")
     recorder.record_round(info, step=0)
+    # info keeps carrying the shift's detection latency: it is not written again
     recorder.record_round({**info, "asr": 0.1}, step=1, done=True)
     recorder.close()
     assert recorder.last_episode["cmai/episode/asr"] == pytest.approx(0.3)
@@ -187,7 +188,27 @@ def test_recorder_logs_latencies_only_once_measured(tmp_path):
     accumulator = EventAccumulator(str(tmp_path / "eval"))
     accumulator.Reload()
     assert [e.value for e in accumulator.Scalars("cmai/asr")] == pytest.approx([0.5, 0.1])
+    assert [(e.step, e.value) for e in accumulator.Scalars("cmai/latency/detection_rounds")] == [(0, 1.0)]
     assert "cmai/latency/recovery_rounds" not in accumulator.Tags()["scalars"]
+
+
+def test_each_latency_reaches_tensorboard_once_per_shift_when_measured(tmp_path):
+    """A scenario where recovery happens (asr_target 1.0: ASR is back at target in the shift round): every latency appears, once per shift."""
+    tb = tmp_path / "tb"
+    assert cli("evaluate", "--policy", "baseline:detector_switch", "--scenario", "quickstart", "--seeds", "0", "--episodes", "2",
+               "--out", str(tmp_path / "eval"), "--tensorboard", str(tb), "--no-plots", "--quiet",
+               "--env-kwargs", *SMALL_ENV, "asr_target:1.0") == 0
+    accumulators = []
+    for events in sorted(tb.rglob("events.out.tfevents.*")):  # one folder per seed and episode
+        accumulators.append(EventAccumulator(str(events.parent)))
+        accumulators[-1].Reload()
+    assert len(accumulators) == 2
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    for key in ("detection_rounds", "weight_response_rounds", "recovery_rounds", "recovery_ms"):
+        points = [e for acc in accumulators if f"cmai/latency/{key}" in acc.Tags()["scalars"] for e in acc.Scalars(f"cmai/latency/{key}")]
+        measured = summary["latency"][key]["measured"]
+        assert measured >= 1 and len(points) == measured, (key, points, summary["latency"][key])
+        assert all(e.value >= 0 for e in points)
 
 
 # ------------------------------------------------------------------------------ reload = in-memory
