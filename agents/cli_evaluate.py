@@ -18,10 +18,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from agents.evaluation import EvaluationResult, evaluate_policy, parse_env_kwargs, resolve_policy
-from agents.stats import Interval, paired_difference
+if TYPE_CHECKING:  # the heavy modules (gymnasium, torch, scipy) load only when a command runs
+    from agents.evaluation import EvaluationResult
+    from agents.stats import Interval
 
 #: ``cmai quickstart``'s default PPO budget (environment steps = rounds; 16 rollouts of 128), sized
 #: so training plus the three five-seed evaluations stay well under ten minutes on two CPU cores at
@@ -70,6 +71,7 @@ def print_summary(result: EvaluationResult) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from agents.evaluation import evaluate_policy, parse_env_kwargs, resolve_policy
     from agents.output_dir import claim_output_dir
 
     policy = resolve_policy(args.policy, device=args.device)
@@ -101,6 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ benchmark
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from agents.benchmark import BenchmarkArgs, run_benchmark
+    from agents.evaluation import parse_env_kwargs
     from agents.output_dir import claim_output_dir
 
     with claim_output_dir(args.out, ("results.json", "results.md"), overwrite=args.overwrite):
@@ -149,7 +152,9 @@ class QuickstartArgs:
 def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
     """Train, evaluate three policies on the same seeds, write and return the comparison."""
     from agents.baselines import make_baseline
+    from agents.evaluation import evaluate_policy
     from agents.policies import load_policy
+    from agents.stats import paired_difference
     from agents.train import TrainArgs, train
 
     out = Path(args.out)
@@ -215,7 +220,9 @@ def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
 
 
 def _cell(entry: dict, digits: int = 3) -> str:
-    """``mean ± half-width`` of an :meth:`Interval.as_dict` (the 95% CI is mean ± half-width)."""
+    """An :meth:`Interval.as_dict` as ``mean ± half-width`` (``mean [low, high]`` where the metric's range clips it)."""
+    from agents.stats import Interval
+
     return Interval.from_dict(entry).format(digits)
 
 
@@ -252,6 +259,8 @@ def print_quickstart(report: dict[str, Any]) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from agents.evaluation import parse_env_kwargs
+
     report = run_quickstart(
         QuickstartArgs(
             timesteps=args.timesteps,
