@@ -750,7 +750,9 @@ def evaluate_policy(
         recorder = _make_recorder(tensorboard, policy.name, spec)
         on_step = recorder
     try:
-        rows, records = run_episodes(policy, spec, seeds, episodes, on_step=on_step, log=log)
+        from agents.batched_evaluation import run_episodes_batched  # all seeds in one batched env (embedding)
+
+        rows, records = run_episodes_batched(policy, spec, seeds, episodes, on_step=on_step, log=log)
     finally:
         if recorder is not None:
             recorder.close()

@@ -377,6 +377,12 @@ def make_envs(
     :param normalize: wrap in ``VecNormalize`` (``True`` or its kwargs); evaluation envs
         (``training=False``) never update the statistics or normalise the reward.
     """
+    from agents.vec_adapter import batched_supported, make_batched_vec_env
+
+    if n_envs > 1 and not subproc and batched_supported(env_id, env_kwargs):
+        # Embedding fidelity: the N envs step as one batched computation (cmai_env.vector_env).
+        batched = make_batched_vec_env(env_id, env_kwargs, n_envs, seed, monitor_dir, append_monitor)
+        return normalize_env(batched, normalize, training)
     vec_cls = SubprocVecEnv if subproc and n_envs > 1 else DummyVecEnv
     env = make_vec_env(
         functools.partial(make_cmai_env, env_id),

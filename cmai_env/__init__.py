@@ -22,7 +22,14 @@ ENV_IDS = {
 }
 for _env_id, _kwargs in ENV_IDS.items():
     if _env_id not in registry:  # re-imports (e.g. in subprocess workers) must not warn
-        register(id=_env_id, entry_point="cmai_env.env:CMAIEnv", kwargs=_kwargs)
+        # make_vec(..., vectorization_mode="vector_entry_point") (make_vec's default once one is
+        # registered): N embedding envs batched in one process (cmai_env.vector_env), pixel async.
+        register(
+            id=_env_id,
+            entry_point="cmai_env.env:CMAIEnv",
+            vector_entry_point="cmai_env.vector_env:make_vector_env",
+            kwargs=_kwargs,
+        )
 
 
 def scenarios_available(include_evaluation_only: bool = True) -> list[str]:

@@ -15,6 +15,8 @@ from cmai_env.consistency import ConsistencyDetector
 from cmai_env.fidelity.base import Fidelity, ProbeResult, RoundTraffic, TrafficStats, UpdateResult
 from cmai_env.latency import LatencyTracker
 from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, build_observation, fixed_projection
+from cmai_env.round import detection_rates
+from cmai_env.round import reward_terms as round_reward_terms
 from cmai_env.scenario import Scenario, apply_overrides, load_scenario
 from cmai_env.stream import AttackStream, RoundPlan
 
@@ -332,18 +334,11 @@ class CMAIEnv(gym.Env):
         self.detector.calibrate(probe.clean_consistency)
 
         is_adv = traffic.is_adv
-        tpr = float(flags[is_adv].mean()) if is_adv.any() else 0.0
-        fpr = float(flags[~is_adv].mean()) if (~is_adv).any() else 0.0
+        tpr, fpr = detection_rates(flags, is_adv)
         compute_cost = update.attack_steps_used / max(update.max_attack_steps, 1)
-        weights = self.scenario.reward
-        detection_term = (tpr - fpr) if is_adv.any() else -fpr
-        reward_terms = {
-            "clean_acc": weights.clean_acc * probe.clean_acc,
-            "asr": -weights.asr * probe.asr,
-            "consistency": weights.consistency * probe.consistency_score,
-            "detection": weights.detection * detection_term,
-            "compute": -weights.compute * compute_cost,
-        }
+        reward_terms = round_reward_terms(
+            self.scenario.reward, probe.clean_acc, probe.asr, probe.consistency_score, tpr, fpr, bool(is_adv.any()), compute_cost
+        )
         reward = float(sum(reward_terms.values()))
         if not np.isfinite(reward):
             raise FloatingPointError(f"non-finite reward at round {t}: terms {reward_terms}")

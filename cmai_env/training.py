@@ -48,15 +48,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmai_env.attacks.base import PairBatch, TaskOutputs, ZeroShotTask, frozen_model, task_loss
+from cmai_env.attacks.base import PairBatch, TaskOutputs, ZeroShotTask, frozen_model
 from cmai_env.attacks.image import normal_noise, uniform_noise
-from cmai_env.attacks.text import project_per_token, token_masks
+from cmai_env.attacks.text import token_masks
 from cmai_env.data import CaptionedDataset
 from cmai_env.models import Backbone
+from cmai_env.round import TERMS, crafting_steps, default_step_size, defence_terms, l2_ascent, linf_ascent, pair_ce, total_loss
+from cmai_env.round import bridging_objective as _objective
 
 DefendedSet = Literal["adapter", "projection", "last_blocks", "all"]
 DEFENDED_SETS: tuple[str, ...] = ("adapter", "projection", "last_blocks", "all")
-TERMS = ("task", "consistency", "adv")
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -130,17 +131,6 @@ class TrainerConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def crafting_steps(beta_adv: float, attack_steps: int, skip_below: float = 0.1, full_at: float = 0.5) -> int:
-    """PGD steps to spend on ``L_adv``'s examples for a given ``β_adv``.
-
-    ``0`` if ``β_adv < skip_below`` (or ``attack_steps == 0``), else
-    ``max(1, round(attack_steps · min(1, β_adv / full_at)))`` (rounding half up).
-    """
-    if attack_steps <= 0 or beta_adv < skip_below:
-        return 0
-    return max(1, int(math.floor(attack_steps * min(1.0, beta_adv / full_at) + 0.5)))
 
 
 def validate_weights(weights: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
@@ -230,8 +220,8 @@ def _pair_outputs(
 
 
 def bridging_objective(task: ZeroShotTask, out: TaskOutputs, labels: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per-sample ``CE_v + CE_t + α·L_consistency`` (what the inner maximisation climbs)."""
-    return task_loss(out, labels, "both", reduction="none") + alpha * task.consistency(out)
+    """Per-sample ``CE_v + CE_t + α·L_consistency`` (what the inner maximisation climbs; :mod:`cmai_env.round`)."""
+    return _objective(pair_ce(out.image_logits, out.text_logits, labels), task.consistency(out), alpha)
 
 
 def joint_pgd(
@@ -261,8 +251,8 @@ def joint_pgd(
     """
     if steps < 1:
         raise ValueError(f"joint_pgd needs steps ≥ 1, got {steps}")
-    a_v = step_size_v if step_size_v is not None else 2.5 * eps_v / steps
-    a_t = step_size_t if step_size_t is not None else 2.5 * eps_t / steps
+    a_v = step_size_v if step_size_v is not None else default_step_size(eps_v, steps)
+    a_t = step_size_t if step_size_t is not None else default_step_size(eps_t, steps)
     backbone = task.backbone
     labels, tokens = batch.labels, batch.tokens
     class_embeds = task.class_embeds.detach()
@@ -289,10 +279,8 @@ def joint_pgd(
             out = _pair_outputs(task, x, tokens, e0 + delta_t, class_embeds)
             grad_v, grad_t = torch.autograd.grad(bridging_objective(task, out, labels, alpha).sum(), [x, delta_t])
             with torch.no_grad():
-                x = x.detach().add_(grad_v.sign_(), alpha=a_v)
-                x = torch.minimum(torch.maximum(x, lo, out=x), hi, out=x)
-                grad_t.div_(grad_t.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mul_(keep)
-                delta_t = project_per_token(delta_t.detach().add_(grad_t, alpha=a_t), eps_t)
+                x = linf_ascent(x.detach(), grad_v, a_v, lo, hi)
+                delta_t = l2_ascent(delta_t.detach(), grad_t.mul_(keep), a_t, eps_t)
     delta_t = delta_t.detach()
     return CraftedPair(PairBatch(x.detach(), tokens, labels, (e0 + delta_t).detach()), delta_t)
 
@@ -442,7 +430,7 @@ class ModalityBridgingTrainer:
         """``L_task``, ``L_consistency``, ``L_adv`` (scalar tensors in the graph of θ)."""
         class_embeds = self._class_embeds()
         clean_out = _pair_outputs(self.task, batch.images, batch.tokens, batch.token_embeds, class_embeds)
-        l_task = task_loss(clean_out, batch.labels, "both")
+        clean_ce = pair_ce(clean_out.image_logits, clean_out.text_logits, batch.labels)
 
         adv_ce: list[torch.Tensor] = []
         adv_consistency: list[torch.Tensor] = []
@@ -455,15 +443,14 @@ class ModalityBridgingTrainer:
             adv_batches.append((observed_adv, observed_adv.token_embeds))
         for adv, embeds in adv_batches:
             out = _pair_outputs(self.task, adv.images, adv.tokens, embeds, class_embeds)
-            adv_ce.append(task_loss(out, adv.labels, "both", reduction="none"))
+            adv_ce.append(pair_ce(out.image_logits, out.text_logits, adv.labels))
             adv_consistency.append(self.task.consistency(out))
-        if adv_batches:
-            l_adv = torch.cat(adv_ce).mean()
-            l_consistency = torch.cat(adv_consistency).mean()
-        else:
-            l_adv = l_task.new_zeros(())
-            l_consistency = self.task.consistency(clean_out).mean()
-        return {"task": l_task, "consistency": l_consistency, "adv": l_adv}
+        return defence_terms(
+            clean_ce,
+            self.task.consistency(clean_out),
+            torch.cat(adv_ce) if adv_batches else None,
+            torch.cat(adv_consistency) if adv_batches else None,
+        )
 
     # ------------------------------------------------------------------ one round
     def step(
@@ -508,7 +495,7 @@ class ModalityBridgingTrainer:
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise FloatingPointError(f"L_{name} is {float(value.detach())} (β = {list(betas)}); the defended parameters were not updated")
-        total = betas[0] * terms["task"] + betas[1] * terms["consistency"] + betas[2] * terms["adv"]
+        total = total_loss(betas, terms)
         record = {name: float(value.detach()) for name, value in terms.items()}
         record["total"] = float(total.detach())
         if self.config.track_grad_norms:

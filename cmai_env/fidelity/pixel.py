@@ -19,12 +19,12 @@ from cmai_env.fidelity.base import (
     entry_key,
 )
 from cmai_env.models import load_backbone
+from cmai_env.round import PROBE_ATTACK_N, mixture_asr
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
 from cmai_env.training import ModalityBridgingTrainer, TrainerConfig
 
-#: probe pairs attacked per active attack when measuring ASR (the clean metrics use the whole probe set)
-PROBE_ATTACK_N = 64
+__all__ = ["PROBE_ATTACK_N", "PixelFidelity", "torch_generator"]
 
 
 def torch_generator(rng: np.random.Generator) -> torch.Generator:
@@ -144,7 +144,7 @@ class PixelFidelity(Fidelity):
         labels = self.probe_batch.labels
         cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
         asr_per_attack: dict[str, float] = {}
-        weighted = 0.0
+        rates: list[float] = []
         attacked = self.probe_batch.subset(slice(0, PROBE_ATTACK_N))
         for entry in plan.mixture:
             attack = self._attack(entry, rng)
@@ -155,12 +155,12 @@ class PixelFidelity(Fidelity):
             adv_correct = self.task.correct(adv_out, attacked.labels, result.modality)
             asr = attack_success_rate(clean_correct, adv_correct)
             asr_per_attack[entry.name] = asr
-            weighted += entry.weight * asr
+            rates.append(asr)
         return ProbeResult(
             clean_acc=float((out.image_logits.argmax(-1) == labels).float().mean()),
             consistency_score=float(cosine.mean()),
             clean_consistency=clean_consistency.cpu().numpy(),
-            asr=weighted / max(sum(e.weight for e in plan.mixture), 1e-12) if plan.mixture else 0.0,
+            asr=mixture_asr([e.weight for e in plan.mixture], rates),
             asr_per_attack=asr_per_attack,
             probe_ms=(time.perf_counter() - start) * 1000,
         )

@@ -1,0 +1,117 @@
+"""The evaluation protocol's episodes for all seeds at once, on the batched vector environment.
+
+:func:`run_episodes_batched` returns what :func:`agents.evaluation.run_episodes` returns (the
+same rows and episode records, in the same order, and the same numbers: environment ``i`` of a
+:class:`cmai_env.vector_env.CMAIVectorEnv` is seeded ``EVAL_SEED_OFFSET + seeds[i]`` exactly as
+the sequential loop seeds its one environment, and every seed gets its own copy of the policy),
+but steps the seeds' episodes together. The one difference: a row's ``round_ms`` is the batched
+step's wall time divided by the number of seeds (the amortised cost of one round).
+
+It falls back to the sequential loop where batching does not apply: pixel fidelity, a single
+seed, a per-step callback (TensorBoard logging writes one episode at a time), or schedules
+whose episodes differ in length between seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from agents.evaluation import (
+    EVAL_ENV_ID,
+    EVAL_SEED_OFFSET,
+    EnvSpec,
+    EpisodeRecord,
+    _episode_record,
+    _fmt,
+    _round_row,
+    run_episodes,
+)
+
+
+def run_episodes_batched(
+    policy: Any,
+    spec: EnvSpec,
+    seeds: Sequence[int],
+    episodes: int,
+    on_step: Callable[..., None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[dict], list[EpisodeRecord]]:
+    """:func:`agents.evaluation.run_episodes` with one batched environment per call (module docstring)."""
+    from agents.vec_adapter import batched_supported
+
+    kwargs = spec.env_kwargs
+    if spec.fidelity is not None:
+        kwargs["fidelity"] = spec.fidelity
+    if len(seeds) < 2 or on_step is not None or not batched_supported(spec.env_id, {"scenario": spec.scenario, **kwargs}):
+        return run_episodes(policy, spec, seeds, episodes, on_step=on_step, log=log)
+    from cmai_env.vector_env import CMAIVectorEnv
+
+    if spec.env_id == EVAL_ENV_ID:
+        kwargs.setdefault("allow_evaluation_only", True)
+    if spec.env_id.endswith("Discrete-v0"):
+        kwargs.setdefault("action_mode", "discrete")
+    vec = CMAIVectorEnv(len(seeds), spec.scenario, autoreset_mode="disabled", **kwargs)
+    try:
+        return _run(policy, vec, list(seeds), episodes, log)
+    except _UnequalEpisodes:
+        return run_episodes(policy, spec, seeds, episodes, on_step=on_step, log=log)
+    finally:
+        vec.close()
+
+
+class _UnequalEpisodes(Exception):
+    """The seeds' episodes differ in length (a random schedule): run them one by one instead."""
+
+
+def _run(policy: Any, vec, seeds: list[int], episodes: int, log: Callable[[str], None] | None):
+    n = len(seeds)
+    policies = [copy.deepcopy(policy) for _ in seeds]
+    # Policies bind to one environment: its action space and the detector's flag-rate threshold.
+    view = SimpleNamespace(action_space=vec.single_action_space, flag_rate_threshold=vec.flag_rate_threshold)
+    view.unwrapped = view
+    for p in policies:
+        if hasattr(p, "bind"):
+            p.bind(view)
+    rows: list[list[dict]] = [[] for _ in seeds]
+    records: list[list[EpisodeRecord]] = [[] for _ in seeds]
+    for episode in range(episodes):
+        obs, _ = vec.reset(seed=[EVAL_SEED_OFFSET + s for s in seeds] if episode == 0 else None)
+        lengths = {len(slot.stream) for slot in vec.slots}
+        if len(lengths) != 1:
+            raise _UnequalEpisodes
+        for p in policies:
+            p.reset()
+        states: list[Any] = [None] * n
+        start = True
+        episode_rows: list[list[dict]] = [[] for _ in seeds]
+        for _ in range(lengths.pop()):
+            actions = []
+            for i, p in enumerate(policies):
+                action, states[i] = p.predict(obs[i], state=states[i], episode_start=np.array([start]), deterministic=True)
+                actions.append(np.asarray(action).reshape(vec.single_action_space.shape or ()))
+            obs, rewards, terminated, truncated, infos = vec.step_list(np.stack(actions))
+            round_ms = vec.last_timing["round_ms"] / n
+            for i, p in enumerate(policies):
+                p.observe(infos[i])
+                episode_rows[i].append(_round_row(p.name, seeds[i], episode, float(rewards[i]), infos[i], round_ms))
+            start = False
+        for i, slot in enumerate(vec.slots):
+            shifts = [record.as_dict() for record in slot.latency.records]
+            records[i].append(_episode_record(seeds[i], episode, episode_rows[i], shifts, list(slot.stream.timeline)))
+            rows[i].extend(episode_rows[i])
+    if log is not None:
+        for i, seed in enumerate(seeds):
+            for record in records[i]:
+                m = record.metrics
+                log(f"{policy.name} seed {seed} episode {record.episode}: return {m['return']:.3f} asr {_fmt(m['asr'])} clean_acc {_fmt(m['clean_acc'])}")
+    flat_rows = [row for per_seed in rows for row in per_seed]
+    for row in flat_rows:
+        row.pop("_asr_per_attack", None)
+    return flat_rows, [record for per_seed in records for record in per_seed]
+
+
+__all__ = ["run_episodes_batched"]

@@ -1,0 +1,625 @@
+"""N embedding-fidelity worlds advanced as one batched torch computation.
+
+Every environment owns a pair of residual adapters (image, text) and its AdamW state; here they
+are *stacked*: each parameter is one tensor with a leading environment dimension, every forward
+pass is a batched matmul over ``(envs, rows, D)``, and one optimiser step updates all
+environments. AdamW is element-wise, and the loss that is back-propagated is the *sum* of the
+environments' ``L_total``, so the stacked update is exactly N independent updates; only the
+step count (for the bias correction) must be per environment, because environments reset at
+different times. :class:`StackedAdamW` keeps it so.
+
+The single-environment :class:`cmai_env.fidelity.embedding.EmbeddingFidelity` is this world with
+one environment, and :class:`cmai_env.vector_env.CMAIVectorEnv` is it with N: one code path,
+hence the same numbers. Loss terms, crafting objective and ascent steps come from
+:mod:`cmai_env.round`; how each attack is played here is declared by the attack itself
+(:class:`cmai_env.attacks.base.EmbeddingCounterpart`).
+
+Methods take ``envs``: ``None`` for all environments (no gathering), or a ``LongTensor`` of
+environment indices; the tensors passed with it are those environments' rows, in that order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmai_env.attacks import attack_class
+from cmai_env.data import load_dataset
+from cmai_env.fidelity.base import assign_attacks, entry_key
+from cmai_env.models import load_backbone
+from cmai_env.models.backbone import ResidualAdapter
+from cmai_env.round import (
+    PROBE_ATTACK_N,
+    bridging_objective,
+    crafting_steps,
+    default_step_size,
+    defence_terms,
+    l2_ascent,
+    mixture_asr,
+    pair_ce,
+    pair_consistency,
+    total_loss,
+)
+from cmai_env.scenario import Scenario
+from cmai_env.stream import RoundPlan
+
+#: L2 radius of a default-budget attack on a unit embedding.
+RADIUS = 0.5
+#: Crafting steps are the attack's ``steps`` parameter, capped here.
+MAX_STEPS = 3
+#: Bottleneck width of the residual adapters.
+ADAPTER_HIDDEN = 64
+#: AdamW weight decay of the adapters (``torch.optim.AdamW``'s default, which this world always used).
+WEIGHT_DECAY = 1e-2
+
+# Ascent modes per modality and row: 0 untouched, 1 up the zero-shot CE, 2 toward a wrong class prompt.
+_MODES = {
+    "image": (1, 0),
+    "universal": (1, 0),
+    "text": (0, 1),
+    "bridge_image": (2, 0),
+    "bridge_text": (0, 2),
+    "both": (1, 1),
+}
+
+EnvIndex = torch.Tensor | None
+
+
+# ---------------------------------------------------------------------------- attacks
+@dataclass(frozen=True)
+class EmbeddingAttack:
+    """A scenario attack as the embedding fidelity plays it: family, L2 radius and steps.
+
+    Built from the attack's own declaration (:attr:`cmai_env.attacks.base.Attack.embedding`):
+    ``radius = RADIUS · params[budget] / default[budget]``, ``steps = min(params[steps], MAX_STEPS)``.
+    """
+
+    name: str
+    family: str
+    radius: float
+    steps: int
+    modality: str
+
+    @classmethod
+    def from_entry(cls, entry) -> "EmbeddingAttack":
+        attack = attack_class(entry.name)
+        counterpart = attack.embedding
+        if counterpart is None:
+            raise ValueError(
+                f"attack {entry.name!r} declares no embedding-fidelity counterpart (its class sets no "
+                "`embedding = EmbeddingCounterpart(...)`); run this scenario with fidelity: pixel"
+            )
+        defaults = attack.parameters()
+        default_budget = float(defaults.get(counterpart.budget, 1.0) or 1.0)
+        budget = float(entry.params.get(counterpart.budget, default_budget))
+        steps = 1 if counterpart.steps is None else int(entry.params.get(counterpart.steps, defaults.get(counterpart.steps, 1)))
+        return cls(entry.name, counterpart.family, RADIUS * budget / default_budget, max(1, min(steps, MAX_STEPS)), counterpart.modality)
+
+
+@dataclass
+class RowAttacks:
+    """Per-row crafting orders for a ``(E, R)`` block of pairs (numpy, filled on the host).
+
+    :param mode_v: 0/1/2 per row for the image side (see ``_MODES``); ``mode_t`` for the text side.
+    :param radius: L2 radius per row. :param steps: PGD steps per row (0: untouched).
+    :param group: universal-perturbation group per row (-1: own δ); rows of one env and group share δ.
+    """
+
+    mode_v: np.ndarray
+    mode_t: np.ndarray
+    radius: np.ndarray
+    steps: np.ndarray
+    group: np.ndarray
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int]) -> "RowAttacks":
+        zeros = np.zeros(shape, dtype=np.int64)
+        return cls(zeros, zeros.copy(), np.zeros(shape, dtype=np.float32), zeros.copy(), np.full(shape, -1, dtype=np.int64))
+
+    def fill(self, env: int, rows: slice | np.ndarray, attack: EmbeddingAttack, group: int) -> None:
+        mode_v, mode_t = _MODES[attack.family]
+        self.mode_v[env, rows], self.mode_t[env, rows] = mode_v, mode_t
+        self.radius[env, rows], self.steps[env, rows] = attack.radius, attack.steps
+        if attack.family == "universal":
+            self.group[env, rows] = group
+
+
+# ---------------------------------------------------------------------------- stacked parameters
+class StackedAdapters:
+    """N :class:`ResidualAdapter` s (``e ↦ e + W₂·gelu(W₁·e)``) as stacked tensors.
+
+    :param adapter: the initial adapter every environment starts from.
+    :param n: number of environments.
+    """
+
+    def __init__(self, adapter: ResidualAdapter, n: int, device: torch.device) -> None:
+        def stack(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device).unsqueeze(0).repeat(n, *([1] * t.dim())).contiguous().requires_grad_(True)
+
+        self.down_w = stack(adapter.down.weight.T)  # (N, D, H)
+        self.down_b = stack(adapter.down.bias.unsqueeze(0))  # (N, 1, H)
+        self.up_w = stack(adapter.up.weight.T)  # (N, H, D)
+        self.up_b = stack(adapter.up.bias.unsqueeze(0))  # (N, 1, D)
+        self.initial = [p.detach()[0].clone() for p in self.params]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [self.down_w, self.down_b, self.up_w, self.up_b]
+
+    def __call__(self, x: torch.Tensor, envs: EnvIndex = None) -> torch.Tensor:
+        """``x`` (E, R, D) → adapted (E, R, D), env ``e`` through its own adapter."""
+        dw, db, uw, ub = self.params if envs is None else [p[envs] for p in self.params]
+        hidden = F.gelu(torch.baddbmm(db, x, dw))
+        return x + torch.baddbmm(ub, hidden, uw)
+
+    def reset(self, envs: EnvIndex) -> None:
+        with torch.no_grad():
+            for p, init in zip(self.params, self.initial):
+                if envs is None:
+                    p.copy_(init.expand_as(p))
+                else:
+                    p[envs] = init
+
+
+class StackedAdamW:
+    """AdamW over stacked per-environment parameters with one step count per environment.
+
+    Hand-written because ``torch.optim.AdamW`` keeps one step count per tensor, and the bias
+    correction ``1 − β^t`` must restart when a single environment resets. The update is
+    torch's AdamW formula, element-wise:
+    ``p ← p·(1 − lr·λ) − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)``.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], n: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = WEIGHT_DECAY) -> None:
+        self.params = list(params)
+        self.lr, self.beta1, self.beta2, self.eps, self.weight_decay = lr, betas[0], betas[1], eps, weight_decay
+        self.exp_avg = [torch.zeros_like(p, requires_grad=False) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, requires_grad=False) for p in self.params]
+        self.steps = np.zeros(n, dtype=np.int64)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def reset(self, envs: EnvIndex) -> None:
+        with torch.no_grad():
+            for state in (*self.exp_avg, *self.exp_avg_sq):
+                if envs is None:
+                    state.zero_()
+                else:
+                    state[envs] = 0
+        if envs is None:
+            self.steps[:] = 0
+        else:
+            self.steps[envs.cpu().numpy()] = 0
+
+    @torch.no_grad()
+    def step(self, envs: EnvIndex) -> None:
+        """One AdamW step for ``envs`` (``None``: all); the other environments do not move."""
+        n = len(self.steps)
+        if envs is None:
+            mask_np = np.ones(n, dtype=bool)
+        else:
+            mask_np = np.zeros(n, dtype=bool)
+            mask_np[envs.cpu().numpy()] = True
+        self.steps[mask_np] += 1
+        t = np.maximum(self.steps, 1).astype(np.float64)
+        device = self.params[0].device
+        step_size = torch.as_tensor(self.lr / (1.0 - self.beta1**t), dtype=torch.float32, device=device)
+        bias2_sqrt = torch.as_tensor(np.sqrt(1.0 - self.beta2**t), dtype=torch.float32, device=device)
+        mask = None if envs is None else torch.as_tensor(mask_np, device=device)
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            view = (-1,) + (1,) * (p.dim() - 1)
+            new_p = p * (1.0 - self.lr * self.weight_decay)
+            new_m = m.lerp(grad, 1.0 - self.beta1)
+            new_v = v * self.beta2 + (1.0 - self.beta2) * grad * grad
+            denom = (new_v.sqrt() / bias2_sqrt.view(view)).add_(self.eps)
+            new_p = new_p - step_size.view(view) * new_m / denom
+            if mask is None:
+                p.copy_(new_p), m.copy_(new_m), v.copy_(new_v)
+            else:
+                keep = mask.view(view)
+                p.copy_(torch.where(keep, new_p, p)), m.copy_(torch.where(keep, new_m, m)), v.copy_(torch.where(keep, new_v, v))
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class StackedTraffic:
+    """The incoming pairs of E environments: clean originals, what arrived, and who perturbed what."""
+
+    raw_v: torch.Tensor  #: (E, B, D) clean image embeddings
+    raw_t: torch.Tensor  #: (E, B, D) clean caption embeddings
+    adv_v: torch.Tensor  #: (E, B, D) received image embeddings
+    adv_t: torch.Tensor  #: (E, B, D) received caption embeddings
+    labels: torch.Tensor  #: (E, B)
+    attack_index: np.ndarray  #: (E, B) mixture entry per pair, -1 clean
+    attack_ms: float
+
+
+@dataclass
+class StackedStats:
+    """Hidden-state statistics of the received pairs, per environment."""
+
+    image_embeds: torch.Tensor  #: (E, B, D) normalised
+    text_embeds: torch.Tensor  #: (E, B, D)
+    consistency: torch.Tensor  #: (E, B) L_consistency (the detector's score)
+    cosine: torch.Tensor  #: (E, B)
+
+
+@dataclass
+class StackedUpdate:
+    """Per-environment loss terms (before the step) and crafting steps of one update."""
+
+    l_task: np.ndarray
+    l_consistency: np.ndarray
+    l_adv: np.ndarray
+    l_total: np.ndarray
+    attack_steps_used: np.ndarray
+    attack_ms: float
+    update_ms: float
+
+
+@dataclass
+class StackedProbe:
+    """Per-environment probe metrics after the update."""
+
+    clean_acc: np.ndarray  #: (E,)
+    consistency_score: np.ndarray  #: (E,)
+    clean_consistency: np.ndarray  #: (E, P) per-pair clean L_consistency (detector calibration)
+    asr: np.ndarray  #: (E,) mixture-weighted ASR
+    asr_per_attack: list[dict[str, float]]
+    probe_ms: float
+
+
+# ---------------------------------------------------------------------------- the world
+class StackedEmbeddingWorld:
+    """The embedding fidelity for ``n_envs`` environments at once (module docstring).
+
+    :param scenario: the (validated) scenario; every environment shares its data and defence.
+    :param n_envs: number of stacked environments.
+    :param device: torch device of the cached embeddings and the adapters.
+    """
+
+    def __init__(self, scenario: Scenario, n_envs: int = 1, device: str | torch.device = "cpu") -> None:
+        if n_envs < 1:
+            raise ValueError(f"n_envs must be ≥ 1, got {n_envs}")
+        self.scenario = scenario
+        self.n_envs = n_envs
+        self.device = torch.device(device)
+        spec = scenario.dataset
+        backbone = load_backbone(scenario.backbone.name, scenario.backbone.pretrained, device=str(self.device))
+        size = backbone.image_size
+        pool = load_dataset(spec.name, split="train", n=spec.train_n, seed=spec.seed, image_size=size, root=spec.root)
+        probe = load_dataset(spec.name, split="val", n=spec.probe_n, seed=spec.seed, image_size=size, root=spec.root)
+        with torch.no_grad():
+            self.pool_v = _embed_images(backbone, pool.images)
+            self.pool_t = backbone.encode_text(backbone.tokenize(pool.captions))
+            self.probe_v = _embed_images(backbone, probe.images)
+            self.probe_t = backbone.encode_text(backbone.tokenize(probe.captions))
+            self.class_raw = backbone.class_text_embeddings(pool.class_names, pool.templates)
+        self.pool_y = pool.labels.to(self.device)
+        self.probe_y = probe.labels.to(self.device)
+        self.logit_scale = float(backbone.logit_scale.detach())
+        self.kl_weight = 1.0
+        dim = int(self.pool_v.shape[-1])
+        generator = torch.Generator().manual_seed(spec.seed)
+        self.image = StackedAdapters(ResidualAdapter(dim, ADAPTER_HIDDEN, generator), n_envs, self.device)
+        self.text = StackedAdapters(ResidualAdapter(dim, ADAPTER_HIDDEN, generator), n_envs, self.device)
+        self.optimizer = StackedAdamW(self.image.params + self.text.params, n_envs, scenario.defense.lr)
+        # Training budgets map to radii the way attack budgets do: relative to the default budget
+        # of the image (pgd_linf) and text (text_embedding_pgd) attacks.
+        defense = scenario.defense
+        self.train_radius_v = RADIUS * defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"])
+        self.train_radius_t = RADIUS * defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"])
+        self._attacks: dict[tuple, EmbeddingAttack] = {}
+        for phase in scenario.phases:  # unplayable attacks fail at construction, not mid-episode
+            for attack in phase.attacks:
+                self.attack(attack)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.pool_v.shape[-1])
+
+    def attack(self, entry) -> EmbeddingAttack:
+        """The embedding counterpart of a mixture entry (cached per configuration)."""
+        key = entry_key(entry)
+        if key not in self._attacks:
+            self._attacks[key] = EmbeddingAttack.from_entry(entry)
+        return self._attacks[key]
+
+    def reset(self, envs: EnvIndex = None) -> None:
+        """Restore the adapters and optimiser state of ``envs`` (``None``: all) to the start."""
+        self.image.reset(envs)
+        self.text.reset(envs)
+        self.optimizer.reset(envs)
+
+    # ------------------------------------------------------------------ model
+    def _size(self, envs: EnvIndex) -> int:
+        return self.n_envs if envs is None else len(envs)
+
+    def _image(self, raw_v: torch.Tensor, envs: EnvIndex) -> torch.Tensor:
+        return F.normalize(self.image(raw_v, envs), dim=-1)
+
+    def _text(self, raw_t: torch.Tensor, envs: EnvIndex) -> torch.Tensor:
+        return F.normalize(self.text(raw_t, envs), dim=-1)
+
+    def classes(self, envs: EnvIndex = None) -> torch.Tensor:
+        """Class-prompt embeddings through each environment's text adapter, (E, C, D)."""
+        return self._text(self.class_raw.unsqueeze(0).expand(self._size(envs), -1, -1), envs)
+
+    def _logits(self, embeds: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * torch.bmm(embeds, classes.transpose(1, 2))
+
+    def forward(self, raw_v: torch.Tensor, raw_t: torch.Tensor, classes: torch.Tensor, envs: EnvIndex):
+        """``e_v, e_t, logits_v, logits_t`` for (E, R, D) inputs."""
+        e_v, e_t = self._image(raw_v, envs), self._text(raw_t, envs)
+        return e_v, e_t, self._logits(e_v, classes), self._logits(e_t, classes)
+
+    def _consistency(self, e_v, e_t, lv, lt) -> torch.Tensor:
+        return pair_consistency(e_v, e_t, lv, lt, self.kl_weight)
+
+    # ------------------------------------------------------------------ crafting
+    def craft(self, envs: EnvIndex, raw_v: torch.Tensor, raw_t: torch.Tensor, labels: torch.Tensor, orders: RowAttacks, classes: torch.Tensor):
+        """Perturbed ``(raw_v, raw_t)`` for (E, R) rows, each row by its own order (:class:`RowAttacks`).
+
+        Rows are independent (every objective is a per-row sum), so one batched L2-PGD plays
+        every attack of every environment: per row, ``δ ← Π_{‖δ‖≤r}(δ + a·∇/‖∇‖)`` with
+        ``a = 2.5·r/steps`` for that row's ``steps`` (:func:`cmai_env.round.l2_ascent`); the image
+        side climbs ``CE(s·e_v·Cᵀ, y)`` (mode 1) or ``cos(e_v, C_{c*})`` toward the nearest wrong
+        class prompt ``c*`` (mode 2), the text side likewise; universal rows share one δ per
+        environment and mixture entry (their gradients are summed).
+        """
+        max_steps = int(orders.steps.max()) if orders.steps.size else 0
+        if max_steps == 0:
+            return raw_v, raw_t
+        device = raw_v.device
+        classes = classes.detach()
+        tensor = lambda a, dtype=None: torch.as_tensor(a, device=device, dtype=dtype)  # noqa: E731
+        mode_v, mode_t = tensor(orders.mode_v), tensor(orders.mode_t)
+        steps = tensor(orders.steps)
+        radius = tensor(orders.radius, torch.float32).unsqueeze(-1)
+        step_size = default_step_size(radius, steps.clamp_min(1).unsqueeze(-1).to(torch.float32))
+        sides = []
+        for raw, mode, embed in ((raw_v, mode_v, self._image), (raw_t, mode_t, self._text)):
+            if not bool((mode > 0).any()):
+                sides.append(None)
+                continue
+            target = None
+            if bool((mode == 2).any()):
+                with torch.no_grad():
+                    sims = torch.bmm(embed(raw, envs), classes.transpose(1, 2))
+                    sims.scatter_(-1, labels.unsqueeze(-1), -float("inf"))
+                    target = torch.gather(classes, 1, sims.argmax(-1).unsqueeze(-1).expand(-1, -1, classes.shape[-1]))
+            sides.append((raw, mode, embed, target))
+        group = tensor(orders.group)
+        universal = group >= 0
+        any_universal = bool(universal.any())
+        deltas = [None if side is None else torch.zeros_like(side[0]) for side in sides]
+        for s in range(max_steps):
+            live = [d.requires_grad_(True) for d in deltas if d is not None]
+            with torch.enable_grad():
+                objective = raw_v.new_zeros(())
+                for side, delta in zip(sides, deltas):
+                    if side is None:
+                        continue
+                    raw, mode, embed, target = side
+                    e = embed(raw + delta, envs)
+                    ce = F.cross_entropy(
+                        self._logits(e, classes).reshape(-1, classes.shape[1]), labels.reshape(-1), reduction="none"
+                    ).reshape(labels.shape)
+                    per_row = torch.where(mode == 1, ce, torch.zeros_like(ce))
+                    if target is not None:
+                        per_row = torch.where(mode == 2, (e * target).sum(-1), per_row)
+                    objective = objective + per_row.sum()
+                grads = torch.autograd.grad(objective, live)
+            active = (steps > s).unsqueeze(-1)
+            grads = iter(grads)
+            with torch.no_grad():
+                for i, (side, delta) in enumerate(zip(sides, deltas)):
+                    if side is None:
+                        continue
+                    grad = next(grads)
+                    if i == 0 and any_universal:
+                        grad = _share_within_groups(grad, group, universal)
+                    moved = l2_ascent(delta.detach(), grad, step_size, radius)
+                    deltas[i] = torch.where(active & (side[1] > 0).unsqueeze(-1), moved, delta.detach())
+        new_v = raw_v if deltas[0] is None else (raw_v + deltas[0]).detach()
+        new_t = raw_t if deltas[1] is None else (raw_t + deltas[1]).detach()
+        return new_v, new_t
+
+    # ------------------------------------------------------------------ round
+    def incoming(self, envs: EnvIndex, plans: Sequence[RoundPlan], rngs: Sequence[np.random.Generator]) -> StackedTraffic:
+        """Each environment draws ``batch_size`` pairs from its own generator and perturbs
+        ``round(adversarial_share·B)`` of them by its plan's mixture (crafted against its adapters)."""
+        n = self.scenario.batch_size
+        rows = np.stack([rng.choice(len(self.pool_y), size=n, replace=False) for rng in rngs])
+        attack_index = np.stack([assign_attacks(plan, n, rng) for plan, rng in zip(plans, rngs)])
+        index = torch.as_tensor(rows, device=self.device)
+        raw_v, raw_t, labels = self.pool_v[index], self.pool_t[index], self.pool_y[index]
+        start = time.perf_counter()
+        adv_v, adv_t = raw_v, raw_t
+        counts = (attack_index >= 0).sum(1)
+        if counts.max(initial=0) > 0:
+            # Pack each environment's adversarial pairs into the first columns of an (E, R) block,
+            # padded with its clean pairs (untouched orders), so every written position is distinct.
+            width = int(counts.max())
+            source = np.zeros((len(plans), width), dtype=np.int64)
+            orders = RowAttacks.empty((len(plans), width))
+            for e, plan in enumerate(plans):
+                positions = np.flatnonzero(attack_index[e] >= 0)
+                source[e] = np.concatenate([positions, np.flatnonzero(attack_index[e] < 0)[: width - len(positions)]])
+                for k, entry in enumerate(plan.mixture):
+                    picked = np.flatnonzero(attack_index[e, positions] == k)
+                    if len(picked):
+                        orders.fill(e, picked, self.attack(entry), k)
+            src = torch.as_tensor(source, device=self.device)
+            gather = lambda x: torch.gather(x, 1, src.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+            with torch.no_grad():
+                classes = self.classes(envs)
+            crafted_v, crafted_t = self.craft(envs, gather(raw_v), gather(raw_t), torch.gather(labels, 1, src), orders, classes)
+            scatter_index = src.unsqueeze(-1).expand(-1, -1, raw_v.shape[-1])
+            adv_v, adv_t = raw_v.scatter(1, scatter_index, crafted_v), raw_t.scatter(1, scatter_index, crafted_t)
+        attack_ms = (time.perf_counter() - start) * 1000
+        return StackedTraffic(raw_v, raw_t, adv_v, adv_t, labels, attack_index, attack_ms)
+
+    @torch.no_grad()
+    def observe(self, envs: EnvIndex, adv_v: torch.Tensor, adv_t: torch.Tensor) -> StackedStats:
+        """Hidden states, ``L_consistency`` and cosine of the received pairs."""
+        e_v, e_t, lv, lt = self.forward(adv_v, adv_t, self.classes(envs), envs)
+        return StackedStats(e_v, e_t, self._consistency(e_v, e_t, lv, lt), (e_v * e_t).sum(-1))
+
+    def update(
+        self,
+        envs: EnvIndex,
+        traffic: StackedTraffic,
+        betas: np.ndarray,
+        flagged: np.ndarray,
+    ) -> StackedUpdate:
+        """One AdamW step per environment on ``L_total = β·[L_task, L_consistency, L_adv]``.
+
+        Crafting for ``L_adv`` runs :func:`cmai_env.round.crafting_steps` (β_adv) joint L2-PGD
+        steps on ``(e_v, e_t)`` of the clean pairs up ``CE_v + CE_t + α·L_consistency``; the
+        received pairs that are adversarial *and* flagged join ``L_adv`` and ``L_consistency``.
+
+        :param betas: (E, 3) loss weights. :param flagged: (E, B) detector flags of the traffic.
+        :raises FloatingPointError: a loss is NaN/inf (the parameters are left untouched).
+        """
+        defense = self.scenario.defense
+        size = self._size(envs)
+        steps = np.array([crafting_steps(float(b[2]), defense.attack_steps) for b in betas], dtype=np.int64)
+        raw_v, raw_t, labels = traffic.raw_v, traffic.raw_t, traffic.labels
+        start = time.perf_counter()
+        crafted = None
+        if steps.max(initial=0) > 0:
+            with torch.no_grad():
+                frozen = self.classes(envs)
+            crafted = self._craft_training(envs, raw_v, raw_t, labels, steps, frozen, defense.alpha)
+        attack_ms = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        observed = traffic.attack_index >= 0
+        observed &= flagged
+        classes = self.classes(envs)
+        e_v, e_t, lv, lt = self.forward(raw_v, raw_t, classes, envs)
+        clean_ce, clean_cons = pair_ce(lv, lt, labels), self._consistency(e_v, e_t, lv, lt)
+        parts_v, parts_t, parts_y, weights = [], [], [], []
+        if crafted is not None:
+            parts_v.append(crafted[0]), parts_t.append(crafted[1]), parts_y.append(labels)
+            weights.append(np.repeat((steps > 0)[:, None], labels.shape[1], axis=1))
+        if observed.any():
+            parts_v.append(traffic.adv_v), parts_t.append(traffic.adv_t), parts_y.append(labels)
+            weights.append(observed)
+        adv_ce = adv_cons = weight = None
+        if parts_v:
+            a_v, a_t, a_lv, a_lt = self.forward(torch.cat(parts_v, 1), torch.cat(parts_t, 1), classes, envs)
+            adv_ce, adv_cons = pair_ce(a_lv, a_lt, torch.cat(parts_y, 1)), self._consistency(a_v, a_t, a_lv, a_lt)
+            weight = torch.as_tensor(np.concatenate(weights, 1), dtype=adv_ce.dtype, device=self.device)
+        terms = defence_terms(clean_ce, clean_cons, adv_ce, adv_cons, weight)
+        beta = torch.as_tensor(np.asarray(betas), dtype=clean_ce.dtype, device=self.device)
+        l_total = total_loss(beta, terms)
+        values = torch.stack([terms["task"], terms["consistency"], terms["adv"], l_total]).detach().cpu().numpy().astype(np.float64)
+        if not np.isfinite(values).all():
+            bad = np.flatnonzero(~np.isfinite(values).all(0))
+            raise FloatingPointError(
+                f"non-finite loss in the embedding-fidelity update of env(s) {bad.tolist()}: "
+                f"L_task={values[0, bad].tolist()}, L_consistency={values[1, bad].tolist()}, "
+                f"L_adv={values[2, bad].tolist()}, betas={np.asarray(betas)[bad].tolist()}"
+            )
+        self.optimizer.zero_grad()
+        l_total.sum().backward()
+        self.optimizer.step(envs)
+        self.optimizer.zero_grad()
+        return StackedUpdate(values[0], values[1], values[2], values[3], steps, attack_ms, (time.perf_counter() - start) * 1000)
+
+    def _craft_training(self, envs, raw_v, raw_t, labels, steps: np.ndarray, classes, alpha: float):
+        """Joint L2-PGD on (e_v, e_t) up the bridging objective, ``steps[e]`` steps for env ``e``."""
+        device = raw_v.device
+        steps_t = torch.as_tensor(steps, device=device).view(-1, 1, 1)
+        per_env = steps_t.clamp_min(1).to(torch.float32)
+        step_v, step_t = default_step_size(self.train_radius_v, per_env), default_step_size(self.train_radius_t, per_env)
+        delta_v, delta_t = torch.zeros_like(raw_v), torch.zeros_like(raw_t)
+        for s in range(int(steps.max())):
+            delta_v.requires_grad_(True), delta_t.requires_grad_(True)
+            with torch.enable_grad():
+                e_v, e_t, lv, lt = self.forward(raw_v + delta_v, raw_t + delta_t, classes, envs)
+                objective = bridging_objective(pair_ce(lv, lt, labels), self._consistency(e_v, e_t, lv, lt), alpha)
+                grad_v, grad_t = torch.autograd.grad(objective.sum(), [delta_v, delta_t])
+            active = steps_t > s
+            with torch.no_grad():
+                delta_v = torch.where(active, l2_ascent(delta_v.detach(), grad_v, step_v, self.train_radius_v), delta_v.detach())
+                delta_t = torch.where(active, l2_ascent(delta_t.detach(), grad_t, step_t, self.train_radius_t), delta_t.detach())
+        return (raw_v + delta_v).detach(), (raw_t + delta_t).detach()
+
+    def probe(self, envs: EnvIndex, plans: Sequence[RoundPlan]) -> StackedProbe:
+        """Clean accuracy, consistency and mixture-weighted ASR of each environment on the probe set.
+
+        The clean metrics use the whole probe set; every active attack of an environment's plan
+        perturbs the first :data:`~cmai_env.round.PROBE_ATTACK_N` probe pairs.
+        """
+        start = time.perf_counter()
+        size = self._size(envs)
+        with torch.no_grad():
+            classes = self.classes(envs)
+            expand = lambda x: x.unsqueeze(0).expand(size, *x.shape)  # noqa: E731
+            e_v, e_t, lv, lt = self.forward(expand(self.probe_v), expand(self.probe_t), classes, envs)
+            clean_consistency = self._consistency(e_v, e_t, lv, lt)
+            labels = expand(self.probe_y)
+            image_ok, text_ok = lv.argmax(-1) == labels, lt.argmax(-1) == labels
+            clean_acc = image_ok.float().mean(-1)
+            consistency_score = (e_v * e_t).sum(-1).mean(-1)
+        n = min(PROBE_ATTACK_N, len(self.probe_y))
+        width = max((len(plan.mixture) for plan in plans), default=0)
+        asr_per_attack: list[dict[str, float]] = [{} for _ in plans]
+        asr = np.zeros(size)
+        if width:
+            orders = RowAttacks.empty((size, width * n))
+            modality = np.zeros((size, width), dtype=np.int64)  # 0 image, 1 text, 2 both
+            for e, plan in enumerate(plans):
+                for k, entry in enumerate(plan.mixture):
+                    attack = self.attack(entry)
+                    orders.fill(e, slice(k * n, (k + 1) * n), attack, k)
+                    modality[e, k] = ("image", "text", "both").index(attack.modality)
+            tile = lambda x: x[:n].repeat(width, *([1] * (x.dim() - 1))).unsqueeze(0).expand(size, *([-1] * x.dim()))  # noqa: E731
+            adv_v, adv_t = self.craft(envs, tile(self.probe_v), tile(self.probe_t), tile(self.probe_y), orders, classes)
+            with torch.no_grad():
+                _, _, alv, alt = self.forward(adv_v, adv_t, classes, envs)
+                adv_labels = tile(self.probe_y)
+                adv_image_ok = (alv.argmax(-1) == adv_labels).view(size, width, n)
+                adv_text_ok = (alt.argmax(-1) == adv_labels).view(size, width, n)
+                clean_image = image_ok[:, :n].unsqueeze(1)
+                clean_text = text_ok[:, :n].unsqueeze(1)
+                pick = torch.as_tensor(modality, device=self.device).unsqueeze(-1)
+                clean_ok = torch.where(pick == 0, clean_image, torch.where(pick == 1, clean_text, clean_image & clean_text))
+                adv_ok = torch.where(pick == 0, adv_image_ok, torch.where(pick == 1, adv_text_ok, adv_image_ok & adv_text_ok))
+                # ASR as attack_success_rate defines it: the share of originally correct
+                # predictions the attack flips (0 with none correct), from integer counts.
+                counts = torch.stack([(clean_ok & ~adv_ok).sum(-1), clean_ok.sum(-1)]).cpu().numpy()
+            for e, plan in enumerate(plans):
+                rates = [float(counts[0, e, k] / counts[1, e, k]) if counts[1, e, k] else 0.0 for k in range(len(plan.mixture))]
+                asr_per_attack[e] = {entry.name: rate for entry, rate in zip(plan.mixture, rates)}
+                asr[e] = mixture_asr([entry.weight for entry in plan.mixture], rates)
+        return StackedProbe(
+            clean_acc.double().cpu().numpy(),
+            consistency_score.double().cpu().numpy(),
+            clean_consistency.cpu().numpy(),
+            asr,
+            asr_per_attack,
+            (time.perf_counter() - start) * 1000,
+        )
+
+
+def _share_within_groups(grad: torch.Tensor, group: torch.Tensor, universal: torch.Tensor) -> torch.Tensor:
+    """Replace each universal row's gradient by the sum over its (env, group): one shared δ per group."""
+    groups = int(group.max()) + 1
+    index = group.clamp_min(0).unsqueeze(-1).expand(-1, -1, grad.shape[-1])
+    summed = grad.new_zeros(grad.shape[0], groups, grad.shape[-1]).scatter_add_(1, index, grad * universal.unsqueeze(-1))
+    return torch.where(universal.unsqueeze(-1), torch.gather(summed, 1, index), grad)
+
+
+def _embed_images(backbone, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    return torch.cat([backbone.encode_image(images[i : i + batch_size].to(backbone.device)) for i in range(0, len(images), batch_size)])

@@ -1,0 +1,194 @@
+"""One definition of a defence round's arithmetic, shared by both fidelities and the batched env.
+
+Everything here is plain tensor algebra over trailing dimensions, so the same function serves
+one environment (rows ``(R, ·)``) and N stacked environments (``(N, R, ·)``):
+
+* the loss terms of the trainer update (CMAI mechanism 2)
+
+      L_task        = mean_r [CE(s·e_v·Cᵀ, y) + CE(s·e_t·Cᵀ, y)]            on the clean pairs
+      L_adv         = mean_r [CE_v + CE_t]                                   on the adversarial pairs
+      L_consistency = mean_r L_consistency(e_v, e_t)                        on the adversarial pairs
+                      (on the clean pairs when a round has none)
+      L_total       = β_task·L_task + β_consist·L_consistency + β_adv·L_adv
+
+  (:func:`pair_ce`, :func:`defence_terms`, :func:`total_loss`); the adversarial pairs are the
+  ones crafted for ``L_adv`` plus the observed traffic the detector flagged;
+* the inner maximisation's objective ``CE_v + CE_t + α·L_consistency`` (:func:`bridging_objective`)
+  and the projected-gradient steps that climb it (:func:`l2_ascent`, :func:`linf_ascent`), with
+  Madry et al.'s default step ``2.5·ε/steps`` (:func:`default_step_size`);
+* the compute-saving rule that ties crafting to ``β_adv`` (:func:`crafting_steps`);
+* the probe's attacked-pair count (:data:`PROBE_ATTACK_N`) and its mixture-weighted ASR
+  (:func:`mixture_asr`);
+* the reward (:func:`reward_terms`) from the probe metrics and the detector's TPR / FPR on the
+  round's traffic (:func:`detection_rates`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmai_env.consistency import consistency_terms
+
+#: Probe pairs attacked per active attack when measuring ASR (the clean metrics use the whole probe set).
+PROBE_ATTACK_N = 64
+#: Loss-term names in the order of β.
+TERMS = ("task", "consistency", "adv")
+
+
+# ---------------------------------------------------------------------------- crafting schedule
+def crafting_steps(beta_adv: float, attack_steps: int, skip_below: float = 0.1, full_at: float = 0.5) -> int:
+    """PGD steps to spend on ``L_adv``'s examples for a given ``β_adv``.
+
+    ``0`` if ``β_adv < skip_below`` (or ``attack_steps == 0``), else
+    ``max(1, round(attack_steps · min(1, β_adv / full_at)))`` (rounding half up).
+    """
+    if attack_steps <= 0 or beta_adv < skip_below:
+        return 0
+    return max(1, int(math.floor(attack_steps * min(1.0, beta_adv / full_at) + 0.5)))
+
+
+def default_step_size(budget: float | torch.Tensor, steps: int | torch.Tensor) -> float | torch.Tensor:
+    """Madry et al.'s rule of thumb: ``2.5·ε/steps`` (reaches the boundary from any start)."""
+    return 2.5 * budget / steps
+
+
+# ---------------------------------------------------------------------------- per-pair terms
+def pair_ce(image_logits: torch.Tensor, text_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``CE(image_logits, y) + CE(text_logits, y)`` per pair; logits ``(..., R, C)``, labels ``(..., R)``."""
+    classes = image_logits.shape[-1]
+    ce_v = F.cross_entropy(image_logits.reshape(-1, classes), labels.reshape(-1), reduction="none")
+    ce_t = F.cross_entropy(text_logits.reshape(-1, classes), labels.reshape(-1), reduction="none")
+    return (ce_v + ce_t).reshape(labels.shape)
+
+
+def pair_consistency(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, image_logits: torch.Tensor, text_logits: torch.Tensor, kl_weight: float = 1.0
+) -> torch.Tensor:
+    """``L_consistency`` per pair (:func:`cmai_env.consistency.consistency_terms`) for ``(..., R, ·)`` inputs."""
+    lead = image_embeds.shape[:-1]
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    terms = consistency_terms([flat(image_embeds), flat(text_embeds)], [flat(image_logits), flat(text_logits)], kl_weight)
+    return terms.loss.reshape(lead)
+
+
+def bridging_objective(ce: torch.Tensor, consistency: torch.Tensor, alpha: float) -> torch.Tensor:
+    """What the inner maximisation climbs, per pair: ``CE_v + CE_t + α·L_consistency``."""
+    return ce + alpha * consistency
+
+
+# ---------------------------------------------------------------------------- the update's loss
+def defence_terms(
+    clean_ce: torch.Tensor,
+    clean_consistency: torch.Tensor,
+    adv_ce: torch.Tensor | None = None,
+    adv_consistency: torch.Tensor | None = None,
+    adv_weight: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``L_task``, ``L_consistency``, ``L_adv`` (module docstring) from per-pair values.
+
+    :param clean_ce: ``CE_v + CE_t`` of the clean pairs, ``(..., R)``.
+    :param clean_consistency: their ``L_consistency``, ``(..., R)``.
+    :param adv_ce: the same for the adversarial pairs, ``(..., A)``; ``None`` when there are none.
+    :param adv_consistency: their ``L_consistency``.
+    :param adv_weight: 0/1 mask ``(..., A)`` of the adversarial pairs that exist (stacked
+        environments pad to a common ``A``); ``None``: all of them. A row whose mask is all 0 has
+        ``L_adv = 0`` and takes ``L_consistency`` from its clean pairs.
+    :return: ``{"task", "consistency", "adv"}``, each of shape ``(...)``.
+    """
+    l_task = clean_ce.mean(-1)
+    clean_cons = clean_consistency.mean(-1)
+    if adv_ce is None:
+        return {"task": l_task, "consistency": clean_cons, "adv": torch.zeros_like(l_task)}
+    if adv_weight is None:
+        return {"task": l_task, "consistency": adv_consistency.mean(-1), "adv": adv_ce.mean(-1)}
+    count = adv_weight.sum(-1)
+    has = count > 0
+    denominator = count.clamp_min(1.0)
+    l_adv = torch.where(has, (adv_weight * adv_ce).sum(-1) / denominator, torch.zeros_like(l_task))
+    l_cons = torch.where(has, (adv_weight * adv_consistency).sum(-1) / denominator, clean_cons)
+    return {"task": l_task, "consistency": l_cons, "adv": l_adv}
+
+
+def total_loss(betas: Sequence[float] | torch.Tensor, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``L_total = β_task·L_task + β_consist·L_consistency + β_adv·L_adv``.
+
+    ``betas``: three floats, or a ``(..., 3)`` tensor matching the terms' shape.
+    """
+    if isinstance(betas, torch.Tensor):
+        return betas[..., 0] * terms["task"] + betas[..., 1] * terms["consistency"] + betas[..., 2] * terms["adv"]
+    return betas[0] * terms["task"] + betas[1] * terms["consistency"] + betas[2] * terms["adv"]
+
+
+# ---------------------------------------------------------------------------- ascent steps
+def l2_ascent(delta: torch.Tensor, grad: torch.Tensor, step: float | torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
+    """One projected L2 ascent step per last-dimension vector: ``Π_{‖δ‖≤r}(δ + a·g/‖g‖)``.
+
+    ``step`` and ``radius`` are floats or tensors broadcasting against ``delta[..., :1]``
+    (one budget per row). Used for embedding-space PGD and, per token, for the text side of
+    the pixel trainer's joint PGD.
+    """
+    moved = delta + step * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return moved * (radius / moved.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+
+
+def linf_ascent(x: torch.Tensor, grad: torch.Tensor, step: float, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """One projected ℓ∞ (sign-gradient) ascent step inside the box ``[lo, hi]`` (in place on ``x``)."""
+    x = x.add_(grad.sign(), alpha=step)
+    return torch.minimum(torch.maximum(x, lo, out=x), hi, out=x)
+
+
+# ---------------------------------------------------------------------------- probe and reward
+def mixture_asr(weights: Sequence[float], asrs: Sequence[float]) -> float:
+    """The round's ASR: the mixture-weighted mean of the active attacks' ASRs (0 with none active)."""
+    if not len(weights):
+        return 0.0
+    total = sum(w * a for w, a in zip(weights, asrs))
+    return total / max(sum(weights), 1e-12)
+
+
+def detection_rates(flags: np.ndarray, is_adv: np.ndarray) -> tuple[float, float]:
+    """Detector TPR (flagged share of the adversarial pairs) and FPR (of the clean ones); 0 without any."""
+    tpr = float(flags[is_adv].mean()) if is_adv.any() else 0.0
+    fpr = float(flags[~is_adv].mean()) if (~is_adv).any() else 0.0
+    return tpr, fpr
+
+
+def reward_terms(
+    weights, clean_acc: float, asr: float, consistency_score: float, tpr: float, fpr: float, attacked: bool, compute_cost: float
+) -> dict[str, float]:
+    """The reward's terms (their sum is the reward; see :class:`cmai_env.env.CMAIEnv`, Rewards).
+
+    ``weights`` is the scenario's ``reward`` block; in rounds without adversarial traffic the
+    detection term is ``−fpr``.
+    """
+    detection = (tpr - fpr) if attacked else -fpr
+    return {
+        "clean_acc": weights.clean_acc * clean_acc,
+        "asr": -weights.asr * asr,
+        "consistency": weights.consistency * consistency_score,
+        "detection": weights.detection * detection,
+        "compute": -weights.compute * compute_cost,
+    }
+
+
+__all__ = [
+    "PROBE_ATTACK_N",
+    "TERMS",
+    "bridging_objective",
+    "crafting_steps",
+    "default_step_size",
+    "defence_terms",
+    "detection_rates",
+    "l2_ascent",
+    "linf_ascent",
+    "mixture_asr",
+    "pair_ce",
+    "pair_consistency",
+    "reward_terms",
+    "total_loss",
+]
