@@ -67,7 +67,7 @@ def pretrain(config: PretrainConfig, out: Path | None = None, command: str = "",
         return 0.5 * config.lr * (1 + math.cos(math.pi * min(frac, 1.0)))
 
     loss_fn = ClipLoss()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     pool = None
     bar = tqdm(range(config.steps), disable=not progress, desc=f"pretrain {config.name}")
     step = 0
@@ -107,6 +107,9 @@ def pretrain(config: PretrainConfig, out: Path | None = None, command: str = "",
         "config": asdict(config),
         "steps_run": step + 1,
         "train_minutes": round(minutes, 2),
+        # CPU time of this process (all threads), what a shared machine's load cannot inflate
+        "train_cpu_minutes": round((time.process_time() - cpu_start) / 60, 2),
+        "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "zero_shot_accuracy": {"dataset": config.dataset, "split": "test", "n": len(test), "seed": config.seed, "value": accuracy},
         "final_loss": float(loss.item()),
