@@ -21,6 +21,7 @@ name                     modality  what it does
 ``autoattack``           image     APGD-CE → APGD-T → FAB-T → Square, worst case per example
 ``aware_pgd_linf``       image     detector-aware image PGD: min(margin, κ) − λ·L_consistency
 ``aware_caption_rewrite`` image    detector-aware: caption rewritten to c*, image PGD ↓ L_consistency
+``transfer``             inner's   black-box: ``inner`` crafted on a ``surrogate`` backbone, sent to the target
 =======================  ========  =========================================================
 
 Each attack states its threat model (``Attack.threat_model``: the modalities the attacker
@@ -55,6 +56,7 @@ from cmai_env.attacks.text import TextEmbeddingPGD, TokenSubstitution, pgd_token
 from cmai_env.attacks.bridge import BridgeImageToText, BridgeTextToImage
 from cmai_env.attacks.joint import CoAttack
 from cmai_env.attacks.universal import Universal
+from cmai_env.attacks.transfer import Transfer
 from cmai_env.attacks.autoattack import APGDCE, APGDT, FABT, AutoAttack, Square
 from cmai_env.attacks.adaptive import AwareCaptionRewrite, AwarePGDLinf
 
@@ -80,6 +82,7 @@ __all__ = [
     "TaskOutputs",
     "TextEmbeddingPGD",
     "TokenSubstitution",
+    "Transfer",
     "Universal",
     "ZeroShotTask",
     "attack_class",

@@ -171,6 +171,18 @@ def run_eval(args: argparse.Namespace) -> int:
             "params": {key: getattr(other, key) for key in type(other).parameters()},
             "threat_model": type(other).threat_model.as_dict(),
         }
+    if attack.name == "transfer":
+        # Beside the target's ASR: the inner attack's white-box ASR on the surrogate it was crafted on.
+        s_task = attack.surrogate_task(task)
+        s_pairs = lambda split, n: PairBatch.from_dataset(s_task.backbone, load_dataset(  # noqa: E731
+            args.dataset, split=split, n=n, seed=args.seed, image_size=s_task.backbone.image_size, root=args.data_root))
+        white = evaluate_attack(
+            s_task, s_pairs(args.split, args.n), attack.inner_attack, torch.Generator().manual_seed(args.seed),
+            ConsistencyDetector(args.target_fpr), s_pairs(args.calibration_split, args.calibration_n or args.n), args.batch_size,
+        )
+        extra["threat_model"] = attack.threat_model.as_dict()  # the inner attack's controls, black-box
+        extra["surrogate"] = {"backbone": attack.surrogate, "pretrained": s_task.backbone.pretrained, "white_box_asr": white.asr,
+                              **{k: v for k, v in white.as_dict().items() if k in ("clean_accuracy", "detector_tpr", "detector_auroc")}}
     emit(
         {
             **report.as_dict(),
