@@ -1,30 +1,35 @@
 # Two set-up commands for a fresh clone (see README): `make run` and `make test`.
+# Paths are relative to this Makefile, so `make -f path/to/Makefile run` works from any folder
+# (the README test runs `make run` that way, writing runs/ in its own folder).
+ROOT := $(dir $(abspath $(lastword $(MAKEFILE_LIST))))
 PYTHON ?= python3
-VENV ?= .venv
+VENV ?= $(ROOT).venv
 PY := $(VENV)/bin/python
+# Extra `cmai quickstart` flags, e.g. QUICKSTART_ARGS="--timesteps 256 --seeds 0 1" for a quick look.
+QUICKSTART_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: venv run test test-fast bench clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: $(ROOT)pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '$(ROOT)[test]'
 	touch $@
 
 # The main job on the embedded default backbone.
 run: venv
-	$(VENV)/bin/cmai quickstart
+	$(VENV)/bin/cmai quickstart $(QUICKSTART_ARGS)
 
 # The whole test suite (slow end-to-end tests included only when CMAI_SLOW=1).
 test: venv
-	$(PY) -m pytest -q -ra
+	cd $(ROOT) && $(PY) -m pytest -q -ra
 
 bench: venv
-	$(PY) benchmarks/attacks.py
-	$(PY) benchmarks/env_throughput.py
+	$(PY) $(ROOT)benchmarks/attacks.py
+	$(PY) $(ROOT)benchmarks/env_throughput.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(ROOT)build $(ROOT)dist $(ROOT)*.egg-info $(ROOT).pytest_cache

@@ -26,6 +26,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from typing import Callable
+
 import torch
 
 from cmai_env.attacks.base import Attack, PairBatch, ZeroShotTask, attack_success_rate, task_loss
@@ -89,6 +91,7 @@ def evaluate_attack(
     detector: ConsistencyDetector | None = None,
     calibration: PairBatch | None = None,
     batch_size: int = 128,
+    progress: Callable[[int], None] | None = None,
 ) -> AttackReport:
     """Attack ``clean`` chunk by chunk and report accuracy, ASR, consistency and detection.
 
@@ -102,6 +105,7 @@ def evaluate_attack(
         already calibrated ``detector`` is used as is, else ``τ`` is calibrated on ``clean``
         itself (optimistic FPR; the report says so in ``calibrated_on``).
     :param batch_size: pairs per attack call (memory grows with it).
+    :param progress: called with the number of pairs done after each chunk (e.g. a progress bar's ``update``).
     """
     if len(clean) == 0:
         raise ValueError("evaluate_attack needs at least one clean pair")
@@ -119,6 +123,8 @@ def evaluate_attack(
         adversarial = attack(task, chunk, generator).batch
         seconds += time.perf_counter() - tic
         adv_parts.append(_score(task, adversarial, modality))
+        if progress is not None:
+            progress(len(chunk))
     clean_stats = {k: torch.cat([p[k] for p in clean_parts]) for k in clean_parts[0]}
     adv_stats = {k: torch.cat([p[k] for p in adv_parts]) for k in adv_parts[0]}
 

@@ -23,6 +23,8 @@ attacker stands next to detection against the attacker it adapts (``--no-counter
 from __future__ import annotations
 
 import argparse
+import sys
+
 from cmai_env.cli.common import add_backbone_args, add_dataset_args, emit, parse_budget
 
 
@@ -55,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="for a detector-aware attack, skip evaluating its non-adaptive counterpart at the same budget",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     ev.set_defaults(func=run_eval)
 
 
@@ -155,7 +158,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if hasattr(attack, "fit"):
         attack.fit(task, pairs("train", args.fit_n), generator)
     detector = ConsistencyDetector(args.target_fpr)
-    report = evaluate_attack(task, clean, attack, generator, detector, calibration, batch_size=args.batch_size)
+    from tqdm import tqdm
+
+    # Progress on stderr (stdout stays one JSON object with --json).
+    with tqdm(total=len(clean), desc=f"{attack.name} on {len(clean)} pairs", unit="pair", file=sys.stderr, disable=args.quiet) as bar:
+        report = evaluate_attack(task, clean, attack, generator, detector, calibration, batch_size=args.batch_size, progress=bar.update)
     params = {key: getattr(attack, key) for key in type(attack).parameters()}
     extra: dict[str, object] = {}
     if getattr(attack, "broken_by", None):
