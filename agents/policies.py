@@ -467,14 +467,9 @@ def _model_settings(model_path: Path, run: RunInfo | None) -> tuple[str, str, di
     from agents.safe_load import UnsafeFileError, read_model_metadata
 
     if run is not None:
-        config = run.params_dir / "config.yml"
-        if not config.is_file():
-            raise FileNotFoundError(f"{config} not found: the run folder is incomplete (its hyperparameters are needed to load {model_path.name})")
-        from agents.train import load_yaml
+        from agents.train import load_yaml_mapping
 
-        hyperparams = load_yaml(config)
-        if not isinstance(hyperparams, dict):
-            raise ValueError(f"{config}: expected a mapping of hyperparameters")
+        hyperparams = load_yaml_mapping(run.params_dir / "config.yml", f"the run's hyperparameters, needed to load {model_path.name}")
         return run.algo, run.env_id, hyperparams
     meta = read_model_metadata(model_path)
     if meta is None:

@@ -196,6 +196,20 @@ def load_yaml(path: Path) -> Any:
         raise ValueError(f"{path}: invalid YAML: {exc}") from None
 
 
+def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a run's ``config.yml``, ``args.yml``).
+
+    :param what: what the mapping holds and why it is needed, for the messages.
+    :raises FileNotFoundError, ValueError: naming the file.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {what}")
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping ({what})")
+    return data
+
+
 def parse_assignments(items: Sequence[str] | Mapping[str, Any], sep: str, option: str) -> dict[str, Any]:
     """``["a=1", "b.c=[1,2]"]`` → ``{"a": 1, "b.c": [1, 2]}`` (a mapping passes through).
 
@@ -624,11 +638,7 @@ def resume_args(run_dir: Path) -> TrainArgs:
     """The :class:`TrainArgs` a run was started with (its ``args.yml``), set to resume it."""
     run = read_run(run_dir)
     path = run.params_dir / "args.yml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: cannot resume {run_dir} without the arguments it was started with")
-    stored = load_yaml(path)
-    if not isinstance(stored, dict):
-        raise ValueError(f"{path}: expected a mapping of cmai train arguments")
+    stored = load_yaml_mapping(path, f"the cmai train arguments {run_dir} was started with, needed to resume it")
     known = {f.name for f in dataclasses.fields(TrainArgs)}
     unknown = sorted(set(stored) - known)
     if unknown:
