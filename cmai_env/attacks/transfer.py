@@ -132,7 +132,10 @@ class Transfer(Attack):
     """
 
     name = "transfer"
-    description = "black-box transfer: the inner attack crafted on a surrogate backbone, applied to the target"
+    description = (
+        "black-box transfer: the inner attack crafted on a surrogate backbone, applied to the target "
+        "(modality and controls are the inner attack's; shown for the default pgd_linf)"
+    )
     modality: ClassVar[Modality] = _FromInner(lambda cls: cls.modality)  # type: ignore[assignment]
     threat_model: ClassVar[ThreatModel] = _FromInner(_black_box)  # type: ignore[assignment]
 
