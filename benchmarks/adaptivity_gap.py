@@ -1,0 +1,201 @@
+"""Does the environment reward adapting the loss weights? Task-only, best fixed β and best schedule.
+
+For each scenario, on the embedding fidelity's batched vector environment:
+
+1. **Fixed β**: every weight vector of the grid (the simplex with step 1/3, ``DISCRETE_BETAS``)
+   held for the whole episode, on the *search* seeds; the best by mean return is "best fixed".
+2. **Schedule search**: coordinate ascent over per-phase β (one β per phase name), starting from
+   the best fixed β, scoring whole episodes on the search seeds; a phase's β changes only when
+   the mean return improves, so the schedule is never worse than the best fixed β on those seeds.
+   Unlike a greedy per-phase oracle it sees the value of preparing before an attack arrives.
+3. **Held-out evaluation**: task-only β = (1, 0, 0), the best fixed β and the best schedule are
+   replayed on separate *evaluation* seeds (environment seeds ``100000 + s``, the frozen protocol's),
+   so the search's selection bias does not inflate the gap. Printed: mean return, ASR (over attacked
+   rounds) and clean accuracy with 95% t-intervals, and the paired gap schedule − best fixed with its
+   95% CI and its share of schedule − task-only.
+
+The gap is the most a gate that knows the schedule could win over the best fixed weighting; a gate
+that reads the stream can win part of it. Scenarios with random schedules (``randomized_training``)
+have no fixed phase timeline to search over and are skipped.
+
+    python benchmarks/adaptivity_gap.py [--scenarios abrupt_shift periodic] [--search-seeds 0 1 2 3 4] [--eval-seeds 0 1 2 3 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import cmai_env  # noqa: F401  (registers the environments)
+from agents.stats import bounds_for, paired_difference, t_interval
+from cmai_env.env import DISCRETE_BETAS, action_from_betas
+from cmai_env.scenario import apply_overrides, load_scenario, scenarios_available
+from cmai_env.stream import AttackStream
+
+ENV_ID = "cmai_env/CMAI-v0"
+#: Environment seed of evaluation seed ``s`` (as :mod:`agents.evaluation`) and of search seed ``s``.
+EVAL_SEED_OFFSET = 100_000
+SEARCH_SEED_OFFSET = 200_000
+TASK_ONLY = 0  # DISCRETE_BETAS[0] == (1, 0, 0)
+#: Largest batch of environments stepped at once.
+MAX_BATCH = 256
+
+Schedule = tuple[int, ...]  # one DISCRETE_BETAS index per phase name (in first-appearance order)
+
+
+@dataclass
+class Episodes:
+    """Per (schedule, seed): return, ASR over attacked rounds and mean clean accuracy."""
+
+    returns: np.ndarray
+    asr: np.ndarray
+    clean_acc: np.ndarray
+
+
+def phase_timeline(scenario: str, overrides: dict) -> tuple[list[str], list[str]]:
+    """(distinct phase names in order of first appearance, the phase name of every round of an episode)."""
+    spec = load_scenario(scenario)
+    if overrides:
+        spec = apply_overrides(spec, overrides)
+    timeline = AttackStream(spec, np.random.default_rng(0)).timeline  # fixed for sequential and periodic schedules
+    names: list[str] = []
+    for _, _, phase in timeline:
+        if phase not in names:
+            names.append(phase)
+    # Rounds past the schedule's end stay in its last phase (``episode_rounds`` longer than the schedule).
+    per_round = [next((p for s, e, p in timeline if s <= t < e), timeline[-1][2]) for t in range(spec.episode_length())]
+    return names, per_round
+
+
+def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset: int, overrides: dict) -> Episodes:
+    """One episode per (schedule, seed) on the batched environment; arrays are ``(schedules, seeds)``."""
+    names, phase_at = phase_timeline(scenario, overrides)
+    jobs = list(itertools.product(range(len(schedules)), seeds))
+    returns = np.zeros(len(jobs))
+    asr = np.zeros(len(jobs))
+    clean = np.zeros(len(jobs))
+    for start in range(0, len(jobs), MAX_BATCH):
+        batch = jobs[start : start + MAX_BATCH]
+        envs = gym.make_vec(ENV_ID, num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
+                            fidelity="embedding", **overrides)
+        envs.reset(seed=[seed_offset + seed for _, seed in batch])
+        total = np.zeros(len(batch))
+        attacked_asr = [[] for _ in batch]
+        accs = [[] for _ in batch]
+        for t in range(len(phase_at)):
+            phase = names.index(phase_at[t])
+            actions = np.stack([action_from_betas(DISCRETE_BETAS[schedules[k][phase]]) for k, _ in batch]).astype(np.float32)
+            _, rewards, terminated, truncated, infos = envs.step(actions)
+            total += rewards
+            for i in range(len(batch)):
+                accs[i].append(float(infos["clean_acc"][i]))
+                if infos["attacks"][i]:
+                    attacked_asr[i].append(float(infos["asr"][i]))
+        envs.close()
+        returns[start : start + len(batch)] = total
+        asr[start : start + len(batch)] = [np.mean(a) if a else 0.0 for a in attacked_asr]
+        clean[start : start + len(batch)] = [np.mean(a) for a in accs]
+    shape = (len(schedules), len(seeds))
+    return Episodes(returns.reshape(shape), asr.reshape(shape), clean.reshape(shape))
+
+
+def search(scenario: str, seeds: list[int], overrides: dict, passes: int = 2) -> tuple[Schedule, Schedule, int]:
+    """(best fixed schedule, best searched schedule, episodes played) on the search seeds."""
+    n_phases = len(phase_timeline(scenario, overrides)[0])
+    fixed = [tuple([b] * n_phases) for b in range(len(DISCRETE_BETAS))]
+    scores = play(scenario, fixed, seeds, SEARCH_SEED_OFFSET, overrides).returns.mean(axis=1)
+    played = len(fixed) * len(seeds)
+    best_fixed = fixed[int(np.argmax(scores))]
+    best, best_score = best_fixed, float(scores.max())
+    for _ in range(passes):
+        improved = False
+        for phase in range(n_phases):
+            candidates = [best[:phase] + (b,) + best[phase + 1 :] for b in range(len(DISCRETE_BETAS)) if b != best[phase]]
+            candidate_scores = play(scenario, candidates, seeds, SEARCH_SEED_OFFSET, overrides).returns.mean(axis=1)
+            played += len(candidates) * len(seeds)
+            if candidate_scores.max() > best_score + 1e-9:
+                best, best_score, improved = candidates[int(np.argmax(candidate_scores))], float(candidate_scores.max()), True
+        if not improved:
+            break
+    return best_fixed, best, played
+
+
+def _betas(schedule: Schedule, names: list[str]) -> str:
+    unique = {s for s in schedule}
+    if len(unique) == 1:
+        return "(" + ", ".join(f"{b:.2f}" for b in DISCRETE_BETAS[schedule[0]]) + ")"
+    return "; ".join(f"{n}: (" + ", ".join(f"{b:.2f}" for b in DISCRETE_BETAS[s]) + ")" for n, s in zip(names, schedule))
+
+
+def report(scenario: str, search_seeds: list[int], eval_seeds: list[int], overrides: dict) -> dict:
+    started = time.perf_counter()
+    names = phase_timeline(scenario, overrides)[0]
+    best_fixed, schedule, played = search(scenario, search_seeds, overrides)
+    task_only = tuple([TASK_ONLY] * len(names))
+    held_out = play(scenario, [task_only, best_fixed, schedule], eval_seeds, EVAL_SEED_OFFSET, overrides)
+    played += 3 * len(eval_seeds)
+    gap = paired_difference(held_out.returns[2].tolist(), held_out.returns[1].tolist())
+    span = paired_difference(held_out.returns[2].tolist(), held_out.returns[0].tolist())
+    return {
+        "scenario": scenario,
+        "phases": names,
+        "rows": {
+            label: {
+                "betas": _betas(s, names),
+                "return": t_interval(held_out.returns[k].tolist()),
+                "asr": t_interval(held_out.asr[k].tolist(), bounds=bounds_for("asr")),
+                "clean_acc": t_interval(held_out.clean_acc[k].tolist(), bounds=bounds_for("clean_acc")),
+            }
+            for k, (label, s) in enumerate((("task-only", task_only), ("best fixed", best_fixed), ("best schedule", schedule)))
+        },
+        "gap": gap,
+        "gap_share": None if not span.mean else gap.mean / span.mean,
+        "asr_ratio": float(held_out.asr[2].mean() / held_out.asr[0].mean()) if held_out.asr[0].mean() > 0 else None,
+        "episodes": played,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def print_report(result: dict) -> None:
+    print(f"\n== {result['scenario']} (phases: {', '.join(result['phases'])}; {result['episodes']} episodes, {result['seconds']:.0f} s)")
+    print(f"{'':14} {'return':>20} {'ASR (attacked rounds)':>24} {'clean acc':>22}  β")
+    for label, row in result["rows"].items():
+        print(f"{label:14} {row['return'].format(3):>20} {row['asr'].format(3):>24} {row['clean_acc'].format(3):>22}  {row['betas']}")
+    gap = result["gap"]
+    share = "—" if result["gap_share"] is None else f"{100 * result['gap_share']:.0f}%"
+    ratio = "—" if result["asr_ratio"] is None else f"{result['asr_ratio']:.2f}"
+    low = "—" if gap.low is None else f"{gap.low:+.3f}"
+    print(f"gap schedule − best fixed: {gap.format(3)} (95% CI low {low}); share of schedule − task-only: {share}; "
+          f"ASR schedule / task-only: {ratio}")
+
+
+def main() -> None:
+    deterministic = [n for n in scenarios_available(include_evaluation_only=False) if load_scenario(n).schedule != "random"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=deterministic, help=f"default: {' '.join(deterministic)}")
+    parser.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides, e.g. episode_rounds:40")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from agents.evaluation import parse_env_kwargs
+
+    overrides = parse_env_kwargs(args.env_kwargs)
+    print(f"adaptivity gap, embedding fidelity, search seeds {args.search_seeds}, evaluation seeds {args.eval_seeds} "
+          f"(mean ± 95% t-interval half-width; [low, high] where a rate's range clips it)")
+    for scenario in args.scenarios:
+        if load_scenario(scenario).schedule == "random":
+            print(f"\n== {scenario}: skipped (random schedule: no fixed phase timeline to search)")
+            continue
+        print_report(report(scenario, args.search_seeds, args.eval_seeds, overrides))
+
+
+if __name__ == "__main__":
+    main()
