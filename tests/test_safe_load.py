@@ -53,6 +53,19 @@ def _rewrite_zip(path: Path, edit) -> None:
     path.write_bytes(buffer.getvalue())
 
 
+def _poison_data(archive: Path, key: str, marker: Path) -> None:
+    """Set ``key`` of the archive's ``data`` entry to a pickle that would create ``marker``."""
+
+    def edit(name: str, content: bytes) -> bytes:
+        if name != "data":
+            return content
+        data = json.loads(content)
+        data[key] = _serialized(marker)
+        return json.dumps(data).encode()
+
+    _rewrite_zip(archive, edit)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
@@ -92,15 +105,7 @@ def test_a_run_writes_no_pickles_and_records_model_hashes(run_dir):
 def test_a_pickled_policy_class_is_never_unpickled(run_dir, tmp_path):
     run = _copy_run(run_dir, tmp_path)
     marker = tmp_path / "pwned"
-
-    def poison(name: str, content: bytes) -> bytes:
-        if name != "data":
-            return content
-        data = json.loads(content)
-        data["policy_class"] = _serialized(marker)  # rebuilt from the run's config instead
-        return json.dumps(data).encode()
-
-    _rewrite_zip(run / "quickstart.zip", poison)
+    _poison_data(run / "quickstart.zip", "policy_class", marker)  # rebuilt from the run's config instead
     record = json.loads((run / "run.json").read_text())
     record["files"].pop("quickstart.zip")  # no recorded hash: the rebuild alone must keep it safe
     (run / "run.json").write_text(json.dumps(record))
@@ -112,16 +117,7 @@ def test_a_pickled_policy_class_is_never_unpickled(run_dir, tmp_path):
 def test_an_unknown_pickled_entry_is_refused_naming_the_file(run_dir, tmp_path):
     run = _copy_run(run_dir, tmp_path)
     marker = tmp_path / "pwned"
-
-    def poison(name: str, content: bytes) -> bytes:
-        if name != "data":
-            return content
-        data = json.loads(content)
-        data["innocent_looking"] = _serialized(marker)
-        return json.dumps(data).encode()
-
-    model = run / "quickstart.zip"
-    _rewrite_zip(model, poison)
+    _poison_data(run / "quickstart.zip", "innocent_looking", marker)
     with pytest.raises(ValueError, match="sha256 differs"):  # the recorded hash catches the edit first
         load_policy(run)
     record = json.loads((run / "run.json").read_text())
