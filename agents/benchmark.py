@@ -21,8 +21,13 @@ For each scenario, every policy is evaluated under the frozen protocol
   largest, :func:`cmai_env.env.action_from_betas`); in the discrete env the nearest grid β
   is used (if the remaining weights sum to 0, they become equal).
 
-Writes ``results.json`` (everything, including per-seed values) and ``results.md`` (the
-tables), and each evaluation's own ``rounds.csv``/``summary.json``/PNGs under
+* **Aggregates** (:mod:`agents.aggregate`, rliable): IQM and mean with stratified-bootstrap 95%
+  intervals per policy and scenario (and over scenarios for rates), the probability of
+  improvement of each trained policy over each baseline, and performance profiles
+  (``profile_robustness.png``, ``profile_clean_acc.png``); seeds are the runs.
+
+Writes ``results.json`` (everything, including per-seed values; the aggregates under
+``"aggregate"``) and ``results.md`` (the tables), and each evaluation's own ``rounds.csv``/``summary.json``/PNGs under
 ``<out>/<scenario>/<policy>/``.
 """
 
@@ -45,6 +50,9 @@ from agents.evaluation import (
     protocol_for,
     resolve_policy,
 )
+from agents.aggregate import HIGHER_IS_BETTER as AGGREGATE_DIRECTIONS
+from agents.aggregate import aggregate, plot_profiles
+from agents.aggregate import render_markdown as render_aggregate
 from agents.stats import Interval, bounds_for, paired_difference
 
 if TYPE_CHECKING:
@@ -57,6 +65,8 @@ LATENCY_COLUMNS = ("detection_rounds", "weight_response_rounds", "recovery_round
 ABLATIONS = ("full", "no_consist", "no_adv", "fixed_mean")
 #: Policy ablated when no trained policy is given.
 DEFAULT_ABLATION_TARGET = "detector_switch"
+#: Metrics of the rliable aggregate (:mod:`agents.aggregate`).
+AGGREGATE_METRICS = tuple(AGGREGATE_DIRECTIONS)
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -154,7 +164,8 @@ class BenchmarkArgs:
     :param fidelity: ``pixel`` or ``embedding`` for every policy (default: the trained policies'
         training fidelity if they agree, else each scenario's).
     :param env_kwargs: scenario overrides for every evaluation.
-    :param plots: write per-evaluation PNGs.
+    :param plots: write per-evaluation PNGs (and the rliable performance profiles).
+    :param bootstrap_reps: resamples of the rliable stratified bootstrap (:mod:`agents.aggregate`).
     """
 
     scenarios: Sequence[str]
@@ -166,6 +177,7 @@ class BenchmarkArgs:
     fidelity: str | None = None
     env_kwargs: dict[str, Any] | None = None
     plots: bool = True
+    bootstrap_reps: int = 1000
 
 
 def _interval_json(interval: Interval) -> dict:
@@ -321,6 +333,7 @@ def run_benchmark(args: BenchmarkArgs, log: Callable[[str], None] | None = None)
         },
         "scenarios": {},
     }
+    scores: dict[str, dict[str, dict[str, list]]] = {}  # rliable input: scenario → policy → metric → per-seed
     for scenario in args.scenarios:
         from cmai_env.scenario import load_scenario
 
@@ -382,10 +395,18 @@ def run_benchmark(args: BenchmarkArgs, log: Callable[[str], None] | None = None)
             "comparison": [_comparison_row(by_name[name], by_name, kinds[name]) for name in by_name],
             "ablation": ablations,
         }
+        scores[scenario_name] = {name: {m: r.per_seed(m) for m in AGGREGATE_METRICS} for name, r in by_name.items()}
+
+    # rliable: IQM/mean with stratified-bootstrap CIs, P(improvement) of each trained policy over
+    # each baseline, performance profiles (beside the t-interval tables above).
+    learned = [p.name for p in trained if kinds.get(p.name) == "trained"]
+    report["aggregate"] = aggregate(scores, learned, baseline_names, reps=args.bootstrap_reps)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "results.md").write_text(render_markdown(report))
+    (out / "results.md").write_text(render_markdown(report) + "\n" + render_aggregate(report["aggregate"]))
+    if args.plots:
+        plot_profiles(scores, out, reps=args.bootstrap_reps)
     return report
 
 

@@ -118,6 +118,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 fidelity=args.fidelity,
                 env_kwargs=parse_env_kwargs(args.env_kwargs),
                 plots=not args.no_plots,
+                bootstrap_reps=args.bootstrap_reps,
             ),
             log=_log(args.quiet),
         )
@@ -314,6 +315,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     benchmark.add_argument("--out", required=True, help="output folder")
     benchmark.add_argument("--policies", nargs="*", default=[], help="trained run folders (or baseline:NAME) to compare and ablate")
     benchmark.add_argument("--baselines", nargs="*", default=None, help="subset of baselines (default: all)")
+    benchmark.add_argument("--bootstrap-reps", type=int, default=1000, help="rliable stratified-bootstrap resamples for IQM/mean/P(improvement) CIs (default: 1000)")
     _add_common(benchmark)
     benchmark.set_defaults(func=cmd_benchmark)
 

@@ -650,8 +650,11 @@ def resume_args(run_dir: Path) -> TrainArgs:
     return TrainArgs(**stored)
 
 
-def run_training(args: TrainArgs) -> TrainingResult:
+def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult:
     """Train as :func:`train` does and keep the model and env in memory (the caller closes ``env``).
+
+    :param run_dir: train into this folder (created, or empty) instead of the next free
+        ``<out>/<algo>/<scenario>_<n>``: ``cmai sweep`` fixes each trial's folder in its manifest.
 
     With ``args.resume`` set, continues that run folder from its latest model or checkpoint
     (same hyperparameters, environments and seeds) up to its recorded number of timesteps.
@@ -675,7 +678,15 @@ def run_training(args: TrainArgs) -> TrainingResult:
     #    is written, so hyperparameters the algorithm rejects leave no half-made run folder.
     scenario_name = _slug(plan.scenario.name)
     resuming = args.resume is not None
-    run_dir = Path(args.resume) if resuming else reserve_run_dir(args.out, args.algo, scenario_name)
+    if resuming:
+        run_dir = Path(args.resume)
+    elif run_dir is None:
+        run_dir = reserve_run_dir(args.out, args.algo, scenario_name)
+    else:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if any(run_dir.iterdir()):
+            raise FileExistsError(f"{run_dir} is not empty; train into an empty folder or resume it")
     params_dir = run_dir / scenario_name
     env_kwargs = {"scenario": plan.scenario.argument, "device": args.device, **plan.env_kwargs}
     start = time.perf_counter()
@@ -805,8 +816,8 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.timesteps = timesteps
 
 
-def train(args: TrainArgs) -> Path:
+def train(args: TrainArgs, run_dir: Path | None = None) -> Path:
     """Train a gating policy (or resume one, ``args.resume``) and return its run folder (layout in the module docstring)."""
-    result = run_training(args)
+    result = run_training(args, run_dir)
     result.env.close()
     return result.run_dir

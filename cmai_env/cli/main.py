@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = [
     "cmai_env.cli.adv_train",
     "agents.cli_train",
     "agents.cli_evaluate",
+    "agents.cli_sweep",
 ]
 
 
