@@ -4,7 +4,8 @@ A pair is ``(x, P)``: an image and the *prompt* the model continues (``[BOS] a p
 ``PairBatch.tokens`` are the prompt's LM ids and ``PairBatch.token_embeds`` its perturbed input
 embeddings after a text-side attack. The model's outputs on a pair:
 
-* the greedy caption ``ĉ = generate(x, P)`` and the class it names, ``ŷ`` (−1: none or several);
+* the greedy caption ``ĉ = P + generate(x, P)`` and the class its generated words name, ``ŷ``
+  (−1: none or several; words of the prompt do not count);
   a pair is *correct* when ``ŷ = y``, for every attacked modality (the caption is the model's
   only output), so ASR is the share of originally correct generations whose class changes;
 * the LM's class distribution ``p_LM(c | x, P) = softmax_c log p_LM(words(c) [EOS] | x, P)``
@@ -123,7 +124,12 @@ class GenerativeTask(ZeroShotTask):
         latents = backbone.resample(vision_tokens)
         prompt = self.prompt_embeds(batch)
         lm_logits = backbone.continuation_log_likelihoods(latents, prompt, self.cont_ids, self.cont_mask)
-        captions = backbone.decode(self.prompt, backbone.greedy_ids(latents.detach(), prompt.detach(), backbone.spec.max_new_tokens))
+        generated = backbone.greedy_ids(latents.detach(), prompt.detach(), backbone.spec.max_new_tokens)
+        continuations = backbone.lm_tokenizer.decode_batch(generated.tolist(), skip_special_tokens=True)
+        # The caption is the prompt as given (a substituted word shows) plus what the model wrote;
+        # only the written part counts for the class, so a class word planted in the prompt does not.
+        prompts = backbone.lm_tokenizer.decode_batch(batch.tokens.tolist(), skip_special_tokens=True)
+        captions = [f"{p} {c}".strip() for p, c in zip(prompts, continuations)]
         with torch.no_grad():
             caption_embeds = backbone.encode_text(backbone.tokenize(captions))
         return GenerativeOutputs(
@@ -132,7 +138,7 @@ class GenerativeTask(ZeroShotTask):
             image_logits=lm_logits,
             text_logits=lm_logits,
             clip_logits=backbone.zero_shot_logits(e_v, self.class_embeds),
-            generated_labels=backbone.caption_classes(captions, self.class_names).to(e_v.device),
+            generated_labels=backbone.caption_classes(continuations, self.class_names).to(e_v.device),
             captions=tuple(captions),
         )
 
