@@ -188,15 +188,7 @@ class CMAIEnv(gym.Env):
         **overrides: Any,
     ) -> None:
         super().__init__()
-        base = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
-        if fidelity is not None:
-            overrides["fidelity"] = fidelity
-        self.scenario = apply_overrides(base, overrides) if overrides else base
-        if self.scenario.evaluation_only and not allow_evaluation_only:
-            raise ValueError(
-                f"scenario {self.scenario.name!r} is evaluation-only (held-out attacks); "
-                "use the cmai_env/CMAI-Eval-v0 ID or allow_evaluation_only=True in evaluation code"
-            )
+        self.scenario = resolve_scenario(scenario, fidelity, overrides, allow_evaluation_only)
         if action_mode not in ("continuous", "discrete"):
             raise ValueError(f"action_mode must be 'continuous' or 'discrete', got {action_mode!r}")
         if render_mode not in (None, "rgb_array"):
@@ -397,6 +389,23 @@ class CMAIEnv(gym.Env):
 
     def close(self) -> None:
         self.history = []
+
+
+def resolve_scenario(
+    scenario: str | Path | Scenario, fidelity: str | None, overrides: dict[str, Any], allow_evaluation_only: bool
+) -> Scenario:
+    """The validated scenario an environment runs: loaded, ``fidelity`` and overrides applied,
+    evaluation-only ones refused unless allowed (shared by :class:`CMAIEnv` and the vector env)."""
+    base = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
+    if fidelity is not None:
+        overrides = {**overrides, "fidelity": fidelity}
+    resolved = apply_overrides(base, overrides) if overrides else base
+    if resolved.evaluation_only and not allow_evaluation_only:
+        raise ValueError(
+            f"scenario {resolved.name!r} is evaluation-only (held-out attacks); "
+            "use the cmai_env/CMAI-Eval-v0 ID or allow_evaluation_only=True in evaluation code"
+        )
+    return resolved
 
 
 def _make_fidelity(scenario: Scenario, device: str) -> Fidelity:

@@ -41,12 +41,12 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from cmai_env.consistency import ConsistencyDetector
-from cmai_env.env import ACTION_SCALE, DISCRETE_BETAS, FLAG_RATE_FACTOR, CMAIEnv, _now_ms, _quiet_plan
+from cmai_env.env import ACTION_SCALE, DISCRETE_BETAS, FLAG_RATE_FACTOR, CMAIEnv, _now_ms, _quiet_plan, resolve_scenario
 from cmai_env.fidelity.stacked import StackedEmbeddingWorld, StackedTraffic
 from cmai_env.latency import LatencyTracker
 from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, fixed_projection
 from cmai_env.round import detection_rates, reward_terms
-from cmai_env.scenario import Scenario, apply_overrides, load_scenario
+from cmai_env.scenario import Scenario, load_scenario
 from cmai_env.stream import AttackStream, RoundPlan
 
 AUTORESET_MODES = {"next_step": AutoresetMode.NEXT_STEP, "disabled": AutoresetMode.DISABLED}
@@ -117,19 +117,11 @@ class CMAIVectorEnv(VectorEnv):
     ) -> None:
         if int(num_envs) != num_envs or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        base = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
-        if fidelity is not None:
-            overrides["fidelity"] = fidelity
-        self.scenario = apply_overrides(base, overrides) if overrides else base
+        self.scenario = resolve_scenario(scenario, fidelity, overrides, allow_evaluation_only)
         if self.scenario.fidelity != "embedding":
             raise ValueError(
                 f"CMAIVectorEnv batches the embedding fidelity only, got fidelity={self.scenario.fidelity!r}; "
                 "use cmai_env.vector_env.make_vector_env (async processes) for pixel"
-            )
-        if self.scenario.evaluation_only and not allow_evaluation_only:
-            raise ValueError(
-                f"scenario {self.scenario.name!r} is evaluation-only (held-out attacks); "
-                "use the cmai_env/CMAI-Eval-v0 ID or allow_evaluation_only=True in evaluation code"
             )
         if action_mode not in ("continuous", "discrete"):
             raise ValueError(f"action_mode must be 'continuous' or 'discrete', got {action_mode!r}")

@@ -368,70 +368,72 @@ class StackedEmbeddingWorld:
     def craft(self, envs: EnvIndex, raw_v: torch.Tensor, raw_t: torch.Tensor, labels: torch.Tensor, orders: RowAttacks, classes: torch.Tensor):
         """Perturbed ``(raw_v, raw_t)`` for (E, R) rows, each row by its own order (:class:`RowAttacks`).
 
-        Rows are independent (every objective is a per-row sum), so one batched L2-PGD plays
-        every attack of every environment: per row, ``δ ← Π_{‖δ‖≤r}(δ + a·∇/‖∇‖)`` with
+        Rows are independent (every objective is a per-row sum), so one batched L2-PGD per side
+        plays every attack of every environment: per row, ``δ ← Π_{‖δ‖≤r}(δ + a·∇/‖∇‖)`` with
         ``a = 2.5·r/steps`` for that row's ``steps`` (:func:`cmai_env.round.l2_ascent`); the image
         side climbs ``CE(s·e_v·Cᵀ, y)`` (mode 1) or ``cos(e_v, C_{c*})`` toward the nearest wrong
         class prompt ``c*`` (mode 2), the text side likewise; universal rows share one δ per
-        environment and mixture entry (their gradients are summed).
+        environment and mixture entry (their gradients are summed). Each side only touches the
+        rows it perturbs (packed per environment), and the two sides never interact.
         """
-        max_steps = int(orders.steps.max()) if orders.steps.size else 0
-        if max_steps == 0:
-            return raw_v, raw_t
-        device = raw_v.device
         classes = classes.detach()
-        tensor = lambda a, dtype=None: torch.as_tensor(a, device=device, dtype=dtype)  # noqa: E731
-        mode_v, mode_t = tensor(orders.mode_v), tensor(orders.mode_t)
-        steps = tensor(orders.steps)
-        radius = tensor(orders.radius, torch.float32).unsqueeze(-1)
-        step_size = default_step_size(radius, steps.clamp_min(1).unsqueeze(-1).to(torch.float32))
-        sides = []
-        for raw, mode, embed in ((raw_v, mode_v, self._image), (raw_t, mode_t, self._text)):
-            if not bool((mode > 0).any()):
-                sides.append(None)
-                continue
-            target = None
-            if bool((mode == 2).any()):
-                with torch.no_grad():
-                    sims = torch.bmm(embed(raw, envs), classes.transpose(1, 2))
-                    sims.scatter_(-1, labels.unsqueeze(-1), -float("inf"))
-                    target = torch.gather(classes, 1, sims.argmax(-1).unsqueeze(-1).expand(-1, -1, classes.shape[-1]))
-            sides.append((raw, mode, embed, target))
-        group = tensor(orders.group)
-        universal = group >= 0
-        any_universal = bool(universal.any())
-        deltas = [None if side is None else torch.zeros_like(side[0]) for side in sides]
-        for s in range(max_steps):
-            live = [d.requires_grad_(True) for d in deltas if d is not None]
-            with torch.enable_grad():
-                objective = raw_v.new_zeros(())
-                for side, delta in zip(sides, deltas):
-                    if side is None:
-                        continue
-                    raw, mode, embed, target = side
-                    e = embed(raw + delta, envs)
-                    ce = F.cross_entropy(
-                        self._logits(e, classes).reshape(-1, classes.shape[1]), labels.reshape(-1), reduction="none"
-                    ).reshape(labels.shape)
-                    per_row = torch.where(mode == 1, ce, torch.zeros_like(ce))
-                    if target is not None:
-                        per_row = torch.where(mode == 2, (e * target).sum(-1), per_row)
-                    objective = objective + per_row.sum()
-                grads = torch.autograd.grad(objective, live)
-            active = (steps > s).unsqueeze(-1)
-            grads = iter(grads)
-            with torch.no_grad():
-                for i, (side, delta) in enumerate(zip(sides, deltas)):
-                    if side is None:
-                        continue
-                    grad = next(grads)
-                    if i == 0 and any_universal:
-                        grad = _share_within_groups(grad, group, universal)
-                    moved = l2_ascent(delta.detach(), grad, step_size, radius)
-                    deltas[i] = torch.where(active & (side[1] > 0).unsqueeze(-1), moved, delta.detach())
-        new_v = raw_v if deltas[0] is None else (raw_v + deltas[0]).detach()
-        new_t = raw_t if deltas[1] is None else (raw_t + deltas[1]).detach()
+        new_v = self._craft_side(envs, raw_v, labels, orders.mode_v, orders, classes, self._image, shared=True)
+        new_t = self._craft_side(envs, raw_t, labels, orders.mode_t, orders, classes, self._text, shared=False)
         return new_v, new_t
+
+    def _craft_side(self, envs: EnvIndex, raw: torch.Tensor, labels: torch.Tensor, mode_np: np.ndarray, orders: RowAttacks, classes, embed, shared: bool):
+        """L2-PGD on one modality's rows whose ``mode_np`` > 0 (see :meth:`craft`)."""
+        active_np = (mode_np > 0) & (orders.steps > 0)
+        counts = active_np.sum(1)
+        width = int(counts.max(initial=0))
+        if width == 0:
+            return raw
+        device = raw.device
+        source = None
+        if width < mode_np.shape[1]:
+            # Pack each environment's perturbed rows first, padded with untouched ones (all distinct).
+            order = np.argsort(~active_np, axis=1, kind="stable")[:, :width]
+            source = torch.as_tensor(order, device=device)
+            pick = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+            mode_np, radius_np, steps_np, group_np = pick(mode_np), pick(orders.radius), pick(orders.steps), pick(orders.group)
+            full = raw
+            raw = torch.gather(full, 1, source.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+            labels = torch.gather(labels, 1, source)
+        else:
+            radius_np, steps_np, group_np = orders.radius, orders.steps, orders.group
+        mode = torch.as_tensor(mode_np, device=device)
+        steps = torch.as_tensor(steps_np, device=device)
+        radius = torch.as_tensor(radius_np, dtype=torch.float32, device=device).unsqueeze(-1)
+        step_size = default_step_size(radius, steps.clamp_min(1).unsqueeze(-1).to(torch.float32))
+        target = None
+        if bool((mode == 2).any()):
+            with torch.no_grad():
+                sims = torch.bmm(embed(raw, envs), classes.transpose(1, 2))
+                sims.scatter_(-1, labels.unsqueeze(-1), -float("inf"))
+                target = torch.gather(classes, 1, sims.argmax(-1).unsqueeze(-1).expand(-1, -1, classes.shape[-1]))
+        group = torch.as_tensor(group_np, device=device)
+        universal = group >= 0
+        share = shared and bool(universal.any())
+        moving = (mode > 0).unsqueeze(-1)
+        delta = torch.zeros_like(raw)
+        for s in range(int(steps_np.max())):
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                e = embed(raw + delta, envs)
+                ce = F.cross_entropy(self._logits(e, classes).reshape(-1, classes.shape[1]), labels.reshape(-1), reduction="none")
+                per_row = torch.where(mode == 1, ce.reshape(labels.shape), torch.zeros_like(labels, dtype=e.dtype))
+                if target is not None:
+                    per_row = torch.where(mode == 2, (e * target).sum(-1), per_row)
+                (grad,) = torch.autograd.grad(per_row.sum(), [delta])
+            with torch.no_grad():
+                if share:
+                    grad = _share_within_groups(grad, group, universal)
+                moved = l2_ascent(delta.detach(), grad, step_size, radius)
+                delta = torch.where(moving & (steps > s).unsqueeze(-1), moved, delta.detach())
+        crafted = (raw + delta).detach()
+        if source is None:
+            return crafted
+        return full.scatter(1, source.unsqueeze(-1).expand(-1, -1, full.shape[-1]), crafted)
 
     # ------------------------------------------------------------------ round
     def incoming(self, envs: EnvIndex, plans: Sequence[RoundPlan], rngs: Sequence[np.random.Generator]) -> StackedTraffic:
@@ -511,9 +513,14 @@ class StackedEmbeddingWorld:
         if crafted is not None:
             parts_v.append(crafted[0]), parts_t.append(crafted[1]), parts_y.append(labels)
             weights.append(np.repeat((steps > 0)[:, None], labels.shape[1], axis=1))
-        if observed.any():
-            parts_v.append(traffic.adv_v), parts_t.append(traffic.adv_t), parts_y.append(labels)
-            weights.append(observed)
+        width = int(observed.sum(1).max(initial=0))
+        if width:
+            # Only the observed pairs (packed per environment, padded with masked-out ones) join L_adv.
+            order = torch.as_tensor(np.argsort(~observed, axis=1, kind="stable")[:, :width], device=self.device)
+            rows = order.unsqueeze(-1).expand(-1, -1, traffic.adv_v.shape[-1])
+            parts_v.append(torch.gather(traffic.adv_v, 1, rows)), parts_t.append(torch.gather(traffic.adv_t, 1, rows))
+            parts_y.append(torch.gather(labels, 1, order))
+            weights.append(np.arange(width)[None, :] < observed.sum(1)[:, None])
         adv_ce = adv_cons = weight = None
         if parts_v:
             a_v, a_t, a_lv, a_lt = self.forward(torch.cat(parts_v, 1), torch.cat(parts_t, 1), classes, envs)
