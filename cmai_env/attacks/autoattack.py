@@ -213,10 +213,9 @@ class APGDCE(_ChainAttack):
         return [("apgd_ce", _apgd_ce(self.eps, self.norm, self.steps, self.n_restarts))]
 
 
-@register_attack
 @dataclass
-class APGDT(_ChainAttack):
-    """Targeted APGD on the targeted DLR loss, once per target class (AutoAttack's second component).
+class _TargetedChain(_ChainAttack):
+    """Fields shared by the two targeted components (APGD-T and FAB-T).
 
     :param eps: budget ``ε_v`` (default 8/255, ℓ∞).
     :param steps: iterations per target class (default 100).
@@ -226,8 +225,6 @@ class APGDT(_ChainAttack):
     :param norm: ``Linf`` (default) or ``L2``.
     """
 
-    name = "apgd_t"
-    description = "APGD-T (Croce & Hein 2020): targeted APGD on the DLR loss, 9 target classes × 100 iterations"
     threat_model = ThreatModel(("image",), "white-box")
 
     eps: float = 8 / 255
@@ -238,6 +235,18 @@ class APGDT(_ChainAttack):
 
     def __post_init__(self) -> None:
         self._check(steps=self.steps)
+
+
+@register_attack
+@dataclass
+class APGDT(_TargetedChain):
+    """Targeted APGD on the targeted DLR loss, once per target class (AutoAttack's second component).
+
+    Parameters as :class:`_TargetedChain`.
+    """
+
+    name = "apgd_t"
+    description = "APGD-T (Croce & Hein 2020): targeted APGD on the DLR loss, 9 target classes × 100 iterations"
 
     def _components(self) -> list[tuple[str, TorchattacksFactory]]:
         return [("apgd_t", _apgd_t(self.eps, self.norm, self.steps, self.n_restarts, self.n_target_classes))]
@@ -245,28 +254,14 @@ class APGDT(_ChainAttack):
 
 @register_attack
 @dataclass
-class FABT(_ChainAttack):
+class FABT(_TargetedChain):
     """Targeted FAB (Croce & Hein 2020), a minimal-distortion attack; success counts inside ``eps`` only.
 
-    :param eps: budget ``ε_v`` (default 8/255, ℓ∞).
-    :param steps: iterations per target class (default 100).
-    :param n_target_classes: targets (default 9, capped at C − 1).
-    :param n_restarts: restarts per target (default 1).
-    :param norm: ``Linf`` (default) or ``L2``.
+    Parameters as :class:`_TargetedChain`.
     """
 
     name = "fab_t"
     description = "FAB-T (Croce & Hein 2020): targeted minimal-distortion boundary attack, 9 targets × 100 iterations"
-    threat_model = ThreatModel(("image",), "white-box")
-
-    eps: float = 8 / 255
-    steps: int = 100
-    n_target_classes: int = 9
-    n_restarts: int = 1
-    norm: str = "Linf"
-
-    def __post_init__(self) -> None:
-        self._check(steps=self.steps)
 
     def _components(self) -> list[tuple[str, TorchattacksFactory]]:
         return [("fab_t", _fab_t(self.eps, self.norm, self.steps, self.n_restarts, self.n_target_classes))]
