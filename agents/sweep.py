@@ -305,7 +305,9 @@ def run_ray(specs: Sequence[TrialSpec], args: SweepArgs, log: Callable[[str], No
             # The grid is over trial indices; the specs travel through Ray's object store.
             tune.with_resources(tune.with_parameters(_ray_trainable, configs=configs), resources),
             param_space={"trial": tune.grid_search(list(range(len(configs))))},
-            tune_config=tune.TuneConfig(reuse_actors=False),
+            # One worker process runs trial after trial: torch, the backbone and the env caches are
+            # loaded once per worker, not once per trial.
+            tune_config=tune.TuneConfig(reuse_actors=True),
             run_config=tune.RunConfig(
                 name="ray_tune",
                 storage_path=str(Path(args.out).resolve() / "ray_results"),

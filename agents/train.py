@@ -64,7 +64,6 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
-from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
 from agents.callbacks import CMAIMetricsCallback, FinalEvalCallback
@@ -345,7 +344,11 @@ def _schedule(key: str, value: Any) -> Any:
             start = float(value[len("lin_") :])
         except ValueError:
             raise ValueError(f"{key}: linear schedule must look like lin_3e-4, got {value!r}") from None
-        return LinearSchedule(start, 0.0, 1.0)  # start at progress_remaining = 1, 0 at the end
+        # rl-zoo3's lin_ schedule (start at progress_remaining = 1, 0 at the end); the format check
+        # above stays here so that a bad value gets a message naming the key.
+        from rl_zoo3.utils import SimpleLinearSchedule
+
+        return SimpleLinearSchedule(start)
     return value
 
 

@@ -35,7 +35,9 @@ import yaml
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.callbacks import TrialEvalCallback
+# rl-zoo3's callback (evaluate, report to the trial, stop when pruned): the one copy of that logic.
+from rl_zoo3.callbacks import TrialEvalCallback
+
 from agents.policies import ENV_ID_FOR_ALGO, algo_class
 from agents.train import (
     EVAL_SEED_OFFSET,
@@ -99,6 +101,10 @@ class TuneArgs:
 
 def sample_hyperparams(trial: optuna.Trial, algo: str, n_envs: int = 1) -> dict[str, Any]:
     """Sample the key hyperparameters, as dotted ``--set`` keys.
+
+    CMAI's own space rather than rl-zoo3's ``HYPERPARAMS_SAMPLER``: rl-zoo3's samplers replace
+    ``policy_kwargs`` with an ``MlpPolicy`` ``net_arch``/``activation_fn`` (dropping the gating
+    network ``g`` and its YAML form) and draw ``n_steps`` up to 4096, longer than a short trial.
 
     Every algorithm: ``learning_rate`` (log-uniform 1e-5…3e-3), ``gamma`` (0.8…0.99) and the
     gating network's width (``policy_kwargs.gating.hidden_sizes``: two layers of 32/64/128, one
