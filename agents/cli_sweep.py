@@ -40,17 +40,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """Run :func:`agents.sweep.sweep` from parsed arguments and print ``sweep.md``."""
-    from agents.sweep import DEFAULT_BASELINES, SweepArgs, sweep
+    import sys
 
-    sweep(
-        SweepArgs(
-            algos=args.algos, scenarios=args.scenarios, seeds=args.seeds, timesteps=args.timesteps, out=args.out,
-            samples=args.samples, set=list(args.set), env_kwargs=list(args.env_kwargs), fidelity=args.fidelity,
-            baselines=tuple(DEFAULT_BASELINES if args.baselines is None else args.baselines), eval_episodes=args.eval_episodes,
-            address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-            bootstrap_reps=args.bootstrap_reps, verbose=args.verbose,
-        )
+    from agents.sweep import DEFAULT_BASELINES, SweepArgs, SweepIncomplete, sweep
+
+    sweep_args = SweepArgs(
+        algos=args.algos, scenarios=args.scenarios, seeds=args.seeds, timesteps=args.timesteps, out=args.out,
+        samples=args.samples, set=list(args.set), env_kwargs=list(args.env_kwargs), fidelity=args.fidelity,
+        baselines=tuple(DEFAULT_BASELINES if args.baselines is None else args.baselines), eval_episodes=args.eval_episodes,
+        address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        bootstrap_reps=args.bootstrap_reps, verbose=args.verbose,
     )
+    try:
+        sweep(sweep_args)
+    except SweepIncomplete as exc:
+        print(f"cmai sweep: {exc}", file=sys.stderr)
+        return 1
     if args.verbose >= 1:
         print((Path(args.out) / "sweep.md").read_text())
     return 0

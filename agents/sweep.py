@@ -94,6 +94,10 @@ class SweepArgs:
     verbose: int = 1
 
 
+class SweepIncomplete(RuntimeError):
+    """Some trials failed; the report covers the others and the same command retries the rest."""
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """One trial: train ``algo`` (sample ``sample``) on ``scenario`` with ``seed``, or evaluate a baseline.
@@ -345,7 +349,7 @@ def sweep(args: SweepArgs, log: Callable[[str], None] | None = None) -> dict[str
     (out / "sweep.md").write_text(render_markdown(report))
     plot_profiles(_scores(entries), out, reps=args.bootstrap_reps)
     if missing:
-        raise RuntimeError(f"{len(missing)} trial(s) did not finish ({', '.join(missing[:4])}...); run the same command again to retry them")
+        raise SweepIncomplete(f"{len(missing)} trial(s) did not finish ({', '.join(missing[:4])}...); run the same command again to retry them")
     return report
 
 
