@@ -35,9 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--env-kwargs", dest="env_kwargs", action="extend", nargs="+", default=[], metavar="KEY:VALUE",
         help="override scenario fields: --env-kwargs episode_rounds:20 defense.lr:0.001",
     )
-    tr.add_argument("--eval-freq", type=int, default=None, help="evaluate every N env steps; 0 disables (default: timesteps/10)")
+    tr.add_argument("--eval-freq", type=int, default=None, help="evaluate every N env steps; 0 disables (default: timesteps/10, at least one on-policy rollout)")
     tr.add_argument("--eval-episodes", type=int, default=2, help="episodes per evaluation (default: 2)")
-    tr.add_argument("--checkpoint-freq", type=int, default=None, help="checkpoint every N env steps; 0 disables (default: timesteps/4)")
+    tr.add_argument("--checkpoint-freq", type=int, default=None, help="checkpoint every N env steps; 0 disables (default: timesteps/4, at least one on-policy rollout)")
     tr.add_argument("--fidelity", choices=["embedding", "pixel"], default="embedding", help="environment fidelity (default: embedding)")
     tr.add_argument("--device", default="cpu", help="cpu or cuda, for the policy and the env (default: cpu)")
     tr.add_argument("--subproc", action="store_true", help="SubprocVecEnv when --n-envs > 1")

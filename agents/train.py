@@ -90,6 +90,8 @@ SCHEDULE_KEYS = ("learning_rate", "clip_range", "clip_range_vf")
 #: ``--env-kwargs`` keys that are CMAIEnv constructor arguments rather than scenario fields.
 ENV_ARGUMENTS = ("fidelity", "device", "render_mode")
 NOISE_TYPES = ("normal", "ornstein-uhlenbeck")
+#: Algorithms that collect rollouts of ``n_steps`` per environment between policy updates.
+ON_POLICY = ("ppo", "a2c", "recurrent_ppo")
 
 
 # ---------------------------------------------------------------------------------- arguments
@@ -673,8 +675,11 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
     plan = prepare(args)
     hp = plan.hyperparams
     normalize = hp.get("normalize", False)
-    eval_freq = max(plan.timesteps // 10, 1) if args.eval_freq is None else args.eval_freq
-    checkpoint_freq = max(plan.timesteps // 4, 1) if args.checkpoint_freq is None else args.checkpoint_freq
+    # On-policy algorithms change the policy once per rollout (n_steps × n_envs steps): evaluating or
+    # checkpointing more often than that repeats work on the same policy (and swamps tiny budgets).
+    rollout = int(hp.get("n_steps", 1)) * plan.n_envs if args.algo in ON_POLICY else 1
+    eval_freq = max(plan.timesteps // 10, rollout, 1) if args.eval_freq is None else args.eval_freq
+    checkpoint_freq = max(plan.timesteps // 4, rollout, 1) if args.checkpoint_freq is None else args.checkpoint_freq
 
     # 2. Environments (monitored training envs seeded seed + rank, a separately seeded eval env)
     #    and the model, whose policy is the gating network g. Both are built before anything else
