@@ -64,9 +64,6 @@ from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
 
 from cmai_env.latency import LATENCY_FIELDS as LATENCY_KEYS
 
-if TYPE_CHECKING:
-    import optuna
-
 PREFIX = "cmai/"
 EPISODE_PREFIX = "cmai/episode/"
 #: Per-round metric tags read directly from ``info`` (tag → info key).
@@ -365,40 +362,3 @@ class FinalEvalCallback(EvalCallback):
             finally:
                 self.eval_freq = eval_freq
         super()._on_training_end()
-
-
-class TrialEvalCallback(EvalCallback):
-    """Evaluates periodically, reports the mean return to an Optuna trial and stops pruned ones.
-
-    (The pattern of rl-baselines3-zoo's callback of the same name.)
-
-    :param eval_env: the evaluation environment.
-    :param trial: the Optuna trial to report to; ``trial.report(mean_return, evaluation_index)``.
-    :param n_eval_episodes: episodes per evaluation.
-    :param eval_freq: evaluate every ``eval_freq`` callback calls (vectorised steps).
-    :param deterministic: evaluate the deterministic policy.
-    """
-
-    def __init__(
-        self,
-        eval_env: Any,
-        trial: optuna.Trial,
-        n_eval_episodes: int = 1,
-        eval_freq: int = 1000,
-        deterministic: bool = True,
-        verbose: int = 0,
-    ) -> None:
-        super().__init__(eval_env, n_eval_episodes=n_eval_episodes, eval_freq=eval_freq, deterministic=deterministic, verbose=verbose, warn=False)
-        self.trial = trial
-        self.eval_idx = 0
-        self.is_pruned = False
-
-    def _on_step(self) -> bool:
-        if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
-            super()._on_step()
-            self.eval_idx += 1
-            self.trial.report(self.last_mean_reward, self.eval_idx)
-            if self.trial.should_prune():
-                self.is_pruned = True
-                return False
-        return True
