@@ -152,13 +152,15 @@ def test_adv_train_reports_the_autoattack_grade_figure_beside_pgd(tmp_path, caps
     assert "autoattack" in report["change"]
 
 
-def test_adv_train_defaults_to_the_full_chain_and_can_skip_it():
+def test_adv_train_defaults_to_the_apgd_core_and_can_run_the_full_chain_or_skip_it():
     import argparse
 
     from cmai_env.cli import adv_train
 
     parser = argparse.ArgumentParser()
     adv_train.register(parser.add_subparsers())
-    assert parser.parse_args(["adv-train"]).robust_eval == "autoattack"
+    assert parser.parse_args(["adv-train"]).robust_eval == "apgd"
+    assert adv_train.ROBUST_EVALS["apgd"][1]["components"] == "apgd_ce,apgd_t"
+    assert parser.parse_args(["adv-train", "--robust-eval", "autoattack"]).robust_eval == "autoattack"
     assert parser.parse_args(["adv-train", "--robust-eval", "none"]).robust_eval == "none"
     assert adv_train.ROBUST_EVALS["autoattack"][1] == {"eps": 8 / 255}  # standard counts: the attack's defaults
