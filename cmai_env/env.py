@@ -15,7 +15,7 @@ from cmai_env.consistency import ConsistencyDetector
 from cmai_env.fidelity.base import Fidelity, ProbeResult, RoundTraffic, TrafficStats, UpdateResult
 from cmai_env.latency import LatencyTracker
 from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, build_observation, fixed_projection
-from cmai_env.round import detection_rates
+from cmai_env.round import detection_rates, feed_change_detector
 from cmai_env.round import reward_terms as round_reward_terms
 from cmai_env.scenario import Scenario, apply_overrides, load_scenario
 from cmai_env.stream import AttackStream, RoundPlan
@@ -264,11 +264,7 @@ class CMAIEnv(gym.Env):
         self._traffic: RoundTraffic = self.world.incoming(plan, self.np_random)
         self._stats: TrafficStats = self.world.observe(self._traffic)
         self._flags = self.detector.flags(self._stats.consistency)
-        drift = False
-        if self._change_detector is not None:
-            for bit in self._flags:
-                self._change_detector.update(float(bit))
-                drift |= bool(self._change_detector.drift_detected)
+        drift = feed_change_detector(self._change_detector, self._flags)
         if drift:
             self._last_drift = t
         self._drift = drift

@@ -158,6 +158,21 @@ def detection_rates(flags: np.ndarray, is_adv: np.ndarray) -> tuple[float, float
     return tpr, fpr
 
 
+def feed_change_detector(change_detector, flags: np.ndarray) -> bool:
+    """Feed one 0/1 flag per incoming pair (river's ``update``); True if it fired during the round.
+
+    Per pair rather than one rate per round: ADWIN needs the sample count to see a change within
+    a few rounds. ``None`` (no change detector) never fires.
+    """
+    if change_detector is None:
+        return False
+    fired = False
+    for bit in flags:
+        change_detector.update(float(bit))
+        fired |= bool(change_detector.drift_detected)
+    return fired
+
+
 def reward_terms(
     weights, clean_acc: float, asr: float, consistency_score: float, tpr: float, fpr: float, attacked: bool, compute_cost: float
 ) -> dict[str, float]:
@@ -184,6 +199,7 @@ __all__ = [
     "default_step_size",
     "defence_terms",
     "detection_rates",
+    "feed_change_detector",
     "l2_ascent",
     "linf_ascent",
     "mixture_asr",

@@ -45,7 +45,7 @@ from cmai_env.env import ACTION_SCALE, DISCRETE_BETAS, FLAG_RATE_FACTOR, CMAIEnv
 from cmai_env.fidelity.stacked import StackedEmbeddingWorld, StackedTraffic
 from cmai_env.latency import LatencyTracker
 from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, fixed_projection
-from cmai_env.round import detection_rates, reward_terms
+from cmai_env.round import detection_rates, feed_change_detector, reward_terms
 from cmai_env.scenario import Scenario, load_scenario
 from cmai_env.stream import AttackStream, RoundPlan
 
@@ -350,11 +350,7 @@ class CMAIVectorEnv(VectorEnv):
         now = _now_ms()
         for k, slot in enumerate(slots):
             slot.flags = slot.detector.flags(scores[k])
-            drift = False
-            if slot.change_detector is not None:
-                for bit in slot.flags:
-                    slot.change_detector.update(float(bit))
-                    drift |= bool(slot.change_detector.drift_detected)
+            drift = feed_change_detector(slot.change_detector, slot.flags)
             if drift:
                 slot.last_drift = slot.t
             slot.drift = drift
