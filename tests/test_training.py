@@ -346,9 +346,11 @@ def _adv_train(tmp_path: Path, capsys, *extra: str) -> dict:
 
 def test_cli_adv_train_writes_loadable_checkpoint(tmp_path, capsys):
     report = _adv_train(tmp_path, capsys, "--defended", "adapter", "--eps-v", "4/255", "--weights", "1,0.5,1")
-    assert set(report["before"]) == set(report["after"]) == set(EVAL_ATTACKS)
+    # The PGD-10-style attacks plus the AutoAttack-grade figure adv-train reports beside them.
+    assert set(report["before"]) == set(report["after"]) == {*EVAL_ATTACKS, "autoattack"}
     for side in ("before", "after"):
-        for metrics in report[side].values():
+        for name in EVAL_ATTACKS:
+            metrics = report[side][name]
             assert 0.0 <= metrics["clean_accuracy"] <= 1.0 and 0.0 <= metrics["asr"] <= 1.0
     assert report["training"]["steps"] >= 1
     assert report["config"]["eps_v"] == pytest.approx(4 / 255)
