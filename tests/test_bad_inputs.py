@@ -121,3 +121,14 @@ def test_an_image_folder_too_small_for_a_split_is_named(tmp_path):
     assert len(load_dataset("folder", split="train", root=tmp_path).labels) == 1
     with pytest.raises(DatasetFormatError, match=r"folder at .*: the 'test' split is empty"):
         load_dataset("folder", split="test", root=tmp_path)
+
+
+@pytest.mark.parametrize("fidelity", ["embedding", "pixel"])
+def test_a_generative_backbone_in_a_scenario_is_refused_not_silently_replaced(fidelity):
+    import gymnasium
+
+    import cmai_env  # noqa: F401
+
+    with pytest.raises(ValueError, match=r"backbone.name = 'cmai-tiny-flamingo' is a generative backbone"):
+        gymnasium.make("cmai_env/CMAI-v0", scenario="quickstart", fidelity=fidelity, backbone={"name": "cmai-tiny-flamingo"},
+                       batch_size=16, dataset={"train_n": 64, "probe_n": 16})

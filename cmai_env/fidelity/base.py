@@ -120,6 +120,28 @@ class Fidelity(ABC):
         """Clean accuracy, consistency and per-attack ASR on the probe set."""
 
 
+def defended_backbone(scenario: Scenario, device: str = "cpu"):
+    """The scenario's backbone, loaded once for a fidelity; generative backbones are refused.
+
+    The environment's rounds (zero-shot task, probes, consistency on CLIP embeddings) are defined
+    for contrastive backbones; a generative one (``cmai-tiny-flamingo``) would silently have its
+    CLIP head defended instead of its generations, so it is an error until the environment
+    supports captioning rounds.
+
+    :raises ValueError: a generative backbone (naming the scenario field and what is allowed).
+    """
+    from cmai_env.models import load_backbone
+
+    backbone = load_backbone(scenario.backbone.name, scenario.backbone.pretrained, device=device)
+    if getattr(backbone, "generative", False):
+        raise ValueError(
+            f"scenario {scenario.name!r}: backbone.name = {scenario.backbone.name!r} is a generative backbone; the environment "
+            "defends contrastive (CLIP) backbones only for now (e.g. cmai-tiny, cmai-tiny-rn, any open_clip architecture). "
+            "Attack and evaluate generative backbones with cmai attack eval / cmai backbone eval."
+        )
+    return backbone
+
+
 def assign_attacks(plan: RoundPlan, n: int, rng: np.random.Generator) -> np.ndarray:
     """Which mixture entry perturbs each of ``n`` pairs (int array, -1 for clean pairs).
 

@@ -16,9 +16,9 @@ from cmai_env.fidelity.base import (
     TrafficStats,
     UpdateResult,
     assign_attacks,
+    defended_backbone,
     entry_key,
 )
-from cmai_env.models import load_backbone
 from cmai_env.round import PROBE_ATTACK_N, mixture_asr
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
@@ -40,7 +40,7 @@ class PixelFidelity(Fidelity):
     def __init__(self, scenario: Scenario, device: str = "cpu") -> None:
         super().__init__(scenario, device)
         spec = scenario.dataset
-        self.backbone = load_backbone(scenario.backbone.name, scenario.backbone.pretrained, device=device)
+        self.backbone = defended_backbone(scenario, device=device)
         size = self.backbone.image_size
         root = spec.root
         self.pool = load_dataset(spec.name, split="train", n=spec.train_n, seed=spec.seed, image_size=size, root=root)

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 from cmai_env.attacks import attack_class
 from cmai_env.data import load_dataset
-from cmai_env.fidelity.base import assign_attacks, entry_key
-from cmai_env.models import load_backbone
+from cmai_env.fidelity.base import assign_attacks, defended_backbone, entry_key
 from cmai_env.models.backbone import ResidualAdapter
 from cmai_env.round import (
     PROBE_ATTACK_N,
@@ -293,7 +292,7 @@ class StackedEmbeddingWorld:
         self.n_envs = n_envs
         self.device = torch.device(device)
         spec = scenario.dataset
-        backbone = load_backbone(scenario.backbone.name, scenario.backbone.pretrained, device=str(self.device))
+        backbone = defended_backbone(scenario, device=str(self.device))
         size = backbone.image_size
         pool = load_dataset(spec.name, split="train", n=spec.train_n, seed=spec.seed, image_size=size, root=spec.root)
         probe = load_dataset(spec.name, split="val", n=spec.probe_n, seed=spec.seed, image_size=size, root=spec.root)
