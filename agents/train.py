@@ -677,7 +677,8 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
     normalize = hp.get("normalize", False)
     # On-policy algorithms change the policy once per rollout (n_steps × n_envs steps): evaluating or
     # checkpointing more often than that repeats work on the same policy (and swamps tiny budgets).
-    rollout = int(hp.get("n_steps", 1)) * plan.n_envs if args.algo in ON_POLICY else 1
+    n_steps = hp.get("n_steps")  # validated by the algorithm itself below (a bad value is its error to name)
+    rollout = n_steps * plan.n_envs if args.algo in ON_POLICY and isinstance(n_steps, int) else 1
     eval_freq = max(plan.timesteps // 10, rollout, 1) if args.eval_freq is None else args.eval_freq
     checkpoint_freq = max(plan.timesteps // 4, rollout, 1) if args.checkpoint_freq is None else args.checkpoint_freq
 
