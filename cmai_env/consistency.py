@@ -24,7 +24,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 
 @dataclass(frozen=True)
@@ -149,6 +148,8 @@ def auroc(clean_scores: np.ndarray, adv_scores: np.ndarray) -> float:
     if clean.size == 0 or adv.size == 0:
         return float("nan")
     labels = np.concatenate([np.zeros(clean.size), np.ones(adv.size)])
+    from sklearn.metrics import roc_auc_score  # imported here: scikit-learn costs ~1-2 s to import, listings do not need it
+
     return float(roc_auc_score(labels, np.concatenate([clean, adv])))
 
 
