@@ -17,6 +17,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="module")
+def backbone():
+    """The embedded ``cmai-tiny`` in eval mode, one per test module (attack tests share it)."""
+    from cmai_env.models import load_backbone
+
+    model = load_backbone()
+    model.eval()
+    return model
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``slow`` tests unless ``CMAI_SLOW=1``; tests also marked ``ci_slow`` always run."""
     if os.environ.get("CMAI_SLOW") == "1":

@@ -12,17 +12,9 @@ from cmai_env.attacks.adaptive import best_iterate_pgd_linf
 from cmai_env.cli.main import main as cmai
 from cmai_env.consistency import ConsistencyDetector
 from cmai_env.data import load_dataset
-from cmai_env.models import load_backbone
 from cmai_env.robustness import consistency_scores, evaluate_attack
 
 AWARE = {"aware_pgd_linf": "pgd_linf", "aware_caption_rewrite": "bridge_image_to_text"}
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    model = load_backbone()
-    model.eval()
-    return model
 
 
 @pytest.fixture(scope="module")

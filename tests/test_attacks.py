@@ -20,7 +20,6 @@ from cmai_env.attacks import (
 )
 from cmai_env.cli.main import main as cmai
 from cmai_env.data import load_dataset
-from cmai_env.models import load_backbone
 from cmai_env.robustness import evaluate_attack
 
 EXPECTED = {
@@ -59,13 +58,6 @@ BUDGET = {
     "co_attack": ("linf", "token_l2"),
     "universal": ("linf", None),
 }
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    model = load_backbone()
-    model.eval()
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,13 @@ from cmai_env.attacks import PairBatch, ZeroShotTask, attack_class, make_attack
 from cmai_env.attacks.autoattack import COMPONENTS, _apgd_t, _fab_t
 from cmai_env.cli.main import main as cmai
 from cmai_env.data import load_dataset
-from cmai_env.models import ZeroShotClassifier, load_backbone
+from cmai_env.models import ZeroShotClassifier
 from cmai_env.robustness import evaluate_attack
 
 pytest.importorskip("torchattacks")
 
 # Few iterations / queries so the file stays fast; the standard counts are the defaults (tested below).
 SMALL = {"steps": 5, "n_target_classes": 2, "n_queries": 60}
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    model = load_backbone()
-    model.eval()
-    return model
 
 
 @pytest.fixture(scope="module")
