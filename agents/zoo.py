@@ -105,7 +105,7 @@ def write_zoo_config(algo: str, scenario: str, out: Path, path: Path | None = No
     header = (
         f"# rl-zoo3 hyperparameters for {algo} on CMAI, from CMAI's entry for scenario {scenario!r}.\n"
         f"# python -m rl_zoo3.train --algo {algo} --env {next(iter(table))} --gym-packages cmai_env "
-        f"--env-kwargs scenario:\"'{scenario}'\" --conf-file {out}\n"
+        f"--env-kwargs scenario:\"'{scenario}'\" fidelity:\"'embedding'\" --conf-file {out}\n"
     )
     out.write_text(header + yaml.safe_dump(table, sort_keys=False, default_flow_style=None))
     return out
