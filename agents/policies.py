@@ -46,7 +46,6 @@ drives all of them with the same loop::
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

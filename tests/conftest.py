@@ -27,6 +27,22 @@ def backbone():
     return model
 
 
+@pytest.fixture(scope="module")
+def task(backbone, data):
+    """The zero-shot task over the module's own ``data`` fixture (each attack test file sizes its data)."""
+    from cmai_env.attacks import ZeroShotTask
+
+    return ZeroShotTask.from_dataset(backbone, data)
+
+
+@pytest.fixture(scope="module")
+def batch(backbone, data):
+    """The module's ``data`` as a :class:`PairBatch` of the backbone."""
+    from cmai_env.attacks import PairBatch
+
+    return PairBatch.from_dataset(backbone, data)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``slow`` tests unless ``CMAI_SLOW=1``; tests also marked ``ci_slow`` always run."""
     if os.environ.get("CMAI_SLOW") == "1":

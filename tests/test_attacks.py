@@ -65,16 +65,6 @@ def data(backbone):
     return load_dataset("shapes", split="test", n=8, seed=3, image_size=backbone.image_size)
 
 
-@pytest.fixture(scope="module")
-def task(backbone, data):
-    return ZeroShotTask.from_dataset(backbone, data)
-
-
-@pytest.fixture(scope="module")
-def batch(backbone, data):
-    return PairBatch.from_dataset(backbone, data)
-
-
 def _run(name: str, task: ZeroShotTask, batch: PairBatch, seed: int = 0):
     attack = make_attack(name, **SMALL[name])
     return attack, attack(task, batch, torch.Generator().manual_seed(seed))

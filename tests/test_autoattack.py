@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cmai_env.attacks import PairBatch, ZeroShotTask, attack_class, make_attack
+from cmai_env.attacks import attack_class, make_attack
 from cmai_env.attacks.autoattack import COMPONENTS, _apgd_t, _fab_t
 from cmai_env.cli.main import main as cmai
 from cmai_env.data import load_dataset
@@ -23,16 +23,6 @@ SMALL = {"steps": 5, "n_target_classes": 2, "n_queries": 60}
 @pytest.fixture(scope="module")
 def data(backbone):
     return load_dataset("shapes", split="test", n=48, seed=2, image_size=backbone.image_size)
-
-
-@pytest.fixture(scope="module")
-def task(backbone, data):
-    return ZeroShotTask.from_dataset(backbone, data)
-
-
-@pytest.fixture(scope="module")
-def batch(backbone, data):
-    return PairBatch.from_dataset(backbone, data)
 
 
 def _asr(task, batch, attack, seed=0):
