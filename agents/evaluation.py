@@ -33,9 +33,10 @@ is part of the code, and everything needed to reproduce or compare a number trav
 Metrics
 -------
 Per episode: the return (Σ rewards); ASR = mean probe ASR over the rounds in which an attack is
-active (quiet rounds have ASR 0 by definition and would only dilute it); detector TPR over the
-same attacked rounds; clean accuracy, consistency score, detector FPR and compute cost over all
-rounds; per-attack ASR over the rounds where that attack is active; and the three adaptation
+active (quiet rounds have ASR 0 by definition and would only dilute it); the end-to-end
+``system_asr`` (attacks that flip the model *and* pass the detector) and detector TPR over the
+same attacked rounds; clean accuracy, ``false_rejection_rate``, ``system_clean_acc``,
+consistency score, detector FPR and compute cost over all rounds; per-attack ASR over the rounds where that attack is active; and the three adaptation
 latencies of :mod:`cmai_env.latency` (rounds and ms), averaged over the episode's shifts where
 they were measured: detection and weight response over every shift, recovery over shifts into
 attacking phases (a shift into a quiet phase "recovers" trivially). Per seed: the mean over its
@@ -74,7 +75,18 @@ EVAL_ENV_ID = "cmai_env/CMAI-Eval-v0"
 #: Environment seed of evaluation seed ``s`` is ``EVAL_SEED_OFFSET + s``.
 EVAL_SEED_OFFSET = 100_000
 #: Metrics summarised per seed (all but ``return`` are means over rounds, see the module docstring).
-EPISODE_METRICS = ("return", "asr", "clean_acc", "consistency_score", "detector_tpr", "detector_fpr", "compute_cost")
+EPISODE_METRICS = (
+    "return",
+    "asr",
+    "clean_acc",
+    "system_asr",
+    "false_rejection_rate",
+    "system_clean_acc",
+    "consistency_score",
+    "detector_tpr",
+    "detector_fpr",
+    "compute_cost",
+)
 ROUND_COLUMNS = (
     "policy",
     "seed",
@@ -87,6 +99,9 @@ ROUND_COLUMNS = (
     "clean_acc",
     "asr",
     "asr_per_attack",
+    "system_asr",
+    "false_rejection_rate",
+    "system_clean_acc",
     "consistency_score",
     "detector_tpr",
     "detector_fpr",
@@ -474,6 +489,9 @@ def _episode_record(seed: int, episode: int, rows: list[dict], shifts: list[dict
         "return": float(sum(r["reward"] for r in rows)),
         "asr": _mean([r["asr"] for r in attacked]),
         "clean_acc": _mean([r["clean_acc"] for r in rows]),
+        "system_asr": _mean([r["system_asr"] for r in attacked]),
+        "false_rejection_rate": _mean([r["false_rejection_rate"] for r in rows]),
+        "system_clean_acc": _mean([r["system_clean_acc"] for r in rows]),
         "consistency_score": _mean([r["consistency_score"] for r in rows]),
         "detector_tpr": _mean([r["detector_tpr"] for r in attacked]),
         "detector_fpr": _mean([r["detector_fpr"] for r in rows]),
@@ -521,6 +539,9 @@ def _round_row(policy_name: str, seed: int, episode: int, reward: float, info: d
         "asr": float(info["asr"]),
         "asr_per_attack": json.dumps(per_attack, sort_keys=True),
         "_asr_per_attack": per_attack,
+        "system_asr": float(info["system_asr"]),
+        "false_rejection_rate": float(info["false_rejection_rate"]),
+        "system_clean_acc": float(info["system_clean_acc"]),
         "consistency_score": float(info["consistency_score"]),
         "detector_tpr": float(info["detector_tpr"]),
         "detector_fpr": float(info["detector_fpr"]),

@@ -32,6 +32,9 @@ _RATE: Bounds = (0.0, 1.0)
 METRIC_BOUNDS: dict[str, Bounds] = {
     "asr": _RATE,
     "clean_acc": _RATE,
+    "system_asr": _RATE,
+    "false_rejection_rate": _RATE,
+    "system_clean_acc": _RATE,
     "detector_tpr": _RATE,
     "detector_fpr": _RATE,
     "compute_cost": _RATE,

@@ -15,7 +15,7 @@ from cmai_env.consistency import ConsistencyDetector
 from cmai_env.fidelity.base import Fidelity, ProbeResult, RoundTraffic, TrafficStats, UpdateResult
 from cmai_env.latency import LatencyTracker
 from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, build_observation, fixed_projection
-from cmai_env.round import detection_rates, feed_change_detector
+from cmai_env.round import detection_rates, feed_change_detector, scored_metrics, system_metrics
 from cmai_env.round import reward_terms as round_reward_terms
 from cmai_env.scenario import Scenario, apply_overrides, load_scenario
 from cmai_env.stream import AttackStream, RoundPlan
@@ -123,8 +123,8 @@ class CMAIEnv(gym.Env):
     53     flag_rate               share of incoming pairs the detector flags                 [0, 1]
     54     drift                   1 if the change detector fired this round                  {0, 1}
     55     rounds_since_drift      rounds since it last fired, /episode length (1 if never)   [0, 1]
-    56     prev_clean_acc          previous round's probe clean accuracy                      [0, 1]
-    57     prev_asr                previous round's probe ASR                                 [0, 1]
+    56     prev_clean_acc          previous round's probe accuracy (the reward's: system)     [0, 1]
+    57     prev_asr                previous round's probe ASR (the reward's: system_asr)      [0, 1]
     58     prev_consistency_score  previous round's probe consistency score (mean cosine)     [-1, 1]
     59     prev_detector_tpr       previous round's detector TPR on incoming traffic          [0, 1]
     60     prev_detector_fpr       previous round's detector FPR on incoming traffic          [0, 1]
@@ -137,11 +137,24 @@ class CMAIEnv(gym.Env):
     backbone gives the same size (see :mod:`cmai_env.observation`).
 
     ## Rewards
-    ``r = w_clean·clean_acc − w_asr·asr + w_consistency·consistency_score
+    ``r = w_clean·acc − w_asr·asr + w_consistency·consistency_score
     + w_detection·(tpr − fpr) − w_compute·compute_cost`` with weights from the scenario's
     ``reward`` block (defaults 1, 1, 0.25, 0.25, 0.05). ``compute_cost`` = crafting steps run for
     L_adv / the maximum (1 when a full adversarial update ran, 0 when skipped). In quiet rounds
     asr = 0 and the detection term is ``−fpr``.
+
+    The detector is part of the defended system: a flagged input is rejected. By default
+    (``reward.metrics: system``) ``acc`` is ``system_clean_acc`` (clean probe pairs classified
+    correctly and not rejected) and ``asr`` is ``system_asr`` (originally correct attacked probe
+    pairs that are flipped *and* pass the detector); ``reward.metrics: model`` scores the model
+    alone (``clean_acc``, ``asr``). The probe set is split once
+    (:func:`cmai_env.round.probe_split`): attacks and false rejections are measured on its first
+    pairs, τ is calibrated on the rest, so ``false_rejection_rate`` is out of sample.
+
+    How the weights act on the detector: ``β_consist`` trains ``L_consistency`` down on the
+    round's pairs, which shrinks the clean score distribution that τ is the ``(1 − target_fpr)``
+    quantile of, so τ tightens; ``β_adv`` trains on adversarial examples and lowers the model's
+    ASR, which is what is left against attacks built to pass the detector.
 
     ## Starting State
     The defended parameters are those of the scenario's backbone (embedded ``cmai-tiny`` by
@@ -154,7 +167,8 @@ class CMAIEnv(gym.Env):
 
     ## info
     Every step: ``round``, ``phase``, ``attacks`` (active names), ``shift``, ``clean_acc``,
-    ``asr``, ``asr_per_attack``, ``consistency_score``, ``detector_tpr``, ``detector_fpr``,
+    ``asr``, ``asr_per_attack``, ``system_asr``, ``system_asr_per_attack``,
+    ``false_rejection_rate``, ``system_clean_acc``, ``consistency_score``, ``detector_tpr``, ``detector_fpr``,
     ``detector_flag_rate``, ``detector_threshold``, ``drift_detected``, ``betas``, ``losses``
     (task, consistency, adv, total), ``attack_steps_used``, ``compute_cost``, ``reward_terms``,
     ``latency`` (the latest shift's detection / weight-response / recovery latency in rounds and
@@ -321,16 +335,22 @@ class CMAIEnv(gym.Env):
         probe: ProbeResult = self.world.probe(plan, self.np_random)
         self.detector.calibrate(probe.clean_consistency)
 
+        system = system_metrics(
+            self.detector.threshold, probe.eval_clean_consistency, probe.eval_clean_correct,
+            [e.name for e in plan.mixture], probe.outcomes, [e.weight for e in plan.mixture],
+        )
+        scored_acc, scored_asr = scored_metrics(self.scenario.reward, probe.clean_acc, probe.asr, system)
+
         is_adv = traffic.is_adv
         tpr, fpr = detection_rates(flags, is_adv)
         compute_cost = update.attack_steps_used / max(update.max_attack_steps, 1)
         reward_terms = round_reward_terms(
-            self.scenario.reward, probe.clean_acc, probe.asr, probe.consistency_score, tpr, fpr, bool(is_adv.any()), compute_cost
+            self.scenario.reward, scored_acc, scored_asr, probe.consistency_score, tpr, fpr, bool(is_adv.any()), compute_cost
         )
         reward = float(sum(reward_terms.values()))
         if not np.isfinite(reward):
             raise FloatingPointError(f"non-finite reward at round {t}: terms {reward_terms}")
-        self.latency.round_finished(t, _now_ms(), probe.asr)
+        self.latency.round_finished(t, _now_ms(), scored_asr)
 
         info = {
             "round": t,
@@ -340,6 +360,10 @@ class CMAIEnv(gym.Env):
             "clean_acc": probe.clean_acc,
             "asr": probe.asr,
             "asr_per_attack": dict(probe.asr_per_attack),
+            "system_asr": system.system_asr,
+            "system_asr_per_attack": dict(system.system_asr_per_attack),
+            "false_rejection_rate": system.false_rejection_rate,
+            "system_clean_acc": system.system_clean_acc,
             "consistency_score": probe.consistency_score,
             "detector_tpr": tpr,
             "detector_fpr": fpr,
@@ -355,15 +379,18 @@ class CMAIEnv(gym.Env):
             "latency": self.latency.latest(),
         }
         self._previous = PreviousRound(
-            clean_acc=probe.clean_acc,
-            asr=probe.asr,
+            clean_acc=scored_acc,
+            asr=scored_asr,
             consistency_score=probe.consistency_score,
             detector_tpr=tpr,
             detector_fpr=fpr,
             betas=tuple(float(b) for b in betas),
             losses=(update.l_task, update.l_consistency, update.l_adv),
         )
-        self.history.append({k: info[k] for k in ("round", "phase", "clean_acc", "asr", "consistency_score", "detector_tpr", "detector_fpr")} | {"betas": betas.copy()})
+        self.history.append(
+            {k: info[k] for k in ("round", "phase", "clean_acc", "asr", "system_asr", "consistency_score", "detector_tpr", "detector_fpr")}
+            | {"betas": betas.copy()}
+        )
 
         self._t += 1
         truncated = self._t >= self.episode_rounds

@@ -26,6 +26,7 @@ one environment (rows ``(R, ·)``) and N stacked environments (``(N, R, ·)``):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -151,6 +152,80 @@ def mixture_asr(weights: Sequence[float], asrs: Sequence[float]) -> float:
     return total / max(sum(weights), 1e-12)
 
 
+def probe_split(probe_n: int) -> int:
+    """How many probe pairs form the *evaluation split*: ``min(PROBE_ATTACK_N, probe_n // 2)``.
+
+    The probe set is split once: pairs ``[0, n)`` are attacked and scored (ASR, system ASR,
+    false rejections); pairs ``[n, probe_n)`` are never attacked and calibrate the detector's τ.
+    Keeping them apart makes the false-rejection rate an out-of-sample figure (τ calibrated on the
+    evaluation pairs themselves would reject exactly ``target_fpr`` of them by construction).
+    """
+    return min(PROBE_ATTACK_N, probe_n // 2)
+
+
+@dataclass(frozen=True)
+class AttackOutcome:
+    """One attack's result on the probe's evaluation split (per pair, numpy).
+
+    :param clean_ok: the clean prediction was correct (for the attack's modality; both for
+        two-modality attacks).
+    :param flipped: ``clean_ok`` and the attacked prediction is wrong.
+    :param consistency: ``L_consistency`` of the attacked pair (the detector's score).
+    """
+
+    clean_ok: np.ndarray
+    flipped: np.ndarray
+    consistency: np.ndarray
+
+
+@dataclass(frozen=True)
+class SystemMetrics:
+    """The defended *system* (model + detector that rejects flagged inputs) on the probe.
+
+    :param system_asr: mixture-weighted share of originally correct attacked pairs that are
+        flipped *and not flagged* (``L_consistency ≤ τ``): attacks that get through end to end.
+    :param system_asr_per_attack: the same per attack name.
+    :param false_rejection_rate: share of clean evaluation pairs the detector flags.
+    :param system_clean_acc: share of clean evaluation pairs classified correctly (image) and not
+        rejected.
+    """
+
+    system_asr: float
+    system_asr_per_attack: dict[str, float]
+    false_rejection_rate: float
+    system_clean_acc: float
+
+
+def system_metrics(
+    threshold: float,
+    eval_clean_consistency: np.ndarray,
+    eval_clean_correct: np.ndarray,
+    names: Sequence[str],
+    outcomes: Sequence[AttackOutcome],
+    weights: Sequence[float],
+) -> SystemMetrics:
+    """:class:`SystemMetrics` for a detector with threshold ``τ`` (flag: ``L_consistency > τ``).
+
+    :param eval_clean_consistency: clean ``L_consistency`` of the evaluation split's pairs.
+    :param eval_clean_correct: whether each of them is classified correctly (image side).
+    :param names: the active attacks' names, in mixture order.
+    :param outcomes: each one's :class:`AttackOutcome`, same order.
+    :param weights: the mixture weights, same order.
+    """
+    rejected = np.asarray(eval_clean_consistency) > threshold
+    rates = []
+    for outcome in outcomes:
+        through = outcome.flipped & (np.asarray(outcome.consistency) <= threshold)
+        correct = int(outcome.clean_ok.sum())
+        rates.append(float(through.sum() / correct) if correct else 0.0)
+    return SystemMetrics(
+        system_asr=mixture_asr(list(weights), rates),
+        system_asr_per_attack=dict(zip(names, rates)),
+        false_rejection_rate=float(rejected.mean()) if rejected.size else 0.0,
+        system_clean_acc=float((np.asarray(eval_clean_correct) & ~rejected).mean()) if rejected.size else 0.0,
+    )
+
+
 def detection_rates(flags: np.ndarray, is_adv: np.ndarray) -> tuple[float, float]:
     """Detector TPR (flagged share of the adversarial pairs) and FPR (of the clean ones); 0 without any."""
     tpr = float(flags[is_adv].mean()) if is_adv.any() else 0.0
@@ -171,6 +246,13 @@ def feed_change_detector(change_detector, flags: np.ndarray) -> bool:
         change_detector.update(float(bit))
         fired |= bool(change_detector.drift_detected)
     return fired
+
+
+def scored_metrics(weights, clean_acc: float, asr: float, system: SystemMetrics) -> tuple[float, float]:
+    """The ``(acc, ASR)`` the reward reads: the system's (default) or the model's (``reward.metrics``)."""
+    if weights.metrics == "model":
+        return clean_acc, asr
+    return system.system_clean_acc, system.system_asr
 
 
 def reward_terms(
@@ -194,6 +276,8 @@ def reward_terms(
 __all__ = [
     "PROBE_ATTACK_N",
     "TERMS",
+    "AttackOutcome",
+    "SystemMetrics",
     "bridging_objective",
     "crafting_steps",
     "default_step_size",
@@ -205,6 +289,9 @@ __all__ = [
     "mixture_asr",
     "pair_ce",
     "pair_consistency",
+    "probe_split",
     "reward_terms",
+    "scored_metrics",
+    "system_metrics",
     "total_loss",
 ]

@@ -98,7 +98,8 @@ class DatasetSpec(_Model):
     #: pool the incoming batches are drawn from
     train_n: int = Field(2000, gt=0, le=MAX_TRAIN_N)
     #: held-out pairs the round's metrics are measured on
-    probe_n: int = Field(256, gt=0, le=MAX_PROBE_N)
+    # ≥ 2: the probe is split into an attacked evaluation half and a detector-calibration half.
+    probe_n: int = Field(256, ge=2, le=MAX_PROBE_N)
     seed: int = 0
 
     @field_validator("name")
@@ -152,9 +153,14 @@ class DetectorSpec(_Model):
 class RewardWeights(_Model):
     """``r = w_clean·acc − w_asr·ASR + w_consistency·score + w_detection·(tpr − fpr) − w_compute·cost``.
 
-    At least one weight must be positive (with all zero every round's reward is 0).
+    ``metrics`` says whose ``acc`` and ``ASR`` these are: ``system`` (default) scores the defended
+    system end to end, the model *and* its detector, which rejects flagged inputs
+    (``acc`` = clean pairs classified correctly and not rejected, ``ASR`` = ``system_asr``: attacks
+    that flip the prediction and are not flagged); ``model`` scores the model alone (``clean_acc``,
+    ``asr``). At least one weight must be positive (with all zero every round's reward is 0).
     """
 
+    metrics: Literal["system", "model"] = "system"
     clean_acc: float = Field(1.0, ge=0, allow_inf_nan=False)
     asr: float = Field(1.0, ge=0, allow_inf_nan=False)
     consistency: float = Field(0.25, ge=0, allow_inf_nan=False)
@@ -228,9 +234,10 @@ class AttackSpec(_Model):
 
     @model_validator(mode="after")
     def _known_params(self) -> "AttackSpec":
-        from cmai_env.attacks import attack_class
+        from cmai_env.attacks.specs import declaration  # torch-free: validation never imports the attack code
 
-        defaults = attack_class(self.name).parameters()
+        declared = declaration(self.name)
+        defaults = declared.defaults()
         issues: list[tuple[tuple[str | int, ...], Any, str]] = []
         params: dict[str, ParamValue] = {}
         for key, value in self.params.items():
@@ -242,12 +249,13 @@ class AttackSpec(_Model):
             except ValueError as exc:
                 issues.append((("params", key), value, str(exc)))
         if not issues:
-            try:  # the attack's own checks (negative budgets, zero steps, ...)
-                attack_class(self.name)(**params)
+            try:  # the attack's own checks (negative budgets, zero steps, ...), as its constructor runs them
+                declared.check({**defaults, **params})
             except (ValueError, TypeError) as exc:
                 message = str(exc)
                 # point at the parameter the attack's message names, if it names one
-                named = [k for k in params if f"{k} must" in message or f"{k!r}" in message]
+                # ("<attack>: <key> must ..."; not a bare "eps must", which "steps must" contains)
+                named = [k for k in params if f": {k} must" in message or f"{k!r}" in message]
                 path: tuple[str | int, ...] = ("params", named[0]) if named else ("params",)
                 issues.append((path, params[named[0]] if named else params, message))
         if issues:
@@ -377,8 +385,7 @@ class Scenario(_Model):
 
 # ----------------------------------------------------------------------------- loading
 def _registered_attacks() -> list[str]:
-    import cmai_env.attacks  # noqa: F401  (importing the package registers every attack)
-    from cmai_env.attacks import available_attacks
+    from cmai_env.attacks.specs import available_attacks  # the declarations: no torch
 
     return available_attacks()
 

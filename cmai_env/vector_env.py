@@ -45,7 +45,7 @@ from cmai_env.env import ACTION_SCALE, DISCRETE_BETAS, FLAG_RATE_FACTOR, CMAIEnv
 from cmai_env.fidelity.stacked import StackedEmbeddingWorld, StackedTraffic
 from cmai_env.latency import LatencyTracker
 from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, fixed_projection
-from cmai_env.round import detection_rates, feed_change_detector, reward_terms
+from cmai_env.round import detection_rates, feed_change_detector, reward_terms, scored_metrics, system_metrics
 from cmai_env.scenario import Scenario, load_scenario
 from cmai_env.stream import AttackStream, RoundPlan
 
@@ -269,11 +269,16 @@ class CMAIVectorEnv(VectorEnv):
         steps_used = int(update.attack_steps_used[k])
         compute_cost = steps_used / max_steps
         clean_acc, asr, score = float(probe.clean_acc[k]), float(probe.asr[k]), float(probe.consistency_score[k])
-        terms = reward_terms(self.scenario.reward, clean_acc, asr, score, tpr, fpr, bool(is_adv.any()), compute_cost)
+        system = system_metrics(
+            slot.detector.threshold, probe.eval_clean_consistency[k], probe.eval_clean_correct[k],
+            [e.name for e in plan.mixture], probe.outcomes[k], [e.weight for e in plan.mixture],
+        )
+        scored_acc, scored_asr = scored_metrics(self.scenario.reward, clean_acc, asr, system)
+        terms = reward_terms(self.scenario.reward, scored_acc, scored_asr, score, tpr, fpr, bool(is_adv.any()), compute_cost)
         reward = float(sum(terms.values()))
         if not np.isfinite(reward):
             raise FloatingPointError(f"non-finite reward in env {i} at round {t}: terms {terms}")
-        slot.latency.round_finished(t, _now_ms(), asr)
+        slot.latency.round_finished(t, _now_ms(), scored_asr)
         losses = (float(update.l_task[k]), float(update.l_consistency[k]), float(update.l_adv[k]))
         info = {
             "round": t,
@@ -283,6 +288,10 @@ class CMAIVectorEnv(VectorEnv):
             "clean_acc": clean_acc,
             "asr": asr,
             "asr_per_attack": dict(probe.asr_per_attack[k]),
+            "system_asr": system.system_asr,
+            "system_asr_per_attack": dict(system.system_asr_per_attack),
+            "false_rejection_rate": system.false_rejection_rate,
+            "system_clean_acc": system.system_clean_acc,
             "consistency_score": score,
             "detector_tpr": tpr,
             "detector_fpr": fpr,
@@ -297,7 +306,7 @@ class CMAIVectorEnv(VectorEnv):
             "grad_norms": None,
             "latency": slot.latency.latest(),
         }
-        slot.previous = PreviousRound(clean_acc, asr, score, tpr, fpr, tuple(float(b) for b in betas), losses)
+        slot.previous = PreviousRound(scored_acc, scored_asr, score, tpr, fpr, tuple(float(b) for b in betas), losses)
         slot.t += 1
         return reward, info
 

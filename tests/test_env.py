@@ -100,7 +100,35 @@ def test_spaces_and_observation_layout():
     obs, _, _, _, info = env.step(action_from_betas(np.array([0.2, 0.3, 0.5])))
     np.testing.assert_allclose(obs[OBS_SLICES["prev_betas"]], info["betas"], atol=1e-6)
     np.testing.assert_allclose(info["betas"], [0.2, 0.3, 0.5], atol=1e-3)
-    assert obs[OBS_SLICES["prev_clean_acc"]][0] == pytest.approx(info["clean_acc"], abs=1e-6)
+    # The previous round's metrics are the ones the reward reads: the system's by default.
+    assert obs[OBS_SLICES["prev_clean_acc"]][0] == pytest.approx(info["system_clean_acc"], abs=1e-6)
+    assert obs[OBS_SLICES["prev_asr"]][0] == pytest.approx(info["system_asr"], abs=1e-6)
+
+
+@pytest.mark.parametrize("fidelity", ["embedding", "pixel"])
+def test_system_metrics_count_the_detector_and_select_the_reward(fidelity):
+    """system_asr counts only flips the detector lets through; reward.metrics picks whose figures score."""
+    both_phases = {"phases.0.rounds": 2, "phases.1.rounds": 2}
+    env = make(fidelity=fidelity, **both_phases)
+    env.reset(seed=3)
+    infos = [env.step(action_from_betas(np.array([1.0, 0.0, 0.0])))[4] for _ in range(env.episode_rounds)]
+    attacked = [i for i in infos if i["attacks"] and i["asr"] > 0]
+    assert attacked, "the test scenario must have rounds where the attacks succeed"
+    # These attacks keep the true caption, so the detector catches part of what flips the model.
+    assert np.mean([i["system_asr"] for i in attacked]) < np.mean([i["asr"] for i in attacked])
+    for info in infos:
+        assert 0.0 <= info["system_asr"] <= info["asr"] + 1e-12
+        assert set(info["system_asr_per_attack"]) == set(info["asr_per_attack"])
+        assert 0.0 <= info["false_rejection_rate"] <= 1.0
+        assert info["system_clean_acc"] <= 1.0 - info["false_rejection_rate"] + 1e-12
+        weights = env.scenario.reward
+        assert info["reward_terms"]["asr"] == pytest.approx(-weights.asr * info["system_asr"])
+        assert info["reward_terms"]["clean_acc"] == pytest.approx(weights.clean_acc * info["system_clean_acc"])
+    model_env = make(fidelity=fidelity, **both_phases, **{"reward.metrics": "model"})
+    model_env.reset(seed=3)
+    info = model_env.step(action_from_betas(np.array([1.0, 0.0, 0.0])))[4]
+    assert info["reward_terms"]["asr"] == pytest.approx(-model_env.scenario.reward.asr * info["asr"])
+    assert info["reward_terms"]["clean_acc"] == pytest.approx(model_env.scenario.reward.clean_acc * info["clean_acc"])
 
 
 @pytest.mark.parametrize("fidelity", ["embedding", "pixel"])
@@ -269,3 +297,21 @@ def test_docstring_observation_table_matches_the_layout():
         (f"{s.start}" if s.stop - s.start == 1 else f"{s.start}-{s.stop - 1}", name) for name, s in OBS_SLICES.items()
     ]
     assert rows == expected
+
+
+def test_system_metrics_arithmetic():
+    """τ rejects clean pairs above it; only flips at or below τ count toward system_asr."""
+    from cmai_env.round import AttackOutcome, probe_split, system_metrics
+
+    outcome = AttackOutcome(
+        clean_ok=np.array([True, True, True, True, False]),
+        flipped=np.array([True, True, False, True, False]),
+        consistency=np.array([0.1, 0.9, 0.2, 0.5, 0.1]),
+    )
+    quiet = AttackOutcome(np.array([True, False]), np.array([False, False]), np.array([0.0, 0.0]))
+    metrics = system_metrics(0.5, np.array([0.2, 0.6, 0.4, 0.7]), np.array([True, True, False, True]), ["a", "b"], [outcome, quiet], [3.0, 1.0])
+    assert metrics.system_asr_per_attack == {"a": 0.5, "b": 0.0}  # flips at 0.1 and 0.5 pass, 0.9 is caught
+    assert metrics.system_asr == pytest.approx(0.375)  # (3·0.5 + 1·0) / 4
+    assert metrics.false_rejection_rate == 0.5
+    assert metrics.system_clean_acc == 0.25  # only the first pair is correct and accepted
+    assert [probe_split(n) for n in (2, 16, 128, 256)] == [1, 8, 64, 64]

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmai_env.round import AttackOutcome
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
 
@@ -69,14 +70,24 @@ class UpdateResult:
 
 @dataclass
 class ProbeResult:
-    """Robustness of the defended model on the probe set after the update."""
+    """Robustness of the defended model on the probe set after the update.
+
+    The probe set is split once (:func:`cmai_env.round.probe_split`): the first pairs are the
+    evaluation split (attacked; ASR and false rejections), the rest calibrate the detector.
+    """
 
     clean_acc: float  #: image zero-shot accuracy on clean probe pairs
     consistency_score: float  #: mean cos of matched clean probe embeddings
-    clean_consistency: np.ndarray  #: per-pair clean L_consistency (detector calibration)
+    clean_consistency: np.ndarray  #: clean L_consistency of the calibration split (τ is calibrated on it)
     asr: float  #: mixture-weighted ASR of the round's active attacks (0 in quiet rounds)
     asr_per_attack: dict[str, float] = field(default_factory=dict)
     probe_ms: float = 0.0
+    #: clean L_consistency of the evaluation split (the pairs that are attacked), for false rejections
+    eval_clean_consistency: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: whether each evaluation pair's clean image prediction is correct
+    eval_clean_correct: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: per active attack (mixture order), its per-pair outcome on the evaluation split
+    outcomes: list[AttackOutcome] = field(default_factory=list)
 
 
 class Fidelity(ABC):

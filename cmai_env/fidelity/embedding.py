@@ -93,4 +93,7 @@ class EmbeddingFidelity(Fidelity):
             asr=float(result.asr[0]),
             asr_per_attack=result.asr_per_attack[0],
             probe_ms=result.probe_ms,
+            eval_clean_consistency=result.eval_clean_consistency[0],
+            eval_clean_correct=result.eval_clean_correct[0],
+            outcomes=result.outcomes[0],
         )

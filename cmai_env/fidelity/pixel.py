@@ -19,12 +19,12 @@ from cmai_env.fidelity.base import (
     defended_backbone,
     entry_key,
 )
-from cmai_env.round import PROBE_ATTACK_N, mixture_asr
+from cmai_env.round import AttackOutcome, mixture_asr, probe_split
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
 from cmai_env.training import ModalityBridgingTrainer, TrainerConfig
 
-__all__ = ["PROBE_ATTACK_N", "PixelFidelity", "torch_generator"]
+__all__ = ["PixelFidelity", "torch_generator"]
 
 
 def torch_generator(rng: np.random.Generator) -> torch.Generator:
@@ -145,24 +145,34 @@ class PixelFidelity(Fidelity):
         cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
         asr_per_attack: dict[str, float] = {}
         rates: list[float] = []
-        attacked = self.probe_batch.subset(slice(0, PROBE_ATTACK_N))
+        outcomes: list[AttackOutcome] = []
+        n = probe_split(len(self.probe_batch))
+        attacked = self.probe_batch.subset(slice(0, n))
         for entry in plan.mixture:
             attack = self._attack(entry, rng)
             result = attack(self.task, attacked, torch_generator(rng))
             with torch.no_grad():
                 adv_out = self.task.forward(result.batch)
+                adv_consistency = self.task.consistency(adv_out)
             clean_correct = self.task.correct(_head(out, len(attacked)), attacked.labels, result.modality)
             adv_correct = self.task.correct(adv_out, attacked.labels, result.modality)
             asr = attack_success_rate(clean_correct, adv_correct)
             asr_per_attack[entry.name] = asr
             rates.append(asr)
+            clean_ok = clean_correct.cpu().numpy()
+            outcomes.append(AttackOutcome(clean_ok, clean_ok & ~adv_correct.cpu().numpy(), adv_consistency.cpu().numpy()))
+        all_consistency = clean_consistency.cpu().numpy()
+        image_correct = (out.image_logits.argmax(-1) == labels).cpu().numpy()
         return ProbeResult(
-            clean_acc=float((out.image_logits.argmax(-1) == labels).float().mean()),
+            clean_acc=float(image_correct.mean()),
             consistency_score=float(cosine.mean()),
-            clean_consistency=clean_consistency.cpu().numpy(),
+            clean_consistency=all_consistency[n:],
             asr=mixture_asr([e.weight for e in plan.mixture], rates),
             asr_per_attack=asr_per_attack,
             probe_ms=(time.perf_counter() - start) * 1000,
+            eval_clean_consistency=all_consistency[:n],
+            eval_clean_correct=image_correct[:n],
+            outcomes=outcomes,
         )
 
 

@@ -33,7 +33,7 @@ from cmai_env.data import load_dataset
 from cmai_env.fidelity.base import assign_attacks, defended_backbone, entry_key
 from cmai_env.models.backbone import ResidualAdapter
 from cmai_env.round import (
-    PROBE_ATTACK_N,
+    AttackOutcome,
     bridging_objective,
     crafting_steps,
     default_step_size,
@@ -42,6 +42,7 @@ from cmai_env.round import (
     mixture_asr,
     pair_ce,
     pair_consistency,
+    probe_split,
     total_loss,
 )
 from cmai_env.scenario import Scenario
@@ -270,10 +271,13 @@ class StackedProbe:
 
     clean_acc: np.ndarray  #: (E,)
     consistency_score: np.ndarray  #: (E,)
-    clean_consistency: np.ndarray  #: (E, P) per-pair clean L_consistency (detector calibration)
+    clean_consistency: np.ndarray  #: (E, P − n) clean L_consistency of the calibration split
     asr: np.ndarray  #: (E,) mixture-weighted ASR
     asr_per_attack: list[dict[str, float]]
     probe_ms: float
+    eval_clean_consistency: np.ndarray  #: (E, n) clean L_consistency of the evaluation split
+    eval_clean_correct: np.ndarray  #: (E, n) clean image prediction correct
+    outcomes: list[list[AttackOutcome]]  #: per env, per active attack, its outcome on the evaluation split
 
 
 # ---------------------------------------------------------------------------- the world
@@ -565,7 +569,8 @@ class StackedEmbeddingWorld:
         """Clean accuracy, consistency and mixture-weighted ASR of each environment on the probe set.
 
         The clean metrics use the whole probe set; every active attack of an environment's plan
-        perturbs the first :data:`~cmai_env.round.PROBE_ATTACK_N` probe pairs.
+        perturbs the evaluation split (the first :func:`~cmai_env.round.probe_split` pairs), and
+        the rest is returned for the detector's calibration.
         """
         start = time.perf_counter()
         size = self._size(envs)
@@ -578,9 +583,10 @@ class StackedEmbeddingWorld:
             image_ok, text_ok = lv.argmax(-1) == labels, lt.argmax(-1) == labels
             clean_acc = image_ok.float().mean(-1)
             consistency_score = (e_v * e_t).sum(-1).mean(-1)
-        n = min(PROBE_ATTACK_N, len(self.probe_y))
+        n = probe_split(len(self.probe_y))
         width = max((len(plan.mixture) for plan in plans), default=0)
         asr_per_attack: list[dict[str, float]] = [{} for _ in plans]
+        outcomes: list[list[AttackOutcome]] = [[] for _ in plans]
         asr = np.zeros(size)
         if width:
             orders = RowAttacks.empty((size, width * n))
@@ -593,7 +599,8 @@ class StackedEmbeddingWorld:
             tile = lambda x: x[:n].repeat(width, *([1] * (x.dim() - 1))).unsqueeze(0).expand(size, *([-1] * x.dim()))  # noqa: E731
             adv_v, adv_t = self.craft(envs, tile(self.probe_v), tile(self.probe_t), tile(self.probe_y), orders, classes)
             with torch.no_grad():
-                _, _, alv, alt = self.forward(adv_v, adv_t, classes, envs)
+                aev, aet, alv, alt = self.forward(adv_v, adv_t, classes, envs)
+                adv_consistency = self._consistency(aev, aet, alv, alt).view(size, width, n).cpu().numpy()
                 adv_labels = tile(self.probe_y)
                 adv_image_ok = (alv.argmax(-1) == adv_labels).view(size, width, n)
                 adv_text_ok = (alt.argmax(-1) == adv_labels).view(size, width, n)
@@ -604,18 +611,25 @@ class StackedEmbeddingWorld:
                 adv_ok = torch.where(pick == 0, adv_image_ok, torch.where(pick == 1, adv_text_ok, adv_image_ok & adv_text_ok))
                 # ASR as attack_success_rate defines it: the share of originally correct
                 # predictions the attack flips (0 with none correct), from integer counts.
-                counts = torch.stack([(clean_ok & ~adv_ok).sum(-1), clean_ok.sum(-1)]).cpu().numpy()
+                flipped = clean_ok & ~adv_ok
+                counts = torch.stack([flipped.sum(-1), clean_ok.sum(-1)]).cpu().numpy()
+                clean_ok_np, flipped_np = clean_ok.expand_as(flipped).cpu().numpy(), flipped.cpu().numpy()
             for e, plan in enumerate(plans):
                 rates = [float(counts[0, e, k] / counts[1, e, k]) if counts[1, e, k] else 0.0 for k in range(len(plan.mixture))]
                 asr_per_attack[e] = {entry.name: rate for entry, rate in zip(plan.mixture, rates)}
                 asr[e] = mixture_asr([entry.weight for entry in plan.mixture], rates)
+                outcomes[e] = [AttackOutcome(clean_ok_np[e, k], flipped_np[e, k], adv_consistency[e, k]) for k in range(len(plan.mixture))]
+        all_consistency = clean_consistency.cpu().numpy()
         return StackedProbe(
             clean_acc.double().cpu().numpy(),
             consistency_score.double().cpu().numpy(),
-            clean_consistency.cpu().numpy(),
+            all_consistency[:, n:],
             asr,
             asr_per_attack,
             (time.perf_counter() - start) * 1000,
+            all_consistency[:, :n],
+            image_ok[:, :n].cpu().numpy(),
+            outcomes,
         )
 
 
