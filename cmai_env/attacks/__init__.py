@@ -1,6 +1,8 @@
 """Attacks on image–text pairs, behind one registry.
 
-Importing this package registers every attack:
+Every attack is declared, without torch, in :mod:`cmai_env.attacks.specs` (name, modality,
+threat model, parameters with defaults and ranges); its class is imported on first use
+(``make_attack``, ``attack_class``, or an attribute of this package):
 
 =======================  ========  =========================================================
 name                     modality  what it does
@@ -35,30 +37,38 @@ controls, white- or black-box, detector-aware or not); ``modality`` is the predi
 an attack's ASR and how well the consistency detector sees it.
 """
 
-from cmai_env.attacks.base import (
-    Attack,
-    AttackResult,
-    Modality,
-    PairBatch,
-    TaskOutputs,
-    ThreatModel,
-    ZeroShotTask,
-    attack_class,
-    attack_success_rate,
-    available_attacks,
-    frozen_model,
-    make_attack,
-    register_attack,
-    task_loss,
-)
-from cmai_env.attacks.image import FGSM, PGDL2, PGDLinf, pgd_l2_ascent, pgd_linf_ascent
-from cmai_env.attacks.text import TextEmbeddingPGD, TokenSubstitution, pgd_token_ascent, token_masks
-from cmai_env.attacks.bridge import BridgeImageToText, BridgeTextToImage
-from cmai_env.attacks.joint import CoAttack
-from cmai_env.attacks.universal import Universal
-from cmai_env.attacks.transfer import Transfer
-from cmai_env.attacks.autoattack import APGDCE, APGDT, FABT, AutoAttack, Square
-from cmai_env.attacks.adaptive import AwareCaptionRewrite, AwarePGDLinf
+import importlib
+from typing import Any
+
+# Light, torch-free: what each attack is (scenario validation and `cmai attack list` need only this).
+from cmai_env.attacks.specs import EmbeddingCounterpart, Modality, ThreatModel, available_attacks, declaration
+
+#: public name → the module defining it; imported on first access (PEP 562), so that importing
+#: ``cmai_env.attacks`` (or ``cmai_env.attacks.specs``) does not import torch.
+_LAZY = {
+    **dict.fromkeys(
+        ("Attack", "AttackResult", "PairBatch", "TaskOutputs", "ZeroShotTask", "attack_class", "attack_success_rate",
+         "frozen_model", "make_attack", "register_attack", "task_loss"),
+        "cmai_env.attacks.base",
+    ),
+    **dict.fromkeys(("FGSM", "PGDL2", "PGDLinf", "pgd_l2_ascent", "pgd_linf_ascent"), "cmai_env.attacks.image"),
+    **dict.fromkeys(("TextEmbeddingPGD", "TokenSubstitution", "pgd_token_ascent", "token_masks"), "cmai_env.attacks.text"),
+    **dict.fromkeys(("BridgeImageToText", "BridgeTextToImage"), "cmai_env.attacks.bridge"),
+    "CoAttack": "cmai_env.attacks.joint",
+    "Universal": "cmai_env.attacks.universal",
+    "Transfer": "cmai_env.attacks.transfer",
+    **dict.fromkeys(("APGDCE", "APGDT", "FABT", "AutoAttack", "Square"), "cmai_env.attacks.autoattack"),
+    **dict.fromkeys(("AwareCaptionRewrite", "AwarePGDLinf"), "cmai_env.attacks.adaptive"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "APGDCE",
@@ -85,9 +95,11 @@ __all__ = [
     "Transfer",
     "Universal",
     "ZeroShotTask",
+    "EmbeddingCounterpart",
     "attack_class",
     "attack_success_rate",
     "available_attacks",
+    "declaration",
     "frozen_model",
     "make_attack",
     "pgd_l2_ascent",

@@ -41,16 +41,9 @@ from typing import Callable
 
 import torch
 
-from cmai_env.attacks.base import (
-    Attack,
-    AttackResult,
-    PairBatch,
-    ThreatModel,
-    ZeroShotTask,
-    register_attack,
-)
-from cmai_env.attacks.bridge import TARGETS, choose_wrong_class
-from cmai_env.attacks.image import check_budget, uniform_noise
+from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, register_attack
+from cmai_env.attacks.bridge import choose_wrong_class
+from cmai_env.attacks.image import uniform_noise
 from cmai_env.consistency import consistency_terms
 
 #: per-sample objective to maximise, and per-sample (success, L_consistency) of the same forward pass
@@ -118,20 +111,6 @@ class AwarePGDLinf(Attack):
     """
 
     name = "aware_pgd_linf"
-    modality = "image"
-    description = "detector-aware PGD-ℓ∞: image-only, maximises min(margin, κ) − λ·L_consistency (caption trusted)"
-    threat_model = ThreatModel(("image",), "white-box", detector_aware=True)
-    counterpart = "pgd_linf"
-
-    eps: float = 8 / 255
-    steps: int = 10
-    step_size: float = 2 / 255
-    lam: float = 1.0
-    kappa: float = 5.0
-    random_start: bool = True
-
-    def __post_init__(self) -> None:
-        check_budget(self.name, eps=self.eps, steps=self.steps, step_size=self.step_size, lam=self.lam, kappa=self.kappa)
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         backbone, labels = task.backbone, batch.labels
@@ -169,22 +148,6 @@ class AwareCaptionRewrite(Attack):
     """
 
     name = "aware_caption_rewrite"
-    modality = "image"
-    description = "detector-aware: rewrites the caption to a wrong class c*, targeted PGD-ℓ∞ on the image minimising L_consistency"
-    threat_model = ThreatModel(("image", "text"), "white-box", detector_aware=True)
-    counterpart = "bridge_image_to_text"
-
-    eps: float = 8 / 255
-    steps: int = 10
-    step_size: float = 2 / 255
-    ce_weight: float = 0.0
-    target: str = "nearest"
-    random_start: bool = True
-
-    def __post_init__(self) -> None:
-        check_budget(self.name, eps=self.eps, steps=self.steps, step_size=self.step_size, ce_weight=self.ce_weight)
-        if self.target not in TARGETS:
-            raise ValueError(f"{self.name}: target must be one of {TARGETS}, got {self.target!r}")
 
     def rewrite(self, task: ZeroShotTask, targets: torch.Tensor) -> torch.Tensor:
         """Token ids of the rewritten captions: the task's first template filled with each target class."""

@@ -45,21 +45,10 @@ from typing import Callable
 
 import torch
 
-from cmai_env.attacks.base import (
-    Attack,
-    AttackResult,
-    EmbeddingCounterpart,
-    PairBatch,
-    ThreatModel,
-    ZeroShotTask,
-    register_attack,
-)
-from cmai_env.attacks.image import check_budget
+from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, register_attack
+from cmai_env.attacks.specs import COMPONENTS, autoattack_chain
 from cmai_env.models import ZeroShotClassifier
 
-#: the components of AutoAttack's standard version, in the order the chain runs them
-COMPONENTS: tuple[str, ...] = ("apgd_ce", "apgd_t", "fab_t", "square")
-NORMS = ("Linf", "L2")
 
 TorchattacksFactory = Callable[[torch.nn.Module, int, int], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -163,21 +152,10 @@ class _ChainAttack(Attack):
     component flipped first (state, not a parameter).
     """
 
-    modality = "image"
-    embedding = EmbeddingCounterpart("image", budget="eps", steps="steps")
     broken_by: dict[str, int] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def _components(self) -> list[tuple[str, TorchattacksFactory]]:
         raise NotImplementedError
-
-    def _check(self, **budget: float) -> None:
-        check_budget(self.name, eps=self.eps, **budget)
-        if self.norm not in NORMS:
-            raise ValueError(f"{self.name}: norm must be one of {NORMS}, got {self.norm!r}")
-        for key in ("n_restarts", "n_target_classes", "n_queries"):
-            value = getattr(self, key, 1)
-            if int(value) != value or value < 1:
-                raise ValueError(f"{self.name}: {key} must be a positive integer, got {value!r}")
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         images, broken_by = run_chain(task, batch, self._components(), self.eps, self.norm, generator)
@@ -198,16 +176,6 @@ class APGDCE(_ChainAttack):
     """
 
     name = "apgd_ce"
-    description = "APGD-CE (Croce & Hein 2020), 100 iterations: adaptive-step PGD on the image's zero-shot CE"
-    threat_model = ThreatModel(("image",), "white-box")
-
-    eps: float = 8 / 255
-    steps: int = 100
-    n_restarts: int = 1
-    norm: str = "Linf"
-
-    def __post_init__(self) -> None:
-        self._check(steps=self.steps)
 
     def _components(self) -> list[tuple[str, TorchattacksFactory]]:
         return [("apgd_ce", _apgd_ce(self.eps, self.norm, self.steps, self.n_restarts))]
@@ -225,17 +193,6 @@ class _TargetedChain(_ChainAttack):
     :param norm: ``Linf`` (default) or ``L2``.
     """
 
-    threat_model = ThreatModel(("image",), "white-box")
-
-    eps: float = 8 / 255
-    steps: int = 100
-    n_target_classes: int = 9
-    n_restarts: int = 1
-    norm: str = "Linf"
-
-    def __post_init__(self) -> None:
-        self._check(steps=self.steps)
-
 
 @register_attack
 @dataclass
@@ -246,7 +203,6 @@ class APGDT(_TargetedChain):
     """
 
     name = "apgd_t"
-    description = "APGD-T (Croce & Hein 2020): targeted APGD on the DLR loss, 9 target classes × 100 iterations"
 
     def _components(self) -> list[tuple[str, TorchattacksFactory]]:
         return [("apgd_t", _apgd_t(self.eps, self.norm, self.steps, self.n_restarts, self.n_target_classes))]
@@ -261,7 +217,6 @@ class FABT(_TargetedChain):
     """
 
     name = "fab_t"
-    description = "FAB-T (Croce & Hein 2020): targeted minimal-distortion boundary attack, 9 targets × 100 iterations"
 
     def _components(self) -> list[tuple[str, TorchattacksFactory]]:
         return [("fab_t", _fab_t(self.eps, self.norm, self.steps, self.n_restarts, self.n_target_classes))]
@@ -283,18 +238,6 @@ class Square(_ChainAttack):
     """
 
     name = "square"
-    description = "Square Attack (Andriushchenko et al. 2020): score-based black-box random search, 5,000 queries"
-    threat_model = ThreatModel(("image",), "black-box")
-    embedding = EmbeddingCounterpart("image", budget="eps", steps=None)
-
-    eps: float = 8 / 255
-    n_queries: int = 5000
-    p_init: float = 0.8
-    n_restarts: int = 1
-    norm: str = "Linf"
-
-    def __post_init__(self) -> None:
-        self._check(p_init=self.p_init)
 
     def _components(self) -> list[tuple[str, TorchattacksFactory]]:
         return [("square", _square(self.eps, self.norm, self.n_queries, self.n_restarts, self.p_init))]
@@ -317,29 +260,11 @@ class AutoAttack(_ChainAttack):
     """
 
     name = "autoattack"
-    description = "AutoAttack standard chain APGD-CE → APGD-T → FAB-T → Square (100 it., 9 targets, 5,000 queries), worst case per example"
-    threat_model = ThreatModel(("image",), "white-box")
-
-    eps: float = 8 / 255
-    steps: int = 100
-    n_target_classes: int = 9
-    n_queries: int = 5000
-    components: str = ",".join(COMPONENTS)
-    norm: str = "Linf"
-
-    def __post_init__(self) -> None:
-        self._check(steps=self.steps)
-        chosen = self.chain
-        if not chosen or any(c not in COMPONENTS for c in chosen) or len(set(chosen)) != len(chosen):
-            raise ValueError(
-                f"{self.name}: components must be distinct names from {list(COMPONENTS)}, comma-separated, got {self.components!r}"
-            )
 
     @property
     def chain(self) -> list[str]:
         """The component names, in the standard order."""
-        chosen = [c.strip() for c in str(self.components).split(",") if c.strip()]
-        return sorted(chosen, key=lambda c: COMPONENTS.index(c) if c in COMPONENTS else len(COMPONENTS))
+        return autoattack_chain(self.components)
 
     def _components(self) -> list[tuple[str, TorchattacksFactory]]:
         build = {

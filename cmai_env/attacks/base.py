@@ -15,17 +15,26 @@ Conventions (all attacks follow them; tests check them):
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass, fields, replace
-from typing import Callable, ClassVar, Iterator, Literal
+from typing import Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from cmai_env.attacks.specs import (
+    AttackDeclaration,
+    EmbeddingCounterpart,
+    EmbeddingFamily,
+    Knowledge,
+    Modality,
+    ThreatModel,
+    available_attacks,
+    declaration,
+)
 from cmai_env.consistency import consistency_terms
 from cmai_env.data import CaptionedDataset
 from cmai_env.models import Backbone
-
-Modality = Literal["image", "text", "both"]
 
 
 @dataclass
@@ -167,95 +176,33 @@ class AttackResult:
     modality: Modality
 
 
-#: How the embedding fidelity plays an attack (see :class:`EmbeddingCounterpart`).
-EmbeddingFamily = Literal["image", "text", "universal", "bridge_image", "bridge_text", "both"]
-
-
-@dataclass(frozen=True)
-class EmbeddingCounterpart:
-    """An attack's stand-in in the ``embedding`` fidelity, on the cached input embeddings.
-
-    :param family: what it perturbs and how (L2-PGD within radius ``r``):
-        ``image`` (e_v, up the image's zero-shot CE), ``text`` (e_t, up the caption's CE),
-        ``universal`` (one δ shared by the attack's pairs of a round, on e_v), ``bridge_image`` /
-        ``bridge_text`` (e_v / e_t pulled toward the nearest wrong class prompt), ``both`` (e_t
-        and e_v, each up its own CE).
-    :param budget: the attack parameter that sets its strength; the radius is
-        ``r = RADIUS · params[budget] / default[budget]`` (:mod:`cmai_env.fidelity.embedding`).
-    :param steps: the attack parameter holding its iteration count (capped at ``MAX_STEPS``);
-        ``None``: one step.
-    """
-
-    family: EmbeddingFamily
-    budget: str = "eps"
-    steps: str | None = "steps"
-
-    @property
-    def modality(self) -> Modality:
-        """Which prediction the attack flips: ``image``, ``text`` or ``both``."""
-        return {"image": "image", "universal": "image", "bridge_image": "image", "text": "text", "bridge_text": "text"}.get(self.family, "both")  # type: ignore[return-value]
-
-
-Knowledge = Literal["white-box", "black-box"]
-
-
-@dataclass(frozen=True)
-class ThreatModel:
-    """Who the attacker is: what it may change and what it knows (Carlini & Wagner 2017; Tramèr et al. 2020).
-
-    :param controls: the modalities the attacker may change (``image``, ``text`` or both); a
-        modality it does not control reaches the model as the clean, trusted input.
-    :param knowledge: ``white-box`` (gradients of the defended model) or ``black-box`` (only
-        queries of its class scores).
-    :param detector_aware: the attacker knows the consistency detector and optimises against it
-        (an adaptive attack); ``False``: it attacks the classifier only.
-    """
-
-    controls: tuple[Literal["image", "text"], ...]
-    knowledge: Knowledge = "white-box"
-    detector_aware: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.controls or not set(self.controls) <= {"image", "text"}:
-            raise ValueError(f"ThreatModel.controls must be a non-empty subset of ('image', 'text'), got {self.controls!r}")
-        if self.knowledge not in ("white-box", "black-box"):
-            raise ValueError(f"ThreatModel.knowledge must be 'white-box' or 'black-box', got {self.knowledge!r}")
-
-    def __str__(self) -> str:
-        aware = " · detector-aware" if self.detector_aware else ""
-        return f"controls {'+'.join(self.controls)} · {self.knowledge}{aware}"
-
-    def as_dict(self) -> dict[str, object]:
-        return {"controls": list(self.controls), "knowledge": self.knowledge, "detector_aware": self.detector_aware}
-
-    @classmethod
-    def of_modality(cls, modality: Modality) -> "ThreatModel":
-        """The white-box, detector-unaware threat model of an attack that perturbs ``modality``."""
-        return cls(("image", "text") if modality == "both" else (modality,))
-
-
 @dataclass
 class Attack:
-    """Base class: subclasses are dataclasses whose fields are the attack's budget/parameters.
+    """Base class: subclasses are dataclasses that implement :meth:`perturb` for one declared attack.
 
-    Subclasses set ``name`` and ``modality`` and implement :meth:`perturb`. To be playable in the
-    ``embedding`` fidelity (and the batched vector environment) a subclass also declares its
-    counterpart there, in its own class body, e.g.::
+    What an attack *is* — its modality, description, threat model, non-adaptive counterpart,
+    embedding-fidelity counterpart and its parameters with their defaults and allowed ranges — is
+    declared once, without torch, in :mod:`cmai_env.attacks.specs` (``cmai attack list`` and
+    scenario validation read only that). A subclass names its declaration and implements the
+    attack::
 
-        embedding = EmbeddingCounterpart("image", budget="eps")   # an image-space ℓp attack
+        @register_attack
+        @dataclass
+        class PGDLinf(Attack):
+            name = "pgd_linf"          # → DECLARATIONS["pgd_linf"]
+            def perturb(self, task, batch, generator=None): ...
 
-    ``embedding = None`` (the default) makes the embedding fidelity refuse scenarios that use the
-    attack with a clear error; the pixel fidelity runs every attack. Adding an attack therefore
-    touches one file: its module (plus the import in ``cmai_env/attacks/__init__.py``).
+    Class creation (:meth:`__init_subclass__`, before ``@dataclass`` runs) copies the declared
+    ``modality``, ``description``, ``threat_model``, ``counterpart`` and ``embedding`` onto the
+    class and adds one dataclass field per declared parameter, with its declared default, ahead
+    of the class's own (``init=False``) state fields; ``__post_init__`` checks the values against
+    the declared ranges. A class body that restates a parameter, or sets one of those attributes
+    to something else than the declaration, is an error at import time.
 
-    Every attack states its threat model (:class:`ThreatModel`: the modalities the attacker
-    controls, white- or black-box, detector-aware or not). A subclass that does not set
-    ``threat_model`` gets ``ThreatModel.of_modality(modality)``: white-box, detector-unaware,
-    controlling the modality it perturbs. ``modality`` says which prediction is scored (and
-    perturbed); ``threat_model.controls`` may be wider (an attacker who rewrites the caption and
-    perturbs the image to flip the image's prediction). A detector-aware attack names its
-    non-adaptive ``counterpart`` (a registered attack at the same budget) so that reports can put
-    the two side by side.
+    ``modality`` says which prediction is scored (and perturbed); ``threat_model.controls`` may
+    be wider (an attacker who rewrites the caption and perturbs the image to flip the image's
+    prediction). ``embedding = None`` makes the embedding fidelity refuse scenarios that use the
+    attack with a clear error; the pixel fidelity runs every attack.
     """
 
     name: ClassVar[str] = ""
@@ -265,11 +212,33 @@ class Attack:
     threat_model: ClassVar[ThreatModel] = ThreatModel(("image",))
     #: the registered non-adaptive attack this one adapts (detector-aware attacks), else None
     counterpart: ClassVar[str | None] = None
+    #: this attack's declaration (:mod:`cmai_env.attacks.specs`); None on abstract bases
+    declaration: ClassVar[AttackDeclaration | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if "threat_model" not in cls.__dict__:
-            cls.threat_model = ThreatModel.of_modality(cls.modality)
+        name = cls.__dict__.get("name")
+        if not name:
+            return  # an abstract base, or a view of a declared class (flamingo_task.GenerativeAttack)
+        declared = declaration(name)
+        for attr in ("modality", "description", "threat_model", "counterpart", "embedding"):
+            value = getattr(declared, attr)
+            if attr not in cls.__dict__:
+                setattr(cls, attr, value)
+            elif getattr(cls, attr) != value:  # e.g. transfer's inner-dependent descriptors agree at class level
+                raise TypeError(f"{cls.__name__}.{attr} = {getattr(cls, attr)!r} differs from the declaration of {name!r} ({value!r})")
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        restated = [p.name for p in declared.params if p.name in own]
+        if restated:
+            raise TypeError(f"{cls.__name__}: parameter(s) {restated} of {name!r} are declared in cmai_env/attacks/specs.py; do not restate them")
+        cls.__annotations__ = {**{p.name: p.annotation for p in declared.params}, **own}
+        for p in declared.params:
+            setattr(cls, p.name, p.default)
+        cls.declaration = declared
+
+    def __post_init__(self) -> None:
+        if self.declaration is not None:
+            self.declaration.check({key: getattr(self, key) for key in self.parameters()})
 
     def counterpart_params(self) -> dict[str, object]:
         """Parameters of :attr:`counterpart` at this attack's budget (shared parameter names)."""
@@ -315,26 +284,31 @@ def frozen_model(backbone: Backbone) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- registry
+# Names come from the declarations (available_attacks, torch-free); a class is imported on first
+# use from its declared entry point and registers itself there.
 _REGISTRY: dict[str, type[Attack]] = {}
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
-    """Class decorator adding an attack to the registry under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
+    """Class decorator adding an attack to the registry under ``cls.name`` (which must be declared).
+
+    :raises ValueError: no name, a name registered twice, or a class other than the declared entry point.
+    """
+    if not cls.name or cls.declaration is None:
+        raise ValueError(f"{cls.__name__} has no name (declare it in cmai_env/attacks/specs.py)")
     if cls.name in _REGISTRY:
         raise ValueError(f"attack {cls.name!r} registered twice")
+    if f"{cls.__module__}:{cls.__qualname__}" != cls.declaration.entry_point:
+        raise ValueError(f"attack {cls.name!r} is declared at {cls.declaration.entry_point}, not {cls.__module__}:{cls.__qualname__}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def available_attacks() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def attack_class(name: str) -> type[Attack]:
+    """The class of a registered attack (its module is imported on first use)."""
+    declared = declaration(name)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown attack {name!r}; registered attacks: {available_attacks()}")
+        importlib.import_module(declared.entry_point.partition(":")[0])
     return _REGISTRY[name]
 
 
@@ -359,6 +333,9 @@ def task_loss(out: TaskOutputs, labels: torch.Tensor, modality: Modality, reduct
 __all__ = [
     "Attack",
     "AttackResult",
+    "EmbeddingCounterpart",
+    "EmbeddingFamily",
+    "Knowledge",
     "Modality",
     "ThreatModel",
     "PairBatch",

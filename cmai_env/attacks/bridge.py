@@ -27,12 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import Attack, AttackResult, EmbeddingCounterpart, PairBatch, ZeroShotTask, register_attack
-from cmai_env.attacks.image import check_budget, pgd_linf_ascent, uniform_noise
+from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, register_attack
+from cmai_env.attacks.image import pgd_linf_ascent, uniform_noise
 from cmai_env.attacks.text import clean_token_embeddings, pgd_token_ascent, token_masks
-
-TARGETS = ("nearest", "random")
-TARGET_EMBEDDINGS = ("image", "prompt")
 
 
 def choose_wrong_class(
@@ -47,13 +44,6 @@ def choose_wrong_class(
     score = score.clone()
     score[torch.arange(len(labels), device=labels.device), labels] = -float("inf")
     return score.argmax(-1)
-
-
-def _check_choice(attack: str, target: str, target_embedding: str | None = None) -> None:
-    if target not in TARGETS:
-        raise ValueError(f"{attack}: target must be one of {TARGETS}, got {target!r}")
-    if target_embedding is not None and target_embedding not in TARGET_EMBEDDINGS:
-        raise ValueError(f"{attack}: target_embedding must be one of {TARGET_EMBEDDINGS}, got {target_embedding!r}")
 
 
 @register_attack
@@ -71,19 +61,6 @@ class BridgeImageToText(Attack):
     """
 
     name = "bridge_image_to_text"
-    modality = "image"
-    embedding = EmbeddingCounterpart("bridge_image", budget="eps")
-    description = "CrossFire-style bridge: PGD-ℓ∞ pulls the image embedding onto a wrong class's text embedding"
-
-    eps: float = 16 / 255
-    steps: int = 10
-    step_size: float = 2 / 255
-    random_start: bool = True
-    target: str = "nearest"
-
-    def __post_init__(self) -> None:
-        check_budget(self.name, eps=self.eps, steps=self.steps, step_size=self.step_size)
-        _check_choice(self.name, self.target)
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         backbone = task.backbone
@@ -116,20 +93,6 @@ class BridgeTextToImage(Attack):
     """
 
     name = "bridge_text_to_image"
-    modality = "text"
-    embedding = EmbeddingCounterpart("bridge_text", budget="eps")
-    description = "CrossFire-style bridge: token-embedding PGD pulls the caption onto a wrong class's image embedding"
-
-    eps: float = 0.2
-    steps: int = 10
-    step_size: float = 0.05
-    random_start: bool = True
-    target: str = "nearest"
-    target_embedding: str = "image"
-
-    def __post_init__(self) -> None:
-        check_budget(self.name, eps=self.eps, steps=self.steps, step_size=self.step_size)
-        _check_choice(self.name, self.target, self.target_embedding)
 
     @torch.no_grad()
     def _targets(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None) -> torch.Tensor:

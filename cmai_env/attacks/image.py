@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import Attack, AttackResult, EmbeddingCounterpart, PairBatch, ZeroShotTask, register_attack
+from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, register_attack
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -45,16 +45,6 @@ def normal_noise(shape: torch.Size | tuple[int, ...], like: torch.Tensor, genera
     """``N(0, 1)`` noise, drawn like :func:`uniform_noise`."""
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
-
-
-def check_budget(attack: str, **values: float) -> None:
-    """Reject negative budgets / non-positive step counts with a message naming the parameter."""
-    for key, value in values.items():
-        if key == "steps":
-            if int(value) != value or value < 1:
-                raise ValueError(f"{attack}: steps must be a positive integer, got {value!r}")
-        elif value < 0:
-            raise ValueError(f"{attack}: {key} must be ≥ 0, got {value!r}")
 
 
 # ---------------------------------------------------------------------------- primitives
@@ -151,14 +141,6 @@ class FGSM(Attack):
     """
 
     name = "fgsm"
-    modality = "image"
-    embedding = EmbeddingCounterpart("image", budget="eps", steps=None)
-    description = "FGSM: one signed-gradient step on the image's zero-shot CE (ℓ∞)"
-
-    eps: float = 8 / 255
-
-    def __post_init__(self) -> None:
-        check_budget(self.name, eps=self.eps)
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         images = pgd_linf_ascent(image_ce_loss(task, batch.labels), batch.images, self.eps, 1, self.eps, False)
@@ -179,17 +161,6 @@ class PGDLinf(Attack):
     """
 
     name = "pgd_linf"
-    modality = "image"
-    embedding = EmbeddingCounterpart("image", budget="eps")
-    description = "PGD-ℓ∞ on the image's zero-shot CE (untargeted)"
-
-    eps: float = 8 / 255
-    steps: int = 10
-    step_size: float = 2 / 255
-    random_start: bool = True
-
-    def __post_init__(self) -> None:
-        check_budget(self.name, eps=self.eps, steps=self.steps, step_size=self.step_size)
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         images = pgd_linf_ascent(
@@ -212,17 +183,6 @@ class PGDL2(Attack):
     """
 
     name = "pgd_l2"
-    modality = "image"
-    embedding = EmbeddingCounterpart("image", budget="eps")
-    description = "PGD-ℓ2 on the image's zero-shot CE (untargeted)"
-
-    eps: float = 0.5
-    steps: int = 10
-    step_size: float = 0.1
-    random_start: bool = True
-
-    def __post_init__(self) -> None:
-        check_budget(self.name, eps=self.eps, steps=self.steps, step_size=self.step_size)
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         images = pgd_l2_ascent(

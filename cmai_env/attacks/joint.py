@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import Attack, AttackResult, EmbeddingCounterpart, PairBatch, ZeroShotTask, register_attack
-from cmai_env.attacks.image import check_budget, pgd_linf_ascent
+from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, register_attack
+from cmai_env.attacks.image import pgd_linf_ascent
 from cmai_env.attacks.text import clean_token_embeddings, pgd_token_ascent, text_ce_loss, token_masks
 
 
@@ -43,30 +43,6 @@ class CoAttack(Attack):
     """
 
     name = "co_attack"
-    modality = "both"
-    embedding = EmbeddingCounterpart("both", budget="eps")
-    description = "Co-Attack: text embedding PGD, then image PGD-ℓ∞ away from clean and perturbed caption embeddings"
-
-    eps: float = 8 / 255
-    steps: int = 10
-    step_size: float = 2 / 255
-    text_eps: float = 0.2
-    text_steps: int = 10
-    text_step_size: float = 0.05
-    embed_weight: float = 1.0
-    random_start: bool = True
-
-    def __post_init__(self) -> None:
-        check_budget(
-            self.name,
-            eps=self.eps,
-            steps=self.steps,
-            step_size=self.step_size,
-            text_eps=self.text_eps,
-            text_steps=self.text_steps,
-            text_step_size=self.text_step_size,
-            embed_weight=self.embed_weight,
-        )
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         backbone = task.backbone

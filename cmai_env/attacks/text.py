@@ -39,8 +39,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import Attack, AttackResult, EmbeddingCounterpart, PairBatch, ZeroShotTask, register_attack
-from cmai_env.attacks.image import check_budget, normal_noise, uniform_noise
+from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, register_attack
+from cmai_env.attacks.image import normal_noise, uniform_noise
 from cmai_env.models import Backbone
 
 EmbedLossFn = Callable[[torch.Tensor], torch.Tensor]
@@ -138,18 +138,6 @@ class TextEmbeddingPGD(Attack):
     """
 
     name = "text_embedding_pgd"
-    modality = "text"
-    embedding = EmbeddingCounterpart("text", budget="eps")
-    description = "PGD on input token embeddings (L2 per token) against the caption's zero-shot CE"
-
-    eps: float = 0.2
-    steps: int = 10
-    step_size: float = 0.05
-    random_start: bool = True
-    include_special: bool = False
-
-    def __post_init__(self) -> None:
-        check_budget(self.name, eps=self.eps, steps=self.steps, step_size=self.step_size)
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         real, content = token_masks(task.backbone, batch.tokens)
@@ -221,22 +209,6 @@ class TokenSubstitution(Attack):
     """
 
     name = "token_substitution"
-    modality = "text"
-    embedding = EmbeddingCounterpart("text", budget="k", steps=None)
-    description = "HotFlip-style gradient-guided substitution of up to k word tokens"
-
-    k: int = 1
-    candidate_vocab: int | None = 1024
-    verify_top: int = 8
-    whole_words: bool = True
-
-    def __post_init__(self) -> None:
-        if int(self.k) != self.k or self.k < 0:
-            raise ValueError(f"{self.name}: k must be an integer ≥ 0, got {self.k!r}")
-        if self.candidate_vocab is not None and (int(self.candidate_vocab) != self.candidate_vocab or self.candidate_vocab < 1):
-            raise ValueError(f"{self.name}: candidate_vocab must be a positive integer or None, got {self.candidate_vocab!r}")
-        if int(self.verify_top) != self.verify_top or self.verify_top < 1:
-            raise ValueError(f"{self.name}: verify_top must be a positive integer, got {self.verify_top!r}")
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         backbone = task.backbone

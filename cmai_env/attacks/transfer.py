@@ -44,77 +44,29 @@ defended model's gradients, so the embedding fidelity refuses it (use ``fidelity
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import (
-    Attack,
-    AttackResult,
-    Modality,
-    PairBatch,
-    ThreatModel,
-    ZeroShotTask,
-    attack_class,
-    available_attacks,
-    register_attack,
-)
-from cmai_env.models import Backbone, available_backbones, load_backbone
-
-#: inner-attack parameters ``transfer`` forwards when they are set
-FORWARDED = ("eps", "steps", "step_size", "k")
-DEFAULT_INNER = "pgd_linf"
+from cmai_env.attacks.base import Attack, AttackResult, Modality, PairBatch, ThreatModel, ZeroShotTask, attack_class, register_attack
+from cmai_env.attacks.specs import DEFAULT_INNER, FORWARDED, declaration, transfer_inner_params
+from cmai_env.models import Backbone, load_backbone
 
 
 class _FromInner:
-    """A class attribute of :class:`Transfer` read from its inner attack's class.
+    """A class attribute of :class:`Transfer` read from its inner attack's declaration.
 
     On an instance it is the inner attack's value; on the class (``cmai attack list``), that of
-    the default inner attack.
+    the default inner attack (as ``transfer``'s own declaration states).
     """
 
     def __init__(self, read) -> None:
         self.read = read
 
     def __get__(self, obj: "Transfer | None", owner: type) -> Any:
-        return self.read(attack_class(DEFAULT_INNER if obj is None else obj.inner))
-
-
-def _black_box(inner: type[Attack]) -> ThreatModel:
-    threat = inner.threat_model
-    return ThreatModel(threat.controls, "black-box", threat.detector_aware)
-
-
-def _typed_like(attack: str, key: str, value: Any, default: Any) -> Any:
-    """``value`` as the type of the inner attack's default (fraction strings like ``8/255`` allowed)."""
-    if value is None:
-        return None
-    try:
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if isinstance(value, bool):
-            raise TypeError
-        if isinstance(default, int):
-            number = float(Fraction(str(value)))
-            if not number.is_integer():
-                raise TypeError
-            return int(number)
-        if isinstance(default, float):
-            return float(Fraction(str(value).strip()))
-    except (TypeError, ValueError, ZeroDivisionError):
-        kind = {"bool": "true or false", "int": "an integer"}.get(type(default).__name__, "a number (or a fraction like 8/255)")
-        raise ValueError(f"transfer: {key} must be {kind}, as the inner attack {attack!r}'s default {default!r}; got {value!r}") from None
-    return value
-
-
-def _looks_like_path(text: str) -> bool:
-    return os.sep in text or text.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        return self.read(declaration(DEFAULT_INNER if obj is None else obj.inner))
 
 
 @register_attack
@@ -132,48 +84,19 @@ class Transfer(Attack):
     """
 
     name = "transfer"
-    description = (
-        "black-box transfer: the inner attack crafted on a surrogate backbone, applied to the target "
-        "(modality and controls are the inner attack's; shown for the default pgd_linf)"
-    )
-    modality: ClassVar[Modality] = _FromInner(lambda cls: cls.modality)  # type: ignore[assignment]
-    threat_model: ClassVar[ThreatModel] = _FromInner(_black_box)  # type: ignore[assignment]
+    modality: ClassVar[Modality] = _FromInner(lambda inner: inner.modality)  # type: ignore[assignment]
+    threat_model: ClassVar[ThreatModel] = _FromInner(lambda inner: inner.threat_model.black_box())  # type: ignore[assignment]
 
-    inner: str = DEFAULT_INNER
-    surrogate: str = "cmai-tiny-rn"
-    surrogate_pretrained: str | None = None
-    eps: float | None = None
-    steps: int | None = None
-    step_size: float | None = None
-    k: int | None = None
     _inner_attack: Attack | None = field(default=None, init=False, repr=False, compare=False)
     _surrogate: Backbone | None = field(default=None, init=False, repr=False, compare=False)
     _tasks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.inner not in available_attacks() or self.inner == self.name:
-            allowed = [a for a in available_attacks() if a != self.name]
-            raise ValueError(f"transfer: inner must be a registered attack other than 'transfer', got {self.inner!r}; allowed: {allowed}")
-        if self.surrogate not in available_backbones():
-            raise ValueError(
-                f"transfer: surrogate {self.surrogate!r} is not a backbone load_backbone knows; "
-                f"CMAI's: {[b for b in available_backbones() if b.startswith('cmai')]}, or any open_clip architecture"
-            )
-        if self.surrogate_pretrained is not None and _looks_like_path(self.surrogate_pretrained):
-            if not os.path.isfile(os.path.expanduser(self.surrogate_pretrained)):
-                raise ValueError(f"transfer: surrogate_pretrained checkpoint {self.surrogate_pretrained!r} does not exist")
-        cls = attack_class(self.inner)
-        defaults = cls.parameters()
-        params = {}
-        for key in FORWARDED:
-            value = getattr(self, key)
-            if value is None:
-                continue
-            if key not in defaults:
-                raise ValueError(f"transfer: inner attack {self.inner!r} has no parameter {key!r}; its parameters: {sorted(defaults)}")
-            params[key] = _typed_like(self.inner, key, value, defaults[key])
-            setattr(self, key, params[key])
-        self._inner_attack = cls(**params)  # the inner attack's own checks (negative budgets, ...)
+        super().__post_init__()  # inner, surrogate, forwarded parameters and the inner attack's ranges
+        params = transfer_inner_params({key: getattr(self, key) for key in self.parameters()})
+        for key, value in params.items():
+            setattr(self, key, value)
+        self._inner_attack = attack_class(self.inner)(**params)
 
     # ------------------------------------------------------------------ the surrogate side
     @property

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cmai_env.attacks.base import Attack, AttackResult, EmbeddingCounterpart, PairBatch, ZeroShotTask, frozen_model, register_attack
-from cmai_env.attacks.image import check_budget, uniform_noise
+from cmai_env.attacks.base import Attack, AttackResult, PairBatch, ZeroShotTask, frozen_model, register_attack
+from cmai_env.attacks.image import uniform_noise
 
 
 @register_attack
@@ -40,23 +40,10 @@ class Universal(Attack):
     """
 
     name = "universal"
-    modality = "image"
-    embedding = EmbeddingCounterpart("universal", budget="eps")
-    description = "universal ℓ∞ perturbation: one δ fitted by sign-gradient ascent on the mean CE, added to unseen images"
 
-    eps: float = 8 / 255
-    steps: int = 10
-    step_size: float = 1 / 255
-    batch_size: int = 128
-    random_start: bool = False
     #: number of pairs the current δ was fitted on (None until :meth:`fit` ran)
     fitted_on: int | None = field(default=None, init=False, compare=False)
     _delta: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        check_budget(self.name, eps=self.eps, steps=self.steps, step_size=self.step_size, batch_size=self.batch_size)
-        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be a positive integer, got {self.batch_size!r}")
 
     @property
     def delta(self) -> torch.Tensor | None:
