@@ -101,14 +101,14 @@ def attack_params(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from cmai_env.attacks import attack_class, available_attacks
+    from cmai_env.attacks.specs import available_attacks, declaration  # the declarations: no torch
 
     for name in available_attacks():
-        cls = attack_class(name)
-        params = ", ".join(f"{key}={_format(value)}" for key, value in cls.parameters().items())
-        print(f"{name} [{cls.modality}]: {cls.description}")
-        against = f" · non-adaptive counterpart: {cls.counterpart}" if cls.counterpart else ""
-        print(f"    threat model: {cls.threat_model}{against}")
+        attack = declaration(name)
+        params = ", ".join(f"{key}={_format(value)}" for key, value in attack.defaults().items())
+        print(f"{name} [{attack.modality}]: {attack.description}")
+        against = f" · non-adaptive counterpart: {attack.counterpart}" if attack.counterpart else ""
+        print(f"    threat model: {attack.threat_model}{against}")
         print(f"    {params}")
     return 0
 
