@@ -7,25 +7,38 @@ Built-in generators (``shapes``, ``digits``) need no files; the real-format load
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from cmai_env.data.base import SPLITS, CaptionedDataset, DatasetFormatError, to_image_tensor
-from cmai_env.data.coco import load_coco_captions
-from cmai_env.data.digits import load_digits
-from cmai_env.data.folder import load_folder
-from cmai_env.data.medmnist import load_medmnist
-from cmai_env.data.shapes import load_shapes
-from cmai_env.data.visual_genome import load_visual_genome
+if TYPE_CHECKING:
+    from cmai_env.data.base import CaptionedDataset
 
-_LOADERS: dict[str, Callable[..., CaptionedDataset]] = {
-    "shapes": load_shapes,
-    "digits": load_digits,
-    "coco-captions": load_coco_captions,
-    "medmnist": load_medmnist,
-    "folder": load_folder,
-    "visual-genome": load_visual_genome,
+#: dataset name → "module:loader"; a loader (and torch with it) is imported when it is used, so
+#: that listing the names (scenario validation, ``cmai scenarios validate``) stays torch-free
+_LOADERS: dict[str, str] = {
+    "shapes": "cmai_env.data.shapes:load_shapes",
+    "digits": "cmai_env.data.digits:load_digits",
+    "coco-captions": "cmai_env.data.coco:load_coco_captions",
+    "medmnist": "cmai_env.data.medmnist:load_medmnist",
+    "folder": "cmai_env.data.folder:load_folder",
+    "visual-genome": "cmai_env.data.visual_genome:load_visual_genome",
 }
+_FROM_BASE = ("SPLITS", "CaptionedDataset", "DatasetFormatError", "to_image_tensor")
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the torch-backed names of cmai_env.data.base, imported on first access
+    if name not in _FROM_BASE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module("cmai_env.data.base"), name)
+    globals()[name] = value
+    return value
+
+
+def _loader(name: str) -> Callable[..., "CaptionedDataset"]:
+    module, _, function = _LOADERS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def available_datasets() -> list[str]:
@@ -57,11 +70,13 @@ def load_dataset(
     kwargs = dict(split=split, n=n, seed=seed, image_size=image_size, **options)
     if root is not None:
         kwargs["root"] = Path(root)
-    dataset = _LOADERS[name](**kwargs)
+    dataset = _loader(name)(**kwargs)
     if len(dataset.labels) == 0 and n != 0:
         # Every consumer (calibration, probes, batches) needs at least one pair; say so here, where
         # the file and split are known, not as an empty torch.cat much later.
         where = f" at {root}" if root is not None else ""
+        from cmai_env.data.base import DatasetFormatError
+
         raise DatasetFormatError(
             f"{name}{where}: the {split!r} split is empty (the data is too small for a {split} split); "
             "add images, or give the split explicitly (a CSV 'split' column)"
