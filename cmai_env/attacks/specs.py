@@ -14,7 +14,8 @@ The attack classes (:mod:`cmai_env.attacks.image`, …) take all of these from h
 fields and defaults are generated from the declared parameters (:meth:`Attack.__init_subclass__
 <cmai_env.attacks.base.Attack>`), and their ``__post_init__`` runs :meth:`AttackDeclaration.check`.
 Scenario validation and ``cmai attack list`` read only this module, so they never import torch,
-open_clip or the attack code (``cmai scenarios validate`` answers in well under a second).
+open_clip or the attack code (``benchmarks/listing_speed.py`` times them;
+``tests/test_listing_speed.py`` checks that nothing heavy is imported).
 
     from cmai_env.attacks.specs import declaration
     pgd = declaration("pgd_linf")
