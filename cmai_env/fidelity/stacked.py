@@ -57,7 +57,10 @@ ADAPTER_HIDDEN = 64
 #: AdamW weight decay of the adapters (``torch.optim.AdamW``'s default, which this world always used).
 WEIGHT_DECAY = 1e-2
 
-# Ascent modes per modality and row: 0 untouched, 1 up the zero-shot CE, 2 toward a wrong class prompt.
+# Crafting modes per modality and row: 0 untouched, 1 up the zero-shot CE, 2 toward the nearest
+# wrong class prompt c*, 3 (image) detector-aware: up min(margin, κ) − λ·L_consistency with the
+# row's caption, 4 (image) down L_consistency + μ·CE(·, c*) with the rewritten caption;
+# text mode 3: the caption is replaced by the rewritten caption of c* (no ascent).
 _MODES = {
     "image": (1, 0),
     "universal": (1, 0),
@@ -65,7 +68,11 @@ _MODES = {
     "bridge_image": (2, 0),
     "bridge_text": (0, 2),
     "both": (1, 1),
+    "aware_image": (3, 0),
+    "aware_rewrite": (4, 3),
 }
+#: Detector-aware objective parameters (the pixel attacks' names) and their defaults.
+AWARE_PARAMS = {"lam": 1.0, "kappa": 5.0, "ce_weight": 0.0}
 
 EnvIndex = torch.Tensor | None
 
@@ -84,6 +91,9 @@ class EmbeddingAttack:
     radius: float
     steps: int
     modality: str
+    lam: float = AWARE_PARAMS["lam"]
+    kappa: float = AWARE_PARAMS["kappa"]
+    ce_weight: float = AWARE_PARAMS["ce_weight"]
 
     @classmethod
     def from_entry(cls, entry) -> "EmbeddingAttack":
@@ -98,16 +108,20 @@ class EmbeddingAttack:
         default_budget = float(defaults.get(counterpart.budget, 1.0) or 1.0)
         budget = float(entry.params.get(counterpart.budget, default_budget))
         steps = 1 if counterpart.steps is None else int(entry.params.get(counterpart.steps, defaults.get(counterpart.steps, 1)))
-        return cls(entry.name, counterpart.family, RADIUS * budget / default_budget, max(1, min(steps, MAX_STEPS)), counterpart.modality)
+        aware = {key: float(entry.params.get(key, defaults.get(key, value))) for key, value in AWARE_PARAMS.items()}
+        return cls(
+            entry.name, counterpart.family, RADIUS * budget / default_budget, max(1, min(steps, MAX_STEPS)), counterpart.modality, **aware
+        )
 
 
 @dataclass
 class RowAttacks:
     """Per-row crafting orders for a ``(E, R)`` block of pairs (numpy, filled on the host).
 
-    :param mode_v: 0/1/2 per row for the image side (see ``_MODES``); ``mode_t`` for the text side.
+    :param mode_v: crafting mode per row for the image side (see ``_MODES``); ``mode_t`` for the text side.
     :param radius: L2 radius per row. :param steps: PGD steps per row (0: untouched).
     :param group: universal-perturbation group per row (-1: own δ); rows of one env and group share δ.
+    :param aware: ``(E, R, 3)`` detector-aware parameters ``λ, κ, μ`` per row (modes 3 and 4).
     """
 
     mode_v: np.ndarray
@@ -115,16 +129,19 @@ class RowAttacks:
     radius: np.ndarray
     steps: np.ndarray
     group: np.ndarray
+    aware: np.ndarray
 
     @classmethod
     def empty(cls, shape: tuple[int, int]) -> "RowAttacks":
         zeros = np.zeros(shape, dtype=np.int64)
-        return cls(zeros, zeros.copy(), np.zeros(shape, dtype=np.float32), zeros.copy(), np.full(shape, -1, dtype=np.int64))
+        aware = np.broadcast_to(np.array(list(AWARE_PARAMS.values()), dtype=np.float32), (*shape, 3)).copy()
+        return cls(zeros, zeros.copy(), np.zeros(shape, dtype=np.float32), zeros.copy(), np.full(shape, -1, dtype=np.int64), aware)
 
     def fill(self, env: int, rows: slice | np.ndarray, attack: EmbeddingAttack, group: int) -> None:
         mode_v, mode_t = _MODES[attack.family]
         self.mode_v[env, rows], self.mode_t[env, rows] = mode_v, mode_t
         self.radius[env, rows], self.steps[env, rows] = attack.radius, attack.steps
+        self.aware[env, rows] = (attack.lam, attack.kappa, attack.ce_weight)
         if attack.family == "universal":
             self.group[env, rows] = group
 
@@ -306,6 +323,8 @@ class StackedEmbeddingWorld:
             self.probe_v = _embed_images(backbone, probe.images)
             self.probe_t = backbone.encode_text(backbone.tokenize(probe.captions))
             self.class_raw = backbone.class_text_embeddings(pool.class_names, pool.templates)
+            # What aware_caption_rewrite sends: the first template filled with the target class.
+            self.rewrite_raw = backbone.encode_text(backbone.tokenize([pool.templates[0].format(name) for name in pool.class_names]))
         self.pool_y = pool.labels.to(self.device)
         self.probe_y = probe.labels.to(self.device)
         self.logit_scale = float(backbone.logit_scale.detach())
@@ -377,15 +396,40 @@ class StackedEmbeddingWorld:
         side climbs ``CE(s·e_v·Cᵀ, y)`` (mode 1) or ``cos(e_v, C_{c*})`` toward the nearest wrong
         class prompt ``c*`` (mode 2), the text side likewise; universal rows share one δ per
         environment and mixture entry (their gradients are summed). Each side only touches the
-        rows it perturbs (packed per environment), and the two sides never interact.
+        rows it perturbs (packed per environment).
+
+        Detector-aware rows read the row's caption: mode 3 climbs ``min(margin, κ) − λ·L_consistency``
+        of the image against its own (trusted) caption; for mode 4 the caption is first replaced
+        by the rewritten caption of ``c*`` (text mode 3, ``rewrite_raw``) and the image descends
+        ``L_consistency + μ·CE(z, c*)`` against it, as ``aware_caption_rewrite`` does in pixels.
         """
         classes = classes.detach()
-        new_v = self._craft_side(envs, raw_v, labels, orders.mode_v, orders, classes, self._image, shared=True)
-        new_t = self._craft_side(envs, raw_t, labels, orders.mode_t, orders, classes, self._text, shared=False)
+        target_v = None
+        if bool(((orders.mode_v == 2) | (orders.mode_v == 4)).any()):
+            with torch.no_grad():
+                target_v = _nearest_wrong_class(self._image(raw_v, envs), classes, labels)
+        if bool((orders.mode_t == 3).any()):
+            rewrite = torch.as_tensor(orders.mode_t == 3, device=raw_t.device).unsqueeze(-1)
+            raw_t = torch.where(rewrite, self.rewrite_raw[target_v], raw_t)
+        partner = None
+        if bool((orders.mode_v >= 3).any()):
+            with torch.no_grad():
+                e_p = self._text(raw_t, envs)
+                partner = (e_p, self._logits(e_p, classes))
+        new_v = self._craft_side(envs, raw_v, labels, orders.mode_v, orders, classes, self._image, shared=True, target_class=target_v, partner=partner)
+        text_orders = np.where(orders.mode_t == 3, 0, orders.mode_t)
+        new_t = self._craft_side(envs, raw_t, labels, text_orders, orders, classes, self._text, shared=False)
         return new_v, new_t
 
-    def _craft_side(self, envs: EnvIndex, raw: torch.Tensor, labels: torch.Tensor, mode_np: np.ndarray, orders: RowAttacks, classes, embed, shared: bool):
-        """L2-PGD on one modality's rows whose ``mode_np`` > 0 (see :meth:`craft`)."""
+    def _craft_side(
+        self, envs: EnvIndex, raw: torch.Tensor, labels: torch.Tensor, mode_np: np.ndarray, orders: RowAttacks, classes, embed, shared: bool,
+        target_class: torch.Tensor | None = None, partner: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        """L2-PGD on one modality's rows whose ``mode_np`` > 0 (see :meth:`craft`).
+
+        :param target_class: ``c*`` per row (E, R) for modes 2 and 4; ``None``: the nearest wrong class.
+        :param partner: the other modality's normalised embeddings and logits (E, R, ·), for modes 3 and 4.
+        """
         active_np = (mode_np > 0) & (orders.steps > 0)
         counts = active_np.sum(1)
         width = int(counts.max(initial=0))
@@ -399,21 +443,30 @@ class StackedEmbeddingWorld:
             source = torch.as_tensor(order, device=device)
             pick = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
             mode_np, radius_np, steps_np, group_np = pick(mode_np), pick(orders.radius), pick(orders.steps), pick(orders.group)
+            aware_np = np.take_along_axis(orders.aware, order[..., None], axis=1)
             full = raw
-            raw = torch.gather(full, 1, source.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+            rows = lambda x: torch.gather(x, 1, source.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+            raw = rows(full)
             labels = torch.gather(labels, 1, source)
+            if target_class is not None:
+                target_class = torch.gather(target_class, 1, source)
+            if partner is not None:
+                partner = (rows(partner[0]), rows(partner[1]))
         else:
-            radius_np, steps_np, group_np = orders.radius, orders.steps, orders.group
+            radius_np, steps_np, group_np, aware_np = orders.radius, orders.steps, orders.group, orders.aware
         mode = torch.as_tensor(mode_np, device=device)
         steps = torch.as_tensor(steps_np, device=device)
         radius = torch.as_tensor(radius_np, dtype=torch.float32, device=device).unsqueeze(-1)
         step_size = default_step_size(radius, steps.clamp_min(1).unsqueeze(-1).to(torch.float32))
         target = None
-        if bool((mode == 2).any()):
-            with torch.no_grad():
-                sims = torch.bmm(embed(raw, envs), classes.transpose(1, 2))
-                sims.scatter_(-1, labels.unsqueeze(-1), -float("inf"))
-                target = torch.gather(classes, 1, sims.argmax(-1).unsqueeze(-1).expand(-1, -1, classes.shape[-1]))
+        if bool(((mode == 2) | (mode == 4)).any()):
+            if target_class is None:
+                with torch.no_grad():
+                    target_class = _nearest_wrong_class(embed(raw, envs), classes, labels)
+            target = torch.gather(classes, 1, target_class.unsqueeze(-1).expand(-1, -1, classes.shape[-1]))
+        aware = bool((mode >= 3).any())
+        if aware:
+            lam, kappa, ce_weight = torch.as_tensor(aware_np, device=device).unbind(-1)
         group = torch.as_tensor(group_np, device=device)
         universal = group >= 0
         share = shared and bool(universal.any())
@@ -423,10 +476,19 @@ class StackedEmbeddingWorld:
             delta.requires_grad_(True)
             with torch.enable_grad():
                 e = embed(raw + delta, envs)
-                ce = F.cross_entropy(self._logits(e, classes).reshape(-1, classes.shape[1]), labels.reshape(-1), reduction="none")
+                logits = self._logits(e, classes)
+                ce = F.cross_entropy(logits.reshape(-1, classes.shape[1]), labels.reshape(-1), reduction="none")
                 per_row = torch.where(mode == 1, ce.reshape(labels.shape), torch.zeros_like(labels, dtype=e.dtype))
                 if target is not None:
                     per_row = torch.where(mode == 2, (e * target).sum(-1), per_row)
+                if aware:
+                    consistency = self._consistency(e, partner[0], logits, partner[1])
+                    true_logit = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+                    margin = logits.scatter(-1, labels.unsqueeze(-1), -float("inf")).amax(-1) - true_logit
+                    per_row = torch.where(mode == 3, torch.minimum(margin, kappa) - lam * consistency, per_row)
+                    if target_class is not None:
+                        target_ce = F.cross_entropy(logits.reshape(-1, classes.shape[1]), target_class.reshape(-1), reduction="none")
+                        per_row = torch.where(mode == 4, -(consistency + ce_weight * target_ce.reshape(labels.shape)), per_row)
                 (grad,) = torch.autograd.grad(per_row.sum(), [delta])
             with torch.no_grad():
                 if share:
@@ -631,6 +693,13 @@ class StackedEmbeddingWorld:
             image_ok[:, :n].cpu().numpy(),
             outcomes,
         )
+
+
+def _nearest_wrong_class(embeds: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the wrong class whose prompt is most similar to ``embeds`` (E, R) (the bridge attacks' ``c*``)."""
+    sims = torch.bmm(embeds, classes.transpose(1, 2))
+    sims.scatter_(-1, labels.unsqueeze(-1), -float("inf"))
+    return sims.argmax(-1)
 
 
 def _share_within_groups(grad: torch.Tensor, group: torch.Tensor, universal: torch.Tensor) -> torch.Tensor:
