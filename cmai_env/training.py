@@ -12,8 +12,8 @@ action, one vector per defence round), and
   modalities, ``C`` the class-prompt embeddings, ``s`` the logit scale);
 * ``L_adv`` is the same two-modality CE on the adversarial pairs: the pair crafted below plus,
   when given, the adversarial traffic the environment observed this round;
-* ``L_consistency`` (:mod:`cmai_env.consistency`) is the mean over the adversarial pairs (crafted
-  and observed), or over the clean pairs when there are none.
+* ``L_consistency`` (:mod:`cmai_env.consistency`) is the mean over the clean pairs: it tightens
+  the detector's τ (:func:`cmai_env.round.defence_terms` says why not on adversarial pairs).
 
 **Inner maximisation** (the "bridging" part: one joint perturbation of both modalities). For a
 batch the trainer finds
@@ -433,7 +433,6 @@ class ModalityBridgingTrainer:
         clean_ce = pair_ce(clean_out.image_logits, clean_out.text_logits, batch.labels)
 
         adv_ce: list[torch.Tensor] = []
-        adv_consistency: list[torch.Tensor] = []
         adv_batches: list[tuple[PairBatch, torch.Tensor | None]] = []
         if crafted is not None:
             # δ_t is fixed; re-embedding the tokens lets θ ∋ token_embedding (``all``) learn from it too.
@@ -444,13 +443,7 @@ class ModalityBridgingTrainer:
         for adv, embeds in adv_batches:
             out = _pair_outputs(self.task, adv.images, adv.tokens, embeds, class_embeds)
             adv_ce.append(pair_ce(out.image_logits, out.text_logits, adv.labels))
-            adv_consistency.append(self.task.consistency(out))
-        return defence_terms(
-            clean_ce,
-            self.task.consistency(clean_out),
-            torch.cat(adv_ce) if adv_batches else None,
-            torch.cat(adv_consistency) if adv_batches else None,
-        )
+        return defence_terms(clean_ce, self.task.consistency(clean_out), torch.cat(adv_ce) if adv_batches else None)
 
     # ------------------------------------------------------------------ one round
     def step(

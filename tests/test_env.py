@@ -315,3 +315,24 @@ def test_system_metrics_arithmetic():
     assert metrics.false_rejection_rate == 0.5
     assert metrics.system_clean_acc == 0.25  # only the first pair is correct and accepted
     assert [probe_split(n) for n in (2, 16, 128, 256)] == [1, 8, 64, 64]
+
+
+def test_consistency_training_tightens_the_detector():
+    """β_consist trains clean pairs' L_consistency down, so τ (a clean-score quantile) tightens and TPR holds."""
+    env = gym.make("cmai_env/CMAI-v0", scenario="quickstart", fidelity="embedding").unwrapped
+    env.reset(seed=0)
+    infos = [env.step(action_from_betas(np.array([0.0, 1.0, 0.0])))[4] for _ in range(env.episode_rounds)]
+    start, end = infos[0]["detector_threshold"], np.mean([i["detector_threshold"] for i in infos[-5:]])
+    assert end < 0.9 * start, f"τ {start:.3f} → {end:.3f}"
+    assert np.mean([i["detector_tpr"] for i in infos if i["attacks"]]) >= 0.9
+
+
+def test_consistency_term_ignores_adversarial_pairs():
+    import torch
+
+    from cmai_env.round import defence_terms
+
+    clean_ce, clean_cons = torch.tensor([[1.0, 3.0]]), torch.tensor([[0.2, 0.4]])
+    terms = defence_terms(clean_ce, clean_cons, torch.tensor([[5.0, 7.0, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    assert terms["consistency"].item() == pytest.approx(0.3)
+    assert terms["adv"].item() == pytest.approx(6.0) and terms["task"].item() == pytest.approx(2.0)

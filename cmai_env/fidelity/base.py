@@ -122,8 +122,8 @@ class Fidelity(ABC):
         """Train with ``L_total = β_task·L_task + β_consist·L_consistency + β_adv·L_adv``.
 
         The clean originals of the round's pairs are the defender's training batch; incoming
-        pairs that are both adversarial and flagged by the detector are added to L_adv and
-        L_consistency as observed adversarial traffic.
+        pairs that are both adversarial and flagged by the detector are added to L_adv as
+        observed adversarial traffic (L_consistency is trained on the clean pairs only).
         """
 
     @abstractmethod

@@ -552,7 +552,7 @@ class StackedEmbeddingWorld:
 
         Crafting for ``L_adv`` runs :func:`cmai_env.round.crafting_steps` (β_adv) joint L2-PGD
         steps on ``(e_v, e_t)`` of the clean pairs up ``CE_v + CE_t + α·L_consistency``; the
-        received pairs that are adversarial *and* flagged join ``L_adv`` and ``L_consistency``.
+        received pairs that are adversarial *and* flagged join ``L_adv`` (``L_consistency`` is on the clean pairs).
 
         :param betas: (E, 3) loss weights. :param flagged: (E, B) detector flags of the traffic.
         :raises FloatingPointError: a loss is NaN/inf (the parameters are left untouched).
@@ -586,12 +586,12 @@ class StackedEmbeddingWorld:
             parts_v.append(torch.gather(traffic.adv_v, 1, rows)), parts_t.append(torch.gather(traffic.adv_t, 1, rows))
             parts_y.append(torch.gather(labels, 1, order))
             weights.append(np.arange(width)[None, :] < observed.sum(1)[:, None])
-        adv_ce = adv_cons = weight = None
+        adv_ce = weight = None
         if parts_v:
-            a_v, a_t, a_lv, a_lt = self.forward(torch.cat(parts_v, 1), torch.cat(parts_t, 1), classes, envs)
-            adv_ce, adv_cons = pair_ce(a_lv, a_lt, torch.cat(parts_y, 1)), self._consistency(a_v, a_t, a_lv, a_lt)
+            _, _, a_lv, a_lt = self.forward(torch.cat(parts_v, 1), torch.cat(parts_t, 1), classes, envs)
+            adv_ce = pair_ce(a_lv, a_lt, torch.cat(parts_y, 1))
             weight = torch.as_tensor(np.concatenate(weights, 1), dtype=adv_ce.dtype, device=self.device)
-        terms = defence_terms(clean_ce, clean_cons, adv_ce, adv_cons, weight)
+        terms = defence_terms(clean_ce, clean_cons, adv_ce, weight)
         beta = torch.as_tensor(np.asarray(betas), dtype=clean_ce.dtype, device=self.device)
         l_total = total_loss(beta, terms)
         values = torch.stack([terms["task"], terms["consistency"], terms["adv"], l_total]).detach().cpu().numpy().astype(np.float64)
