@@ -10,6 +10,9 @@ tag                                    value (from the env's ``info``)
 =====================================  ==========================================================
 ``cmai/asr``                           probe attack success rate ``info["asr"]``
 ``cmai/clean_acc``                     probe clean accuracy
+``cmai/system_asr``                    end-to-end ASR: flipped and not flagged by the detector
+``cmai/false_rejection_rate``          share of clean probe pairs the detector rejects
+``cmai/system_clean_acc``              clean probe pairs classified correctly and not rejected
 ``cmai/consistency_score``             probe consistency score (mean matched cosine)
 ``cmai/beta_task``                     ``β_task`` the action chose
 ``cmai/beta_consist``                  ``β_consist``
@@ -70,6 +73,9 @@ EPISODE_PREFIX = "cmai/episode/"
 INFO_TAGS: dict[str, str] = {
     "cmai/asr": "asr",
     "cmai/clean_acc": "clean_acc",
+    "cmai/system_asr": "system_asr",
+    "cmai/false_rejection_rate": "false_rejection_rate",
+    "cmai/system_clean_acc": "system_clean_acc",
     "cmai/consistency_score": "consistency_score",
     "cmai/detector_tpr": "detector_tpr",
     "cmai/detector_fpr": "detector_fpr",
@@ -81,6 +87,9 @@ LATENCY_TAGS: tuple[str, ...] = tuple(f"cmai/latency/{key}" for key in LATENCY_K
 ROUND_TAGS: tuple[str, ...] = (
     "cmai/asr",
     "cmai/clean_acc",
+    "cmai/system_asr",
+    "cmai/false_rejection_rate",
+    "cmai/system_clean_acc",
     "cmai/consistency_score",
     *BETA_TAGS,
     "cmai/detector_tpr",

@@ -10,8 +10,9 @@ For each scenario, on the embedding fidelity's batched vector environment:
    Unlike a greedy per-phase oracle it sees the value of preparing before an attack arrives.
 3. **Held-out evaluation**: task-only β = (1, 0, 0), the best fixed β and the best schedule are
    replayed on separate *evaluation* seeds (environment seeds ``100000 + s``, the frozen protocol's),
-   so the search's selection bias does not inflate the gap. Printed: mean return, ASR (over attacked
-   rounds) and clean accuracy with 95% t-intervals, and the paired gap schedule − best fixed with its
+   so the search's selection bias does not inflate the gap. Printed: mean return, the model's ASR
+   and the end-to-end ``system_asr`` (model + detector; both over attacked rounds) and clean
+   accuracy with 95% t-intervals, and the paired gap schedule − best fixed with its
    95% CI and its share of schedule − task-only.
 
 The gap is the most a gate that knows the schedule could win over the best fixed weighting; a gate
@@ -51,10 +52,11 @@ Schedule = tuple[int, ...]  # one DISCRETE_BETAS index per phase name (in first-
 
 @dataclass
 class Episodes:
-    """Per (schedule, seed): return, ASR over attacked rounds and mean clean accuracy."""
+    """Per (schedule, seed): return, model and system ASR over attacked rounds, mean clean accuracy."""
 
     returns: np.ndarray
     asr: np.ndarray
+    system_asr: np.ndarray
     clean_acc: np.ndarray
 
 
@@ -79,6 +81,7 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
     jobs = list(itertools.product(range(len(schedules)), seeds))
     returns = np.zeros(len(jobs))
     asr = np.zeros(len(jobs))
+    system_asr = np.zeros(len(jobs))
     clean = np.zeros(len(jobs))
     for start in range(0, len(jobs), MAX_BATCH):
         batch = jobs[start : start + MAX_BATCH]
@@ -87,6 +90,7 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
         envs.reset(seed=[seed_offset + seed for _, seed in batch])
         total = np.zeros(len(batch))
         attacked_asr = [[] for _ in batch]
+        attacked_system = [[] for _ in batch]
         accs = [[] for _ in batch]
         for t in range(len(phase_at)):
             phase = names.index(phase_at[t])
@@ -97,12 +101,14 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
                 accs[i].append(float(infos["clean_acc"][i]))
                 if infos["attacks"][i]:
                     attacked_asr[i].append(float(infos["asr"][i]))
+                    attacked_system[i].append(float(infos["system_asr"][i]))
         envs.close()
         returns[start : start + len(batch)] = total
         asr[start : start + len(batch)] = [np.mean(a) if a else 0.0 for a in attacked_asr]
+        system_asr[start : start + len(batch)] = [np.mean(a) if a else 0.0 for a in attacked_system]
         clean[start : start + len(batch)] = [np.mean(a) for a in accs]
     shape = (len(schedules), len(seeds))
-    return Episodes(returns.reshape(shape), asr.reshape(shape), clean.reshape(shape))
+    return Episodes(returns.reshape(shape), asr.reshape(shape), system_asr.reshape(shape), clean.reshape(shape))
 
 
 def search(scenario: str, seeds: list[int], overrides: dict, passes: int = 2) -> tuple[Schedule, Schedule, int]:
@@ -150,6 +156,7 @@ def report(scenario: str, search_seeds: list[int], eval_seeds: list[int], overri
                 "betas": _betas(s, names),
                 "return": t_interval(held_out.returns[k].tolist()),
                 "asr": t_interval(held_out.asr[k].tolist(), bounds=bounds_for("asr")),
+                "system_asr": t_interval(held_out.system_asr[k].tolist(), bounds=bounds_for("system_asr")),
                 "clean_acc": t_interval(held_out.clean_acc[k].tolist(), bounds=bounds_for("clean_acc")),
             }
             for k, (label, s) in enumerate((("task-only", task_only), ("best fixed", best_fixed), ("best schedule", schedule)))
@@ -157,6 +164,9 @@ def report(scenario: str, search_seeds: list[int], eval_seeds: list[int], overri
         "gap": gap,
         "gap_share": None if not span.mean else gap.mean / span.mean,
         "asr_ratio": float(held_out.asr[2].mean() / held_out.asr[0].mean()) if held_out.asr[0].mean() > 0 else None,
+        "system_asr_ratio": (
+            float(held_out.system_asr[2].mean() / held_out.system_asr[0].mean()) if held_out.system_asr[0].mean() > 0 else None
+        ),
         "episodes": played,
         "seconds": time.perf_counter() - started,
     }
@@ -164,15 +174,17 @@ def report(scenario: str, search_seeds: list[int], eval_seeds: list[int], overri
 
 def print_report(result: dict) -> None:
     print(f"\n== {result['scenario']} (phases: {', '.join(result['phases'])}; {result['episodes']} episodes, {result['seconds']:.0f} s)")
-    print(f"{'':14} {'return':>20} {'ASR (attacked rounds)':>24} {'clean acc':>22}  β")
+    print(f"{'':14} {'return':>20} {'ASR (attacked rounds)':>24} {'system ASR':>22} {'clean acc':>22}  β")
     for label, row in result["rows"].items():
-        print(f"{label:14} {row['return'].format(3):>20} {row['asr'].format(3):>24} {row['clean_acc'].format(3):>22}  {row['betas']}")
+        print(f"{label:14} {row['return'].format(3):>20} {row['asr'].format(3):>24} {row['system_asr'].format(3):>22} "
+              f"{row['clean_acc'].format(3):>22}  {row['betas']}")
     gap = result["gap"]
     share = "—" if result["gap_share"] is None else f"{100 * result['gap_share']:.0f}%"
     ratio = "—" if result["asr_ratio"] is None else f"{result['asr_ratio']:.2f}"
+    system_ratio = "—" if result["system_asr_ratio"] is None else f"{result['system_asr_ratio']:.2f}"
     low = "—" if gap.low is None else f"{gap.low:+.3f}"
     print(f"gap schedule − best fixed: {gap.format(3)} (95% CI low {low}); share of schedule − task-only: {share}; "
-          f"ASR schedule / task-only: {ratio}")
+          f"ASR schedule / task-only: {ratio}; system ASR schedule / task-only: {system_ratio}")
 
 
 def main() -> None:
