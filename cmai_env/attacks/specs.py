@@ -38,7 +38,7 @@ from typing import Any, Callable, Literal, Mapping
 Modality = Literal["image", "text", "both"]
 Knowledge = Literal["white-box", "black-box"]
 #: How the embedding fidelity plays an attack (see :class:`EmbeddingCounterpart`).
-EmbeddingFamily = Literal["image", "text", "universal", "bridge_image", "bridge_text", "both"]
+EmbeddingFamily = Literal["image", "text", "universal", "bridge_image", "bridge_text", "both", "aware_image", "aware_rewrite"]
 #: a parameter's value type
 Kind = Literal["float", "int", "bool", "str"]
 #: a parameter's allowed range: ``nonneg`` (a number ≥ 0), ``positive_int`` (1, 2, …),
@@ -108,7 +108,8 @@ class EmbeddingCounterpart:
         ``image`` (e_v, up the image's zero-shot CE), ``text`` (e_t, up the caption's CE),
         ``universal`` (one δ shared by the attack's pairs of a round, on e_v), ``bridge_image`` /
         ``bridge_text`` (e_v / e_t pulled toward the nearest wrong class prompt), ``both`` (e_t
-        and e_v, each up its own CE).
+        and e_v, each up its own CE), ``aware_image`` / ``aware_rewrite`` (detector-aware e_v
+        crafting against the trusted / a rewritten caption, :mod:`cmai_env.fidelity.stacked`).
     :param budget: the attack parameter that sets its strength; the radius is
         ``r = RADIUS · params[budget] / default[budget]`` (:mod:`cmai_env.fidelity.embedding`).
     :param steps: the attack parameter holding its iteration count (capped at ``MAX_STEPS``);
@@ -122,7 +123,8 @@ class EmbeddingCounterpart:
     @property
     def modality(self) -> Modality:
         """Which prediction the attack flips: ``image``, ``text`` or ``both``."""
-        return {"image": "image", "universal": "image", "bridge_image": "image", "text": "text", "bridge_text": "text"}.get(self.family, "both")  # type: ignore[return-value]
+        image = ("image", "universal", "bridge_image", "aware_image", "aware_rewrite")
+        return "image" if self.family in image else "text" if self.family in ("text", "bridge_text") else "both"
 
 
 # ---------------------------------------------------------------------------- parameters
