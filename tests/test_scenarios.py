@@ -48,9 +48,9 @@ def pgd(share: float = 0.5, **extra) -> dict:
 
 
 # ----------------------------------------------------------------------------- shipped files
-def test_the_eight_scenarios_ship():
+def test_the_shipped_scenarios():
     assert set(SHIPPED) == {"quickstart", "stationary_pgd", "abrupt_shift", "gradual_drift", "periodic",
-                            "mixed_modalities", "randomized_training", "unseen_attacks"}
+                            "mixed_modalities", "detector_evasion", "randomized_training", "unseen_attacks"}
     assert set(SHIPPED) - set(TRAINING) == {"unseen_attacks"}
 
 
@@ -104,9 +104,7 @@ NOT_IN_SCENARIOS = {
     "fab_t": "evaluation-grade",
     "square": "evaluation-grade",
     "autoattack": "evaluation-grade",
-    # no embedding-fidelity counterpart yet (issue 10): a scenario using them would only run at pixel fidelity
-    "aware_pgd_linf": "no embedding counterpart",
-    "aware_caption_rewrite": "no embedding counterpart",
+    # no embedding-fidelity counterpart: every embedding attack is white-box against the current adapters
     "transfer": "no embedding counterpart",
 }
 

@@ -436,12 +436,14 @@ def _declarations() -> dict[str, AttackDeclaration]:
             "detector-aware PGD-ℓ∞: image-only, maximises min(margin, κ) − λ·L_consistency (caption trusted)",
             (*_PGD[:3], _p("lam", 1.0, "nonneg"), _p("kappa", 5.0, "nonneg"), _p("random_start", True)),
             threat_model=ThreatModel(("image",), "white-box", detector_aware=True), counterpart="pgd_linf",
+            embedding=EmbeddingCounterpart("aware_image", budget="eps", steps="steps"),
         ),
         AttackDeclaration(
             "aware_caption_rewrite", "cmai_env.attacks.adaptive:AwareCaptionRewrite", "image",
             "detector-aware: rewrites the caption to a wrong class c*, targeted PGD-ℓ∞ on the image minimising L_consistency",
             (*_PGD[:3], _p("ce_weight", 0.0, "nonneg"), _TARGET, _p("random_start", True)),
             threat_model=ThreatModel(("image", "text"), "white-box", detector_aware=True), counterpart="bridge_image_to_text",
+            embedding=EmbeddingCounterpart("aware_rewrite", budget="eps", steps="steps"),
         ),
         # Modality and controls are the inner attack's (here: those of the default inner, pgd_linf);
         # no embedding counterpart: every one there is white-box against the current adapters.
