@@ -4,7 +4,7 @@ Commands run in order, as a newcomer types them, in one fresh folder (so ``cmai 
 the run that the ``cmai train`` line above it wrote), with ``.venv/bin`` first on ``PATH``. The
 only change is one documented substitution: budget flags are shrunk to tiny values
 (:data:`SHRINK`: ``--timesteps 20000`` → ``--timesteps 64``, ``--seeds 0 1 2 3 4`` → ``--seeds 0``,
-…); ``make run`` gets the same through ``QUICKSTART_ARGS``. Three lines are special:
+…; ``rl_zoo3.train`` also gets ``--hyperparams n_steps:64 batch_size:64``, its rollout length); ``make run`` gets the same through ``QUICKSTART_ARGS``. Three lines are special:
 
 * ``make test`` is this test suite itself (CI runs it); it is not run from inside it;
 * ``tensorboard --logdir ...`` is a server: it passes when it starts serving, then it is stopped;
@@ -79,6 +79,10 @@ def shrink(command: str) -> str:
             while i < len(tokens) and not (tokens[i].startswith("-") and not re.fullmatch(r"-?\d+(\.\d+)?", tokens[i])):
                 i += 1
             out.extend(SHRINK[token])
+    if out[:3] == ["python", "-m", "rl_zoo3.train"] and "--hyperparams" not in out:
+        # rl-zoo3 collects one whole PPO rollout (n_steps = 2048 by default) whatever -n says:
+        # the rollout length is a budget too.
+        out += ["--hyperparams", "n_steps:64", "batch_size:64"]
     return shlex.join(out)
 
 
