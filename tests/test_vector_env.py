@@ -12,7 +12,7 @@ import torch
 
 import cmai_env
 from cmai_env.attacks.image import PGDLinf
-from cmai_env.fidelity.stacked import EmbeddingAttack, StackedAdamW
+from cmai_env.fidelity.stacked import EmbeddingAttack, StackedAdamW, embedding_radius
 from cmai_env.observation import OBS_SIZE
 from cmai_env.scenario import load_scenario
 from cmai_env.stream import MixtureEntry
@@ -211,7 +211,8 @@ def test_every_attack_declares_its_counterpart_and_a_missing_one_is_a_clear_erro
             assert counterpart.budget in attack_class(name).parameters(), name
     entry = MixtureEntry("pgd_linf", {"eps": 4 / 255, "steps": 10}, 1.0)
     attack = EmbeddingAttack.from_entry(entry)
-    assert attack.family == "image" and attack.radius == pytest.approx(0.25) and attack.steps == 3
+    # half the default budget: the image family's radius law at 0.5 (cmai_env.fidelity.stacked.FAMILY_RADIUS_LAW)
+    assert attack.family == "image" and attack.radius == pytest.approx(embedding_radius("image", 0.5)) and attack.steps == 3
     monkeypatch.setattr(PGDLinf, "embedding", None)
     with pytest.raises(ValueError, match="pgd_linf.*no embedding-fidelity counterpart.*fidelity: pixel"):
         EmbeddingAttack.from_entry(entry)

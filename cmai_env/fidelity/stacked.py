@@ -48,8 +48,35 @@ from cmai_env.round import (
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
 
-#: L2 radius of a default-budget attack on a unit embedding.
+#: The L2 radius every family had at its default budget before the per-family calibration (r ∝ budget).
+#: It put every default-budget attack beyond what an adapter can resist; kept importable, no longer used.
 RADIUS = 0.5
+#: Per embedding family, ``(scale, γ)`` of ``r = scale · (budget / default budget)^γ`` on a unit
+#: embedding. Found by ``python benchmarks/fidelity_calibration.py --calibrate`` on quickstart's
+#: data (shapes, cmai-tiny, 128 attacked + 128 calibration probe pairs, 3 steps, step 2.5·budget/steps,
+#: undefended model): per family a grid search (scale 0.025…1.0 step 0.025, γ ∈ {2, 1.5, 1, ¾, ½, ⅜,
+#: ¼, ⅛}) minimising the largest |embedding − pixel| of ASR and detector TPR over the family's attacks
+#: at 3 budgets each (ℓ∞ 2, 4, 8/255; bridge_image 4, 8, 16/255; ℓ2 0.125, 0.25, 0.5; text 0.05, 0.1,
+#: 0.2). γ < 1: pixel ASR saturates with the budget (pgd_linf 0.60, 0.88, 0.96) while the embedding
+#: ASR jumps from ≈0 to ≈1 between r ≈ 0.25 and 0.5, so the radius grows slowly with the budget.
+#: Largest |Δ| per family: bridge_image 0.09, both 0.09, aware_image 0.10, bridge_text 0.10,
+#: universal 0.11, text 0.14, aware_rewrite 0.34 (its pixel TPR stays ≈0.5, the embedding one falls
+#: from 0.93 to 0.24), image 0.43 (pgd_l2 at small budgets is far weaker than pgd_linf/fgsm, and they
+#: share one family; at this law pgd_linf and fgsm are within 0.15). The old single RADIUS: 4/30 cells
+#: within ±0.10, this table: 13/30.
+FAMILY_RADIUS_LAW: dict[str, tuple[float, float]] = {
+    "image": (0.65, 0.375),
+    "text": (0.425, 1.0),
+    "universal": (0.95, 2.0),
+    "bridge_image": (0.55, 0.125),
+    "bridge_text": (0.425, 1.5),
+    "both": (0.5, 0.125),
+    "aware_image": (0.775, 0.375),
+    "aware_rewrite": (0.625, 0.25),
+}
+#: The radius of each family at its default budget, and its budget exponent γ.
+FAMILY_RADIUS: dict[str, float] = {family: law[0] for family, law in FAMILY_RADIUS_LAW.items()}
+FAMILY_EXPONENT: dict[str, float] = {family: law[1] for family, law in FAMILY_RADIUS_LAW.items()}
 #: Crafting steps are the attack's ``steps`` parameter, capped here.
 MAX_STEPS = 3
 #: Bottleneck width of the residual adapters.
@@ -78,12 +105,26 @@ EnvIndex = torch.Tensor | None
 
 
 # ---------------------------------------------------------------------------- attacks
+def embedding_radius(family: str, relative_budget: float) -> float:
+    """L2 radius on a unit embedding of a ``family`` attack at ``budget / default budget``:
+    ``r = scale · relative_budget^γ`` with ``(scale, γ) = FAMILY_RADIUS_LAW[family]``.
+
+    :raises ValueError: an unknown family, or a negative or non-finite relative budget.
+    """
+    if family not in FAMILY_RADIUS_LAW:
+        raise ValueError(f"unknown embedding family {family!r}; families: {', '.join(FAMILY_RADIUS_LAW)}")
+    if not (relative_budget >= 0 and relative_budget < float("inf")):
+        raise ValueError(f"embedding family {family!r}: budget / default budget must be finite and ≥ 0, got {relative_budget}")
+    scale, exponent = FAMILY_RADIUS_LAW[family]
+    return scale * relative_budget**exponent
+
+
 @dataclass(frozen=True)
 class EmbeddingAttack:
     """A scenario attack as the embedding fidelity plays it: family, L2 radius and steps.
 
     Built from the attack's own declaration (:attr:`cmai_env.attacks.base.Attack.embedding`):
-    ``radius = RADIUS · params[budget] / default[budget]``, ``steps = min(params[steps], MAX_STEPS)``.
+    ``radius = embedding_radius(family, params[budget] / default[budget])``, ``steps = min(params[steps], MAX_STEPS)``.
     """
 
     name: str
@@ -110,7 +151,8 @@ class EmbeddingAttack:
         steps = 1 if counterpart.steps is None else int(entry.params.get(counterpart.steps, defaults.get(counterpart.steps, 1)))
         aware = {key: float(entry.params.get(key, defaults.get(key, value))) for key, value in AWARE_PARAMS.items()}
         return cls(
-            entry.name, counterpart.family, RADIUS * budget / default_budget, max(1, min(steps, MAX_STEPS)), counterpart.modality, **aware
+            entry.name, counterpart.family, embedding_radius(counterpart.family, budget / default_budget), max(1, min(steps, MAX_STEPS)),
+            counterpart.modality, **aware,
         )
 
 
@@ -337,8 +379,8 @@ class StackedEmbeddingWorld:
         # Training budgets map to radii the way attack budgets do: relative to the default budget
         # of the image (pgd_linf) and text (text_embedding_pgd) attacks.
         defense = scenario.defense
-        self.train_radius_v = RADIUS * defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"])
-        self.train_radius_t = RADIUS * defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"])
+        self.train_radius_v = embedding_radius("image", defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"]))
+        self.train_radius_t = embedding_radius("text", defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"]))
         self._attacks: dict[tuple, EmbeddingAttack] = {}
         for phase in scenario.phases:  # unplayable attacks fail at construction, not mid-episode
             for attack in phase.attacks:

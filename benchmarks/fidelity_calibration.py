@@ -1,0 +1,441 @@
+"""Fidelity calibration: each attack at the pixel and the embedding fidelity, side by side.
+
+    python benchmarks/fidelity_calibration.py [--probe-n 256] [--steps 3] [--attacks pgd_linf,...]
+        [--radius R [--exponent G]] [--calibrate] [--rank] [--rank-scenarios quickstart,abrupt_shift]
+        [--rank-seeds 0,1,2] [--data-seed S] [--quick]
+
+On the ``quickstart`` scenario's data (shapes, ``cmai-tiny``), for every attack in ``CASES`` and
+each of its budgets, the UNDEFENDED model (the pretrained backbone; at the embedding fidelity its
+residual adapters are fresh, i.e. exactly the identity) is attacked on the same probe pairs at
+both fidelities:
+
+* ``pixel``: the registered attack class on the images / token embeddings
+  (:func:`cmai_env.robustness.evaluate_attack`; ``universal`` is first fitted on 256 training
+  pairs, as :class:`cmai_env.fidelity.pixel.PixelFidelity` does);
+* ``embedding``: the attack's embedding counterpart crafted on the cached embeddings by
+  :meth:`cmai_env.fidelity.stacked.StackedEmbeddingWorld.craft`, radius
+  ``r = scale(family) · budget / default budget`` (``--radius`` overrides every family's scale).
+
+The probe set (``--probe-n`` pairs of the ``val`` split) is split in two halves: the first is
+attacked, the second calibrates the consistency detector's ``τ`` (5% FPR on clean pairs, flag
+``L_consistency > τ``). Per cell it prints ``asr`` (share of originally correct pairs flipped),
+``tpr`` (share of attacked pairs flagged) and ``sys`` (system ASR: flipped and not flagged) at
+both fidelities, the embedding − pixel differences and whether |Δ| ≤ 0.10 for ASR and TPR.
+
+Every attack runs ``--steps`` iterations (3 by default: the embedding fidelity caps its steps at
+``MAX_STEPS`` = 3 and the shipped scenarios use 3) with step size ``2.5·budget/steps`` (Madry et
+al.'s rule, the embedding fidelity's :func:`cmai_env.round.default_step_size`); only the budget
+parameter varies, as a scenario entry would vary it.
+
+``--calibrate`` grid-searches, per embedding family, the scale in ``GRID`` minimising the largest
+|Δ| of ASR and TPR over that family's cells (ties: the smallest mean |Δ|) and prints it, with the
+table at the chosen scales. ``--rank`` plays every baseline of :mod:`agents.baselines` for whole
+episodes at both fidelities and prints the Spearman rank correlation of their mean returns (pixel
+episodes: ~15 CPU-s each on quickstart); with ``--radius`` it also plays the embedding fidelity at
+that law (``--radius 0.5``: the old single radius) against the same pixel returns. ``--quick`` is a smoke run (one budget of three attacks, 32 probe pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from any folder
+
+from cmai_env.attacks import PairBatch, ZeroShotTask, make_attack  # noqa: E402
+from cmai_env.attacks.specs import declaration  # noqa: E402
+from cmai_env.consistency import ConsistencyDetector  # noqa: E402
+from cmai_env.data import load_dataset  # noqa: E402
+from cmai_env.fidelity import stacked  # noqa: E402
+from cmai_env.fidelity.base import defended_backbone  # noqa: E402
+from cmai_env.fidelity.stacked import EmbeddingAttack, RowAttacks, StackedEmbeddingWorld  # noqa: E402
+from cmai_env.robustness import evaluate_attack  # noqa: E402
+from cmai_env.scenario import AttackSpec, Scenario, apply_overrides, load_scenario  # noqa: E402
+
+#: the tolerance of the issue's target: |embedding − pixel| ≤ 0.10 for ASR and TPR
+TOLERANCE = 0.10
+#: radius scales the calibration tries per family (a plain grid, step 0.025)
+GRID = tuple(round(0.025 * k, 3) for k in range(1, 41))
+#: budget exponents γ it tries (r = scale · (budget / default)^γ; γ = 1: radius proportional to the budget)
+EXPONENTS = (2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
+#: embedding families of the detector-aware attacks while their declarations carry none
+AWARE_FAMILIES = {"aware_pgd_linf": "aware_image", "aware_caption_rewrite": "aware_rewrite"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attack and the budgets it is measured at (values of its budget parameter)."""
+
+    attack: str
+    budgets: tuple[float, ...]
+
+
+CASES = (
+    Case("pgd_linf", (2 / 255, 4 / 255, 8 / 255)),
+    Case("pgd_l2", (0.125, 0.25, 0.5)),
+    Case("fgsm", (2 / 255, 4 / 255, 8 / 255)),
+    Case("text_embedding_pgd", (0.05, 0.1, 0.2)),
+    Case("bridge_image_to_text", (4 / 255, 8 / 255, 16 / 255)),
+    Case("bridge_text_to_image", (0.05, 0.1, 0.2)),
+    Case("co_attack", (2 / 255, 4 / 255, 8 / 255)),
+    Case("universal", (2 / 255, 4 / 255, 8 / 255)),
+    Case("aware_pgd_linf", (2 / 255, 4 / 255, 8 / 255)),
+    Case("aware_caption_rewrite", (2 / 255, 4 / 255, 8 / 255)),
+)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """One attack's effect on the undefended model: ASR, detector TPR, system ASR."""
+
+    asr: float
+    tpr: float
+    system_asr: float
+
+
+@dataclass
+class Setup:
+    """The quickstart data at both fidelities: same probe pairs, attacked half ``[0, n)``."""
+
+    scenario: Scenario
+    task: ZeroShotTask
+    pool: PairBatch
+    attacked: PairBatch
+    calibration: PairBatch
+    world: StackedEmbeddingWorld
+    n: int
+
+
+def load_setup(scenario_name: str, probe_n: int, data_seed: int | None = None, device: str = "cpu") -> Setup:
+    """Backbone, task and probe pairs (pixel) and the embedding world, from one scenario's data.
+
+    :param data_seed: overrides the scenario's ``dataset.seed`` (other pairs: an out-of-sample check).
+    """
+    overrides: dict[str, object] = {"fidelity": "embedding", "dataset.probe_n": probe_n}
+    if data_seed is not None:
+        overrides["dataset.seed"] = data_seed
+    scenario = apply_overrides(load_scenario(scenario_name), overrides)
+    spec = scenario.dataset
+    backbone = defended_backbone(scenario, device=device)
+    backbone.eval()
+    size = backbone.image_size
+    pool = load_dataset(spec.name, split="train", n=spec.train_n, seed=spec.seed, image_size=size, root=spec.root)
+    probe = load_dataset(spec.name, split="val", n=spec.probe_n, seed=spec.seed, image_size=size, root=spec.root)
+    probe_batch = PairBatch.from_dataset(backbone, probe)
+    n = probe_n // 2
+    world = StackedEmbeddingWorld(scenario, 1, device=device)
+    return Setup(
+        scenario,
+        ZeroShotTask.from_dataset(backbone, pool),
+        PairBatch.from_dataset(backbone, pool),
+        probe_batch.subset(slice(0, n)),
+        probe_batch.subset(slice(n, probe_n)),
+        world,
+        n,
+    )
+
+
+def budget_param(name: str) -> str:
+    """The parameter that sets an attack's strength (its embedding counterpart's ``budget``)."""
+    counterpart = declaration(name).embedding
+    return counterpart.budget if counterpart is not None else "eps"
+
+
+def attack_params(name: str, budget: float, steps: int) -> dict[str, float | int]:
+    """The entry parameters both fidelities play: the budget, ``steps`` and ``2.5·budget/steps``."""
+    params: dict[str, float | int] = {budget_param(name): budget, "steps": steps, "step_size": 2.5 * budget / steps}
+    defaults = declaration(name).defaults()
+    params = {key: value for key, value in params.items() if key in defaults}
+    if "text_steps" in defaults:  # co_attack's caption stage: same step count, its default budget
+        params["text_steps"] = steps
+        params["text_step_size"] = 2.5 * float(defaults["text_eps"]) / steps
+    return params
+
+
+def family_of(name: str) -> str:
+    """The embedding family an attack is played as."""
+    counterpart = declaration(name).embedding
+    if counterpart is not None:
+        return counterpart.family
+    if name in AWARE_FAMILIES:
+        return AWARE_FAMILIES[name]
+    raise ValueError(f"attack {name!r} has no embedding counterpart; it cannot be compared across fidelities")
+
+
+def relative_budget(name: str, params: dict) -> float:
+    """``budget / default budget`` of an attack entry."""
+    key = budget_param(name)
+    return float(params[key]) / float(declaration(name).defaults()[key])
+
+
+def module_radius(family: str, relative: float) -> float:
+    """The radius the environment gives ``family`` at ``relative`` budget (before the per-family
+    table existed: ``RADIUS · relative`` for every family)."""
+    if hasattr(stacked, "embedding_radius"):
+        return float(stacked.embedding_radius(family, relative))
+    return float(stacked.RADIUS) * relative
+
+
+def embedding_attack(name: str, params: dict, law: tuple[float, float] | None) -> EmbeddingAttack:
+    """The embedding counterpart as the environment builds it (``from_entry``), radius by ``law``.
+
+    ``law = (scale, γ)`` sets ``r = scale · relative^γ``; ``None`` keeps the environment's radius.
+    The detector-aware attacks, until their declarations name a family, are built directly as
+    tests/test_aware_embedding.py does.
+    """
+    relative = relative_budget(name, params)
+    if declaration(name).embedding is not None:
+        attack = EmbeddingAttack.from_entry(AttackSpec(name=name, params=params))
+    else:
+        defaults = declaration(name).defaults()
+        family = AWARE_FAMILIES[name]
+        steps = max(1, min(int(params.get("steps", defaults.get("steps", 1))), stacked.MAX_STEPS))
+        aware = {k: float(params.get(k, defaults.get(k, v))) for k, v in stacked.AWARE_PARAMS.items()}
+        attack = EmbeddingAttack(name, family, module_radius(family, relative), steps, "image", **aware)
+    if law is not None:
+        attack = dataclasses.replace(attack, radius=law[0] * relative ** law[1])
+    return attack
+
+
+# ---------------------------------------------------------------------------- the two fidelities
+def pixel_rates(setup: Setup, name: str, params: dict, seed: int) -> Rates:
+    """The registered attack on the attacked half; τ calibrated on the other half."""
+    attack = make_attack(name, **params)
+    generator = torch.Generator().manual_seed(seed)
+    if hasattr(attack, "fit"):  # universal: learned on training pairs, applied to the unseen probe pairs
+        attack.fit(setup.task, setup.pool.subset(slice(0, min(len(setup.pool), 256))), generator)
+    report = evaluate_attack(setup.task, setup.attacked, attack, generator, ConsistencyDetector(0.05), setup.calibration)
+    return Rates(report.asr, report.detector_tpr, report.system_asr)
+
+
+class EmbeddingProbe:
+    """The embedding fidelity's side: clean scores once, then one crafted batch per attack."""
+
+    def __init__(self, setup: Setup) -> None:
+        world, n = setup.world, setup.n
+        self.world, self.n = world, n
+        with torch.no_grad():
+            self.classes = world.classes(None)
+            e_v, e_t, lv, lt = world.forward(world.probe_v[None], world.probe_t[None], self.classes, None)
+            clean = world._consistency(e_v, e_t, lv, lt)[0].cpu().numpy()
+        self.threshold = ConsistencyDetector(0.05).calibrate(clean[n:])
+        labels = world.probe_y[:n]
+        self.labels = labels
+        self.clean_ok = {"image": (lv.argmax(-1)[0, :n] == labels), "text": (lt.argmax(-1)[0, :n] == labels)}
+
+    def rates(self, attack: EmbeddingAttack) -> Rates:
+        world, n = self.world, self.n
+        orders = RowAttacks.empty((1, n))
+        orders.fill(0, slice(0, n), attack, 0)
+        adv_v, adv_t = world.craft(None, world.probe_v[None, :n], world.probe_t[None, :n], self.labels[None], orders, self.classes)
+        with torch.no_grad():
+            a_v, a_t, a_lv, a_lt = world.forward(adv_v, adv_t, self.classes, None)
+            score = world._consistency(a_v, a_t, a_lv, a_lt)[0].cpu().numpy()
+        adv_ok = {"image": a_lv.argmax(-1)[0] == self.labels, "text": a_lt.argmax(-1)[0] == self.labels}
+        pick = lambda d: d["image"] & d["text"] if attack.modality == "both" else d[attack.modality]  # noqa: E731
+        clean_ok, still_ok = pick(self.clean_ok).cpu().numpy(), pick(adv_ok).cpu().numpy()
+        flagged = score > self.threshold
+        flipped = clean_ok & ~still_ok
+        correct = max(int(clean_ok.sum()), 1)
+        return Rates(flipped.sum() / correct, float(flagged.mean()), (flipped & ~flagged).sum() / correct)
+
+
+# ---------------------------------------------------------------------------- table
+@dataclass
+class Cell:
+    attack: str
+    family: str
+    budget: float
+    params: dict
+    pixel: Rates
+    embedding: Rates | None = None
+    radius: float | None = None
+
+    def deltas(self) -> tuple[float, float]:
+        assert self.embedding is not None
+        return self.embedding.asr - self.pixel.asr, self.embedding.tpr - self.pixel.tpr
+
+
+def fmt_budget(value: float) -> str:
+    k = value * 255
+    return f"{k:.0f}/255" if abs(k - round(k)) < 1e-6 and value < 0.2 else f"{value:g}"
+
+
+def print_table(cells: Sequence[Cell], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'attack':<22} {'family':<14} {'budget':>7} {'r':>6} | {'pixel asr':>9} {'tpr':>5} {'sys':>5} | "
+          f"{'emb asr':>7} {'tpr':>5} {'sys':>5} | {'Δasr':>6} {'Δtpr':>6} {'Δsys':>6}  ok")
+    inside = 0
+    for c in cells:
+        e, p = c.embedding, c.pixel
+        d_asr, d_tpr = c.deltas()
+        ok = abs(d_asr) <= TOLERANCE and abs(d_tpr) <= TOLERANCE
+        inside += ok
+        print(f"{c.attack:<22} {c.family:<14} {fmt_budget(c.budget):>7} {c.radius:>6.3f} | {p.asr:>9.3f} {p.tpr:>5.2f} {p.system_asr:>5.2f} | "
+              f"{e.asr:>7.3f} {e.tpr:>5.2f} {e.system_asr:>5.2f} | {d_asr:>+6.2f} {d_tpr:>+6.2f} {e.system_asr - p.system_asr:>+6.2f}  {'yes' if ok else 'NO'}")
+    print(f"within ±{TOLERANCE:.2f} on both ASR and TPR: {inside}/{len(cells)} cells")
+
+
+def fill_embedding(cells: Sequence[Cell], probe: EmbeddingProbe, laws: dict[str, tuple[float, float]] | None) -> None:
+    """Embedding rates of every cell at ``laws[family]`` (``None``: the environment's radii)."""
+    for c in cells:
+        attack = embedding_attack(c.attack, c.params, None if laws is None else laws[c.family])
+        c.radius = attack.radius
+        c.embedding = probe.rates(attack)
+
+
+def calibrate(cells: Sequence[Cell], probe: EmbeddingProbe, exponents: Sequence[float]) -> dict[str, tuple[float, float, float, float]]:
+    """Per family, the ``(scale, γ)`` of ``GRID × exponents`` minimising the largest |Δ| of ASR and
+    TPR over that family's cells (ties: the smallest mean |Δ|) → ``(scale, γ, max |Δ|, mean |Δ|)``."""
+    chosen: dict[str, tuple[float, float, float, float]] = {}
+    for family in dict.fromkeys(c.family for c in cells):
+        members = [c for c in cells if c.family == family]
+        best = None
+        for exponent in exponents:
+            for scale in GRID:
+                errors = []
+                for c in members:
+                    e = probe.rates(embedding_attack(c.attack, c.params, (scale, exponent)))
+                    errors += [abs(e.asr - c.pixel.asr), abs(e.tpr - c.pixel.tpr)]
+                key = (round(max(errors), 6), float(np.mean(errors)))
+                if best is None or key < best[2:]:
+                    best = (scale, exponent, *key)
+        chosen[family] = best
+    return chosen
+
+
+# ---------------------------------------------------------------------------- rank correlation
+@contextlib.contextmanager
+def radius_law(law: tuple[float, float] | None):
+    """Within the block, every family's radius law is ``law`` (``None``: unchanged); restored after."""
+    saved = dict(stacked.FAMILY_RADIUS_LAW)
+    if law is not None:
+        stacked.FAMILY_RADIUS_LAW.update({family: law for family in saved})
+    try:
+        yield
+    finally:
+        stacked.FAMILY_RADIUS_LAW.clear()
+        stacked.FAMILY_RADIUS_LAW.update(saved)
+
+
+def rank_correlation(scenario: str, seeds: Sequence[int], episodes: int, other_law: tuple[float, float] | None = None) -> None:
+    """Mean return of every baseline at both fidelities and the Spearman correlation between them.
+
+    :param other_law: also play the embedding fidelity with this ``(scale, γ)`` for every family
+        (e.g. the old ``(0.5, 1)``) and print its correlation with the same pixel returns.
+    """
+    from scipy.stats import spearmanr
+
+    from agents.baselines import available_baselines, make_baseline
+    from agents.evaluation import evaluate_policy
+
+    names = available_baselines()
+    runs = [("pixel", "pixel", None), ("embedding", "embedding", None)]
+    if other_law is not None:
+        runs.append((f"embedding r={other_law[0]:g}·b^{other_law[1]:g}", "embedding", other_law))
+    returns: dict[str, list[float]] = {}
+    for label, fidelity, law in runs:
+        returns[label] = []
+        for name in names:
+            tic = time.process_time()
+            with radius_law(law):
+                result = evaluate_policy(
+                    make_baseline(name), scenario, seeds=list(seeds), episodes=episodes, fidelity=fidelity,
+                    reference=False, use_disk_cache=False, plots=False,
+                )
+            mean_return = float(np.mean(result.per_seed("return")))
+            returns[label].append(mean_return)
+            print(f"  {scenario:<14} {label:<24} {name:<20} return {mean_return:8.3f}  ({time.process_time() - tic:.0f} CPU-s)", flush=True)
+    for label in returns:
+        if label != "pixel":
+            rho = spearmanr(returns[label], returns["pixel"]).statistic
+            print(f"{scenario}: Spearman ρ of the {len(names)} baselines' mean returns over seeds {list(seeds)}, {label} vs pixel: {rho:.3f}")
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="quickstart", help="whose data and backbone (default quickstart)")
+    parser.add_argument("--probe-n", type=int, default=256, help="probe pairs; the first half is attacked (default 256)")
+    parser.add_argument("--steps", type=int, default=3, help="attack iterations at both fidelities (default 3)")
+    parser.add_argument("--attacks", default=None, help="comma-separated subset of: " + ", ".join(c.attack for c in CASES))
+    parser.add_argument("--budgets", type=int, default=None, help="only the first N budgets of each attack")
+    parser.add_argument("--radius", type=float, default=None, help="one radius scale for every family (0.5: the old RADIUS)")
+    parser.add_argument("--exponent", type=float, default=1.0, help="with --radius: r = radius · (budget/default)^exponent (default 1)")
+    parser.add_argument("--calibrate", action="store_true", help="grid-search a radius scale per family and print the table at it")
+    parser.add_argument("--rank", action="store_true", help="also the Spearman correlation of the baselines' returns (slow)")
+    parser.add_argument("--rank-scenarios", default="quickstart", help="comma-separated scenarios for --rank")
+    parser.add_argument("--rank-seeds", default="0", help="comma-separated evaluation seeds for --rank")
+    parser.add_argument("--data-seed", type=int, default=None, help="dataset seed instead of the scenario's (out-of-sample pairs)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the pixel attacks' random starts")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 attacks, one budget, 32 probe pairs")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cases = CASES
+    if args.attacks:
+        wanted = args.attacks.split(",")
+        unknown = sorted(set(wanted) - {c.attack for c in CASES})
+        if unknown:
+            parser.error(f"--attacks: unknown {unknown}; choose from {', '.join(c.attack for c in CASES)}")
+        cases = tuple(c for c in CASES if c.attack in wanted)
+    budgets = args.budgets
+    if args.quick:
+        cases = tuple(c for c in cases if c.attack in ("pgd_linf", "text_embedding_pgd", "aware_caption_rewrite")) or cases[:1]
+        args.probe_n, budgets = 32, 1
+    if args.probe_n < 4 or args.steps < 1:
+        parser.error(f"--probe-n must be ≥ 4 and --steps ≥ 1, got {args.probe_n} and {args.steps}")
+
+    start_cpu = time.process_time()
+    setup = load_setup(args.scenario, args.probe_n, args.data_seed)
+    probe = EmbeddingProbe(setup)
+    print(f"{args.scenario}: {setup.scenario.dataset.name} (seed {setup.scenario.dataset.seed}), {setup.scenario.backbone.name}; {setup.n} attacked probe pairs, "
+          f"τ from {args.probe_n - setup.n} clean ones (pixel τ={ConsistencyDetector(0.05).calibrate(_clean_scores(setup)):.3f}, "
+          f"embedding τ={probe.threshold:.3f}); {args.steps} steps, step 2.5·budget/steps")
+    cells = []
+    for case in cases:
+        for budget in case.budgets[-budgets:] if budgets else case.budgets:
+            params = attack_params(case.attack, budget, args.steps)
+            tic = time.process_time()
+            rates = pixel_rates(setup, case.attack, params, args.seed)
+            cells.append(Cell(case.attack, family_of(case.attack), budget, params, rates))
+            print(f"  pixel {case.attack:<22} {fmt_budget(budget):>7}: asr {rates.asr:.3f} tpr {rates.tpr:.2f} ({time.process_time() - tic:.1f} CPU-s)", flush=True)
+    laws = None if args.radius is None else {c.family: (args.radius, args.exponent) for c in cells}
+    fill_embedding(cells, probe, laws)
+    label = "the environment's radii" if laws is None else f"r = {args.radius} · (budget/default)^{args.exponent:g} for every family"
+    print_table(cells, f"undefended model, embedding at {label}")
+    if args.calibrate:
+        for title, exponents in (("one scale per family, r ∝ budget (γ = 1)", (1.0,)), ("scale and budget exponent γ per family", EXPONENTS)):
+            chosen = calibrate(cells, probe, exponents)
+            print(f"\ngrid search, {title}: scales {GRID[0]}…{GRID[-1]} step 0.025, γ ∈ {list(exponents)}; "
+                  "per family: scale, γ, max |Δ| and mean |Δ| over its ASR and TPR cells")
+            for family, (scale, exponent, worst, mean) in chosen.items():
+                print(f"  {family:<14} scale {scale:.3f}  γ {exponent:<5g}  max {worst:.3f}  mean {mean:.3f}")
+            fill_embedding(cells, probe, {family: best[:2] for family, best in chosen.items()})
+            print_table(cells, f"undefended model, embedding at the calibrated radii ({title})")
+    print(f"\n{time.process_time() - start_cpu:.0f} CPU-s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    if args.rank:
+        seeds = [int(s) for s in args.rank_seeds.split(",")]
+        for scenario in args.rank_scenarios.split(","):
+            rank_correlation(scenario, seeds, 1, None if args.radius is None else (args.radius, args.exponent))
+        print(f"{time.process_time() - start_cpu:.0f} CPU-s in all")
+
+
+def _clean_scores(setup: Setup) -> torch.Tensor:
+    from cmai_env.robustness import consistency_scores
+
+    return consistency_scores(setup.task, setup.calibration)
+
+
+if __name__ == "__main__":
+    main()

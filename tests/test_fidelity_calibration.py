@@ -1,0 +1,90 @@
+"""The embedding fidelity's per-family radii and the calibration benchmark that measured them."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmai_env.attacks.specs import DECLARATIONS
+from cmai_env.fidelity import stacked
+from cmai_env.fidelity.stacked import FAMILY_EXPONENT, FAMILY_RADIUS, EmbeddingAttack, embedding_radius
+from cmai_env.scenario import AttackSpec
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_calibration.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("fidelity_calibration", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's string annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_family_has_a_radius_and_an_exponent():
+    families = set(stacked._MODES)
+    assert set(FAMILY_RADIUS) == families and set(FAMILY_EXPONENT) == families
+    declared = {d.embedding.family for d in DECLARATIONS.values() if d.embedding is not None}
+    assert declared <= families
+    for family in families:
+        assert 0.0 < FAMILY_RADIUS[family] <= 1.0 and FAMILY_EXPONENT[family] > 0
+        assert embedding_radius(family, 1.0) == pytest.approx(FAMILY_RADIUS[family])
+        # a bigger budget is a bigger radius, and a zero budget none
+        assert embedding_radius(family, 0.5) < embedding_radius(family, 1.0) < embedding_radius(family, 2.0)
+        assert embedding_radius(family, 0.0) == 0.0
+
+
+def test_radius_errors_name_the_family_and_the_budget():
+    with pytest.raises(ValueError, match="no_such_family"):
+        embedding_radius("no_such_family", 1.0)
+    with pytest.raises(ValueError, match="-0.5"):
+        embedding_radius("image", -0.5)
+
+
+def test_from_entry_uses_the_family_law():
+    attack = EmbeddingAttack.from_entry(AttackSpec(name="pgd_linf", params={"eps": 2 / 255, "steps": 3}))
+    assert attack.family == "image"
+    assert attack.radius == pytest.approx(FAMILY_RADIUS["image"] * 0.25 ** FAMILY_EXPONENT["image"])
+    text = EmbeddingAttack.from_entry(AttackSpec(name="text_embedding_pgd", params={"eps": 0.1}))
+    assert text.radius == pytest.approx(FAMILY_RADIUS["text"] * 0.5 ** FAMILY_EXPONENT["text"])
+
+
+def test_quick_run_prints_both_fidelities(capsys):
+    benchmark = load_benchmark()
+    benchmark.main(["--quick"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("pgd_linf ", "text_embedding_pgd ", "aware_caption_rewrite "))]
+    assert [r[0] for r in rows] == ["pgd_linf", "text_embedding_pgd", "aware_caption_rewrite"]
+    for row in rows:
+        # attack family budget r | asr tpr sys | asr tpr sys | Δasr Δtpr Δsys ok
+        pixel_asr, pixel_tpr, pixel_sys, emb_asr, emb_tpr, emb_sys, d_asr, d_tpr = (float(row[i]) for i in (5, 6, 7, 9, 10, 11, 13, 14))
+        for value in (pixel_asr, pixel_tpr, pixel_sys, emb_asr, emb_tpr, emb_sys):
+            assert 0.0 <= value <= 1.0
+        assert d_asr == pytest.approx(emb_asr - pixel_asr, abs=0.011) and d_tpr == pytest.approx(emb_tpr - pixel_tpr, abs=0.011)
+        assert row[-1] == ("yes" if abs(d_asr) <= 0.10 and abs(d_tpr) <= 0.10 else "NO")
+    # 8/255 PGD-ℓ∞ flips nearly every pair of the undefended cmai-tiny at both fidelities
+    assert float(rows[0][5]) >= 0.8 and float(rows[0][9]) >= 0.8
+    assert "within ±0.10 on both ASR and TPR" in out
+
+
+def test_calibration_grid_finds_a_planted_scale():
+    """The grid search recovers the (scale, γ) that produced its "pixel" targets."""
+    benchmark = load_benchmark()
+
+    class FakeProbe:
+        def rates(self, attack):  # ASR and TPR rise linearly with the radius, capped at 1
+            return benchmark.Rates(min(attack.radius, 1.0), min(2 * attack.radius, 1.0), 0.0)
+
+    cells = []
+    for budget in (2 / 255, 4 / 255, 8 / 255):
+        params = benchmark.attack_params("pgd_linf", budget, 3)
+        relative = benchmark.relative_budget("pgd_linf", params)
+        truth = 0.6 * relative**0.5
+        cells.append(benchmark.Cell("pgd_linf", "image", budget, params, benchmark.Rates(truth, min(2 * truth, 1.0), 0.0)))
+    chosen = benchmark.calibrate(cells, FakeProbe(), benchmark.EXPONENTS)
+    scale, exponent, worst, _ = chosen["image"]
+    assert (scale, exponent) == (0.6, 0.5) and math.isclose(worst, 0.0, abs_tol=1e-9)
