@@ -254,6 +254,8 @@ class EmbeddingProbe:
 # ---------------------------------------------------------------------------- table
 @dataclass
 class Cell:
+    """One attack at one budget: the entry parameters, pixel rates, and embedding rates at ``radius``."""
+
     attack: str
     family: str
     budget: float
