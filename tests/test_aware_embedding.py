@@ -58,3 +58,14 @@ def test_aware_parameters_reach_the_rows():
     assert orders.mode_v[1].tolist() == [3, 0, 3, 0] and orders.mode_t.sum() == 0
     np.testing.assert_allclose(orders.aware[1, 0], [2.0, 1.0, 0.0])
     np.testing.assert_allclose(orders.aware[0, 0], [1.0, 5.0, 0.0])  # untouched rows keep the defaults
+
+
+def test_random_target_is_refused_at_embedding_fidelity():
+    from cmai_env.scenario import validate_scenario
+
+    scenario = validate_scenario({
+        "name": "random_target", "fidelity": "embedding",
+        "phases": [{"name": "p", "rounds": 2, "attacks": [{"name": "aware_caption_rewrite", "params": {"target": "random"}}]}],
+    })
+    with pytest.raises(ValueError, match="target = 'random' is played at pixel fidelity only"):
+        EmbeddingAttack.from_entry(scenario.phases[0].attacks[0])

@@ -142,10 +142,17 @@ class EmbeddingAttack:
         counterpart = attack.embedding
         if counterpart is None:
             raise ValueError(
-                f"attack {entry.name!r} declares no embedding-fidelity counterpart (its class sets no "
-                "`embedding = EmbeddingCounterpart(...)`); run this scenario with fidelity: pixel"
+                f"attack {entry.name!r} declares no embedding-fidelity counterpart (its declaration in "
+                "cmai_env/attacks/specs.py sets no `embedding=EmbeddingCounterpart(...)`); run this scenario with fidelity: pixel"
             )
         defaults = attack.parameters()
+        target = entry.params.get("target", defaults.get("target", "nearest"))
+        if target != "nearest":
+            # The embedding families pick c* as the nearest wrong class prompt; a random target is not played there.
+            raise ValueError(
+                f"attack {entry.name!r}: params.target = {target!r} is played at pixel fidelity only; "
+                "the embedding fidelity supports target: nearest"
+            )
         default_budget = float(defaults.get(counterpart.budget, 1.0) or 1.0)
         budget = float(entry.params.get(counterpart.budget, default_budget))
         steps = 1 if counterpart.steps is None else int(entry.params.get(counterpart.steps, defaults.get(counterpart.steps, 1)))
