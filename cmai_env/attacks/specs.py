@@ -111,7 +111,8 @@ class EmbeddingCounterpart:
         and e_v, each up its own CE), ``aware_image`` / ``aware_rewrite`` (detector-aware e_v
         crafting against the trusted / a rewritten caption, :mod:`cmai_env.fidelity.stacked`).
     :param budget: the attack parameter that sets its strength; the radius is
-        ``r = RADIUS · params[budget] / default[budget]`` (:mod:`cmai_env.fidelity.embedding`).
+        ``r = scale · (params[budget] / default[budget])^γ`` with ``(scale, γ)`` per family
+        (:data:`cmai_env.fidelity.stacked.FAMILY_RADIUS_LAW`).
     :param steps: the attack parameter holding its iteration count (capped at ``MAX_STEPS``);
         ``None``: one step.
     """

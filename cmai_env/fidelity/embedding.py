@@ -5,14 +5,14 @@ defended parameters are residual adapters on the pooled embeddings (``e ↦ norm
 :class:`cmai_env.models.backbone.ResidualAdapter`, the same adapter the pixel fidelity trains;
 one for images and one for text; class prompts pass the text adapter), trained with AdamW
 (weight decay 0.01). Every registered attack declares its embedding-space counterpart on the
-*input* embedding (before the adapter) in its own class (``embedding =
-EmbeddingCounterpart(family, budget=...)``, :class:`cmai_env.attacks.base.EmbeddingCounterpart`),
-under an L2 radius
+*input* embedding (before the adapter) in its declaration (``embedding=EmbeddingCounterpart(family,
+budget=...)`` in :mod:`cmai_env.attacks.specs`), under an L2 radius
 
-    r = RADIUS · (attack's budget / that attack's default budget)
+    r = scale · (attack's budget / that attack's default budget)^γ
 
-with ``RADIUS`` = 0.5 for every family, so a default-budget attack moves a unit embedding by at
-most half its norm. The shipped attacks declare:
+with ``(scale, γ)`` per family (:data:`cmai_env.fidelity.stacked.FAMILY_RADIUS_LAW`, calibrated so
+the undefended model's ASR and detector TPR match the pixel attacks';
+``benchmarks/fidelity_calibration.py``). The shipped attacks declare:
 
 ==============================================  ================================================
 registered attacks                              embedding-space counterpart (family)
@@ -23,6 +23,8 @@ text_embedding_pgd, token_substitution           ``text``: untargeted L2-PGD on 
 bridge_image_to_text                             ``bridge_image``: e_v toward the nearest wrong class prompt
 bridge_text_to_image                             ``bridge_text``: e_t toward the nearest wrong class prompt
 co_attack                                        ``both``: e_t and e_v, each up its own CE
+aware_pgd_linf                                   ``aware_image``: e_v up min(margin, κ) − λ·L_consistency
+aware_caption_rewrite                            ``aware_rewrite``: caption → c*'s, e_v down L_consistency
 ==============================================  ================================================
 
 Steps follow the attack's ``steps`` parameter, capped at ``MAX_STEPS``. The losses, the
