@@ -34,14 +34,14 @@ import numpy as np
 import torch
 
 import cmai_env  # noqa: F401  (registers the environments)
+from agents.evaluation import CONTINUOUS_ENV_ID, EVAL_SEED_OFFSET
 from agents.stats import bounds_for, paired_difference, t_interval
 from cmai_env.env import DISCRETE_BETAS, action_from_betas
 from cmai_env.scenario import apply_overrides, load_scenario, scenarios_available
 from cmai_env.stream import AttackStream
 
-ENV_ID = "cmai_env/CMAI-v0"
-#: Environment seed of evaluation seed ``s`` (as :mod:`agents.evaluation`) and of search seed ``s``.
-EVAL_SEED_OFFSET = 100_000
+ENV_ID = CONTINUOUS_ENV_ID
+#: Environment seed of search seed ``s`` (evaluation seeds use the frozen protocol's ``EVAL_SEED_OFFSET``).
 SEARCH_SEED_OFFSET = 200_000
 TASK_ONLY = 0  # DISCRETE_BETAS[0] == (1, 0, 0)
 #: Largest batch of environments stepped at once.
