@@ -152,7 +152,7 @@ class CMAIEnv(gym.Env):
     pairs, τ is calibrated on the rest, so ``false_rejection_rate`` is out of sample.
 
     How the weights act on the detector: ``β_consist`` trains ``L_consistency`` down on the
-    round's pairs, which shrinks the clean score distribution that τ is the ``(1 − target_fpr)``
+    round's clean pairs, which shrinks the clean score distribution that τ is the ``(1 − target_fpr)``
     quantile of, so τ tightens; ``β_adv`` trains on adversarial examples and lowers the model's
     ASR, which is what is left against attacks built to pass the detector.
 
@@ -335,10 +335,7 @@ class CMAIEnv(gym.Env):
         probe: ProbeResult = self.world.probe(plan, self.np_random)
         self.detector.calibrate(probe.clean_consistency)
 
-        system = system_metrics(
-            self.detector.threshold, probe.eval_clean_consistency, probe.eval_clean_correct,
-            [e.name for e in plan.mixture], probe.outcomes, [e.weight for e in plan.mixture],
-        )
+        system = system_metrics(self.detector.threshold, probe.eval_clean_consistency, probe.eval_clean_correct, plan.mixture, probe.outcomes)
         scored_acc, scored_asr = scored_metrics(self.scenario.reward, probe.clean_acc, probe.asr, system)
 
         is_adv = traffic.is_adv

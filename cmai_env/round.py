@@ -178,6 +178,17 @@ class AttackOutcome:
     flipped: np.ndarray
     consistency: np.ndarray
 
+    @property
+    def asr(self) -> float:
+        """The share of originally correct pairs that are flipped (0 with none correct), as
+        :func:`cmai_env.attacks.attack_success_rate` defines ASR."""
+        correct = int(self.clean_ok.sum())
+        return float(self.flipped.sum() / correct) if correct else 0.0
+
+    def undetected(self, threshold: float) -> "AttackOutcome":
+        """The same outcome counting only the flips the detector passes (``L_consistency ≤ τ``)."""
+        return AttackOutcome(self.clean_ok, self.flipped & (np.asarray(self.consistency) <= threshold), self.consistency)
+
 
 @dataclass(frozen=True)
 class SystemMetrics:
@@ -201,27 +212,21 @@ def system_metrics(
     threshold: float,
     eval_clean_consistency: np.ndarray,
     eval_clean_correct: np.ndarray,
-    names: Sequence[str],
+    mixture: Sequence,
     outcomes: Sequence[AttackOutcome],
-    weights: Sequence[float],
 ) -> SystemMetrics:
     """:class:`SystemMetrics` for a detector with threshold ``τ`` (flag: ``L_consistency > τ``).
 
     :param eval_clean_consistency: clean ``L_consistency`` of the evaluation split's pairs.
     :param eval_clean_correct: whether each of them is classified correctly (image side).
-    :param names: the active attacks' names, in mixture order.
-    :param outcomes: each one's :class:`AttackOutcome`, same order.
-    :param weights: the mixture weights, same order.
+    :param mixture: the round's active attacks (entries with ``name`` and ``weight``).
+    :param outcomes: each one's :class:`AttackOutcome`, in mixture order.
     """
     rejected = np.asarray(eval_clean_consistency) > threshold
-    rates = []
-    for outcome in outcomes:
-        through = outcome.flipped & (np.asarray(outcome.consistency) <= threshold)
-        correct = int(outcome.clean_ok.sum())
-        rates.append(float(through.sum() / correct) if correct else 0.0)
+    rates = [outcome.undetected(threshold).asr for outcome in outcomes]
     return SystemMetrics(
-        system_asr=mixture_asr(list(weights), rates),
-        system_asr_per_attack=dict(zip(names, rates)),
+        system_asr=mixture_asr([entry.weight for entry in mixture], rates),
+        system_asr_per_attack={entry.name: rate for entry, rate in zip(mixture, rates)},
         false_rejection_rate=float(rejected.mean()) if rejected.size else 0.0,
         system_clean_acc=float((np.asarray(eval_clean_correct) & ~rejected).mean()) if rejected.size else 0.0,
     )

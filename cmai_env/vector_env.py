@@ -270,8 +270,7 @@ class CMAIVectorEnv(VectorEnv):
         compute_cost = steps_used / max_steps
         clean_acc, asr, score = float(probe.clean_acc[k]), float(probe.asr[k]), float(probe.consistency_score[k])
         system = system_metrics(
-            slot.detector.threshold, probe.eval_clean_consistency[k], probe.eval_clean_correct[k],
-            [e.name for e in plan.mixture], probe.outcomes[k], [e.weight for e in plan.mixture],
+            slot.detector.threshold, probe.eval_clean_consistency[k], probe.eval_clean_correct[k], plan.mixture, probe.outcomes[k]
         )
         scored_acc, scored_asr = scored_metrics(self.scenario.reward, clean_acc, asr, system)
         terms = reward_terms(self.scenario.reward, scored_acc, scored_asr, score, tpr, fpr, bool(is_adv.any()), compute_cost)

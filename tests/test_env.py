@@ -309,7 +309,10 @@ def test_system_metrics_arithmetic():
         consistency=np.array([0.1, 0.9, 0.2, 0.5, 0.1]),
     )
     quiet = AttackOutcome(np.array([True, False]), np.array([False, False]), np.array([0.0, 0.0]))
-    metrics = system_metrics(0.5, np.array([0.2, 0.6, 0.4, 0.7]), np.array([True, True, False, True]), ["a", "b"], [outcome, quiet], [3.0, 1.0])
+    from types import SimpleNamespace
+
+    mixture = [SimpleNamespace(name="a", weight=3.0), SimpleNamespace(name="b", weight=1.0)]
+    metrics = system_metrics(0.5, np.array([0.2, 0.6, 0.4, 0.7]), np.array([True, True, False, True]), mixture, [outcome, quiet])
     assert metrics.system_asr_per_attack == {"a": 0.5, "b": 0.0}  # flips at 0.1 and 0.5 pass, 0.9 is caught
     assert metrics.system_asr == pytest.approx(0.375)  # (3·0.5 + 1·0) / 4
     assert metrics.false_rejection_rate == 0.5

@@ -11,7 +11,7 @@ import pytest
 
 from cmai_env.attacks.specs import DECLARATIONS
 from cmai_env.fidelity import stacked
-from cmai_env.fidelity.stacked import FAMILY_EXPONENT, FAMILY_RADIUS, EmbeddingAttack, embedding_radius
+from cmai_env.fidelity.stacked import FAMILY_RADIUS_LAW, EmbeddingAttack, embedding_radius
 from cmai_env.scenario import AttackSpec
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_calibration.py"
@@ -27,12 +27,13 @@ def load_benchmark():
 
 def test_every_family_has_a_radius_and_an_exponent():
     families = set(stacked._MODES)
-    assert set(FAMILY_RADIUS) == families and set(FAMILY_EXPONENT) == families
+    assert set(FAMILY_RADIUS_LAW) == families
     declared = {d.embedding.family for d in DECLARATIONS.values() if d.embedding is not None}
     assert declared <= families
     for family in families:
-        assert 0.0 < FAMILY_RADIUS[family] <= 1.0 and FAMILY_EXPONENT[family] > 0
-        assert embedding_radius(family, 1.0) == pytest.approx(FAMILY_RADIUS[family])
+        scale, exponent = FAMILY_RADIUS_LAW[family]
+        assert 0.0 < scale <= 1.0 and exponent > 0
+        assert embedding_radius(family, 1.0) == pytest.approx(scale)
         # a bigger budget is a bigger radius, and a zero budget none
         assert embedding_radius(family, 0.5) < embedding_radius(family, 1.0) < embedding_radius(family, 2.0)
         assert embedding_radius(family, 0.0) == 0.0
@@ -48,9 +49,11 @@ def test_radius_errors_name_the_family_and_the_budget():
 def test_from_entry_uses_the_family_law():
     attack = EmbeddingAttack.from_entry(AttackSpec(name="pgd_linf", params={"eps": 2 / 255, "steps": 3}))
     assert attack.family == "image"
-    assert attack.radius == pytest.approx(FAMILY_RADIUS["image"] * 0.25 ** FAMILY_EXPONENT["image"])
+    scale, exponent = FAMILY_RADIUS_LAW["image"]
+    assert attack.radius == pytest.approx(scale * 0.25**exponent)
     text = EmbeddingAttack.from_entry(AttackSpec(name="text_embedding_pgd", params={"eps": 0.1}))
-    assert text.radius == pytest.approx(FAMILY_RADIUS["text"] * 0.5 ** FAMILY_EXPONENT["text"])
+    scale, exponent = FAMILY_RADIUS_LAW["text"]
+    assert text.radius == pytest.approx(scale * 0.5**exponent)
 
 
 def test_quick_run_prints_both_fidelities(capsys):

@@ -74,9 +74,6 @@ FAMILY_RADIUS_LAW: dict[str, tuple[float, float]] = {
     "aware_image": (0.775, 0.375),
     "aware_rewrite": (0.625, 0.25),
 }
-#: The radius of each family at its default budget, and its budget exponent γ.
-FAMILY_RADIUS: dict[str, float] = {family: law[0] for family, law in FAMILY_RADIUS_LAW.items()}
-FAMILY_EXPONENT: dict[str, float] = {family: law[1] for family, law in FAMILY_RADIUS_LAW.items()}
 #: Crafting steps are the attack's ``steps`` parameter, capped here.
 MAX_STEPS = 3
 #: Bottleneck width of the residual adapters.
@@ -720,16 +717,13 @@ class StackedEmbeddingWorld:
                 pick = torch.as_tensor(modality, device=self.device).unsqueeze(-1)
                 clean_ok = torch.where(pick == 0, clean_image, torch.where(pick == 1, clean_text, clean_image & clean_text))
                 adv_ok = torch.where(pick == 0, adv_image_ok, torch.where(pick == 1, adv_text_ok, adv_image_ok & adv_text_ok))
-                # ASR as attack_success_rate defines it: the share of originally correct
-                # predictions the attack flips (0 with none correct), from integer counts.
                 flipped = clean_ok & ~adv_ok
-                counts = torch.stack([flipped.sum(-1), clean_ok.sum(-1)]).cpu().numpy()
                 clean_ok_np, flipped_np = clean_ok.expand_as(flipped).cpu().numpy(), flipped.cpu().numpy()
             for e, plan in enumerate(plans):
-                rates = [float(counts[0, e, k] / counts[1, e, k]) if counts[1, e, k] else 0.0 for k in range(len(plan.mixture))]
+                outcomes[e] = [AttackOutcome(clean_ok_np[e, k], flipped_np[e, k], adv_consistency[e, k]) for k in range(len(plan.mixture))]
+                rates = [outcome.asr for outcome in outcomes[e]]
                 asr_per_attack[e] = {entry.name: rate for entry, rate in zip(plan.mixture, rates)}
                 asr[e] = mixture_asr([entry.weight for entry in plan.mixture], rates)
-                outcomes[e] = [AttackOutcome(clean_ok_np[e, k], flipped_np[e, k], adv_consistency[e, k]) for k in range(len(plan.mixture))]
         all_consistency = clean_consistency.cpu().numpy()
         return StackedProbe(
             clean_acc.double().cpu().numpy(),
