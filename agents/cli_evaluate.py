@@ -71,11 +71,12 @@ def print_summary(result: EvaluationResult) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from agents.evaluation import evaluate_policy, parse_env_kwargs, resolve_policy
+    from agents.evaluation import evaluate_policy, resolve_policy
+    from cmai_env.keyvalue import parse_assignments
     from agents.output_dir import claim_output_dir
 
     policy = resolve_policy(args.policy, device=args.device)
-    env_kwargs = parse_env_kwargs(args.env_kwargs)
+    env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     if args.device != "cpu":
         env_kwargs["device"] = args.device
     # One writer per --out, and results already there are kept unless --overwrite (checked before
@@ -103,7 +104,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ benchmark
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from agents.benchmark import BenchmarkArgs, run_benchmark
-    from agents.evaluation import parse_env_kwargs
+    from cmai_env.keyvalue import parse_assignments
     from agents.output_dir import claim_output_dir
 
     with claim_output_dir(args.out, ("results.json", "results.md"), overwrite=args.overwrite):
@@ -116,7 +117,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 policies=args.policies or [],
                 baselines=args.baselines,
                 fidelity=args.fidelity,
-                env_kwargs=parse_env_kwargs(args.env_kwargs),
+                env_kwargs=parse_assignments(args.env_kwargs, ":", "--env-kwargs"),
                 plots=not args.no_plots,
                 bootstrap_reps=args.bootstrap_reps,
             ),
@@ -260,7 +261,7 @@ def print_quickstart(report: dict[str, Any]) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from agents.evaluation import parse_env_kwargs
+    from cmai_env.keyvalue import parse_assignments
 
     report = run_quickstart(
         QuickstartArgs(
@@ -269,7 +270,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             train_seed=args.train_seed,
             fidelity=args.fidelity,
             out=Path(args.out),
-            env_kwargs=parse_env_kwargs(args.env_kwargs),
+            env_kwargs=parse_assignments(args.env_kwargs, ":", "--env-kwargs"),
             progress=not args.quiet,
         ),
         log=_log(args.quiet),

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--algo", default="ppo", help=f"{ALGO_NAMES} (default: ppo; dqn trains on CMAI-Discrete-v0)")
     tr.add_argument("--scenario", default="quickstart", help="shipped scenario name or YAML file (default: quickstart)")
     tr.add_argument("--timesteps", type=int, default=None, help="environment steps (default: n_timesteps of the hyperparameters)")
-    tr.add_argument("--seed", type=int, default=0, help="seed of the model and envs; the eval env gets seed+10000 (default: 0)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the model and envs; the eval env gets seed+100000 (default: 0)")
     tr.add_argument("--n-envs", type=int, default=None, help="parallel training envs (default: n_envs of the hyperparameters, 1)")
     tr.add_argument("--out", type=Path, default=Path("runs"), help="root of the run folders (default: runs)")
     tr.add_argument("--tensorboard", type=Path, default=None, help="TensorBoard log root (default: off)")

@@ -63,17 +63,22 @@ import gymnasium as gym
 import numpy as np
 
 import cmai_env
+from agents.protocol import (  # noqa: F401 (re-exported: the evaluation API)
+    CONTINUOUS_ENV_ID,
+    DEFAULT_PROTOCOL,
+    DISCRETE_ENV_ID,
+    EVAL_ENV_ID,
+    EVAL_SEED_OFFSET,
+    PROTOCOLS,
+    EvalProtocol,
+    protocol_for,
+)
 from agents.stats import Interval, bounds_for, t_interval
 from cmai_env.latency import LATENCY_FIELDS
 
 if TYPE_CHECKING:
     from agents.policies import GatingPolicy
 
-CONTINUOUS_ENV_ID = "cmai_env/CMAI-v0"
-DISCRETE_ENV_ID = "cmai_env/CMAI-Discrete-v0"
-EVAL_ENV_ID = "cmai_env/CMAI-Eval-v0"
-#: Environment seed of evaluation seed ``s`` is ``EVAL_SEED_OFFSET + s``.
-EVAL_SEED_OFFSET = 100_000
 #: Metrics summarised per seed (all but ``return`` are means over rounds, see the module docstring).
 EPISODE_METRICS = (
     "return",
@@ -120,73 +125,7 @@ ROUND_COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class EvalProtocol:
-    """Seeds and episodes of a scenario's frozen evaluation.
-
-    :param seeds: evaluation seeds (environment seed = ``EVAL_SEED_OFFSET + seed``).
-    :param episodes_per_seed: episodes played per seed.
-    """
-
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    episodes_per_seed: int = 1
-
-
-DEFAULT_PROTOCOL = EvalProtocol()
-#: Per-scenario protocols; scenarios not listed use :data:`DEFAULT_PROTOCOL`. Shipped scenarios
-#: are listed explicitly so that changing the default never silently changes their protocol.
-PROTOCOLS: dict[str, EvalProtocol] = {
-    **{
-        name: EvalProtocol((0, 1, 2, 3, 4), 1)
-        for name in (
-            "quickstart",
-            "abrupt_shift",
-            "gradual_drift",
-            "mixed_modalities",
-            "periodic",
-            "stationary_pgd",
-            "unseen_attacks",
-        )
-    },
-    "randomized_training": EvalProtocol(tuple(range(10)), 1),
-}
-
-
-def protocol_for(scenario_name: str) -> EvalProtocol:
-    """The frozen protocol of a scenario (the default for unlisted ones)."""
-    return PROTOCOLS.get(scenario_name, DEFAULT_PROTOCOL)
-
-
 # ------------------------------------------------------------------------------ inputs
-def parse_env_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["episode_rounds:8", "defense.lr:1e-3", "fidelity:embedding"]`` → typed dict.
-
-    Values are read as int, then float, then YAML (``true``, ``[1, 2]``, ``null``), else kept as
-    text. Dotted keys override nested scenario fields.
-    """
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, text = item.partition(":")
-        if not sep or not key.strip():
-            raise ValueError(f"--env-kwargs entries must look like key:value, got {item!r}")
-        text = text.strip()
-        value: Any
-        try:
-            value = int(text)
-        except ValueError:
-            try:
-                value = float(text)
-            except ValueError:
-                try:
-                    value = yaml.safe_load(text) if text else ""
-                except yaml.YAMLError:
-                    value = text
-        out[key.strip()] = value
-    return out
-
-
 def resolve_policy(spec: str | Path, device: str = "cpu") -> "GatingPolicy":
     """``baseline:NAME`` → a fresh baseline; a run folder or model file → the trained policy.
 

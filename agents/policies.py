@@ -61,6 +61,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
+from cmai_env import CONTINUOUS_ENV_ID, DISCRETE_ENV_ID
 from cmai_env.env import DISCRETE_BETAS, betas_from_action
 from cmai_env.observation import OBS_SLICES
 
@@ -73,8 +74,6 @@ ALGOS: dict[str, type[BaseAlgorithm]] = {
     "dqn": DQN,
     "recurrent_ppo": RecurrentPPO,
 }
-CONTINUOUS_ENV_ID = "cmai_env/CMAI-v0"
-DISCRETE_ENV_ID = "cmai_env/CMAI-Discrete-v0"
 #: The environment each algorithm trains on: DQN needs the Discrete weight grid.
 ENV_ID_FOR_ALGO: dict[str, str] = {algo: DISCRETE_ENV_ID if algo == "dqn" else CONTINUOUS_ENV_ID for algo in ALGOS}
 #: Head layers after the gating extractor: ``pi: []`` makes the action head one Linear layer,

@@ -67,7 +67,9 @@ from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckA
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
 from agents.callbacks import CMAIMetricsCallback, FinalEvalCallback
+from agents.protocol import EVAL_SEED_OFFSET
 from agents.policies import ALGOS, ENV_ID_FOR_ALGO, RUN_FILE, RunInfo, normalization_for, algo_class, read_run, resolve_policy_kwargs
+from cmai_env.keyvalue import load_yaml, load_yaml_mapping, parse_assignments, parse_value, set_dotted  # noqa: F401 (re-exported)
 from agents.safe_load import (
     NORMALIZATION_FILE,
     file_sha256,
@@ -80,8 +82,6 @@ from agents.safe_load import (
 )
 
 HYPERPARAMS_DIR = Path(__file__).parent / "hyperparams"
-#: The evaluation env is seeded ``seed + EVAL_SEED_OFFSET`` so it never replays a training episode.
-EVAL_SEED_OFFSET = 10_000
 #: Hyperparameter keys that configure the run, not the algorithm's constructor.
 RUN_KEYS = ("policy", "n_timesteps", "n_envs", "normalize", "noise_type", "noise_std")
 #: Constructor arguments ``cmai train`` sets from its own options.
@@ -160,84 +160,6 @@ class TrainArgs:
                 value = list(value)
             out[f.name] = value
         return out
-
-
-# ---------------------------------------------------------------------------------- parsing
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``3e-4`` (no dot) as a float, as YAML 1.2 and humans do."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_value(text: str) -> Any:
-    """A YAML scalar/list/mapping from the command line (``3e-4`` → float, ``[32,32]`` → list)."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"cannot parse value {text!r} as YAML: {str(exc).splitlines()[0]}") from None
-
-
-def load_yaml(path: Path) -> Any:
-    """Read a YAML file with :func:`parse_value`'s float rules."""
-    try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML: {exc}") from None
-
-
-def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file that must hold a mapping (a run's ``config.yml``, ``args.yml``).
-
-    :param what: what the mapping holds and why it is needed, for the messages.
-    :raises FileNotFoundError, ValueError: naming the file.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {what}")
-    data = load_yaml(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping ({what})")
-    return data
-
-
-def parse_assignments(items: Sequence[str] | Mapping[str, Any], sep: str, option: str) -> dict[str, Any]:
-    """``["a=1", "b.c=[1,2]"]`` → ``{"a": 1, "b.c": [1, 2]}`` (a mapping passes through).
-
-    :param sep: ``=`` for ``--set``, ``:`` for ``--env-kwargs``.
-    :param option: the option's name, for error messages.
-    """
-    if isinstance(items, Mapping):
-        return dict(items)
-    out: dict[str, Any] = {}
-    for item in items:
-        key, found, value = str(item).partition(sep)
-        key = key.strip()
-        if not found or not key or not re.fullmatch(r"[A-Za-z_][\w.\-]*", key):
-            raise ValueError(f"{option} expects key{sep}value (e.g. {'learning_rate=3e-4' if sep == '=' else 'episode_rounds:20'}), got {item!r}")
-        out[key] = parse_value(value)
-    return out
-
-
-def set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
-    """``target["a"]["b"] = value`` for ``key="a.b"``, creating (or replacing non-dict) levels."""
-    *parents, leaf = key.split(".")
-    node = target
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[leaf] = value
 
 
 # ---------------------------------------------------------------------------------- scenario

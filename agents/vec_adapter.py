@@ -21,14 +21,11 @@ from stable_baselines3.common.monitor import ResultsWriter
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvStepReturn
 
+from cmai_env import ENV_IDS
 from cmai_env.vector_env import CMAIVectorEnv, unbatch_info
 
 #: Keyword arguments of ``gymnasium.make`` for each registered ID that the batched env also needs.
-_ID_KWARGS = {
-    "cmai_env/CMAI-v0": {},
-    "cmai_env/CMAI-Discrete-v0": {"action_mode": "discrete"},
-    "cmai_env/CMAI-Eval-v0": {"allow_evaluation_only": True},
-}
+_ID_KWARGS = {env_id: {k: v for k, v in defaults.items() if k != "scenario"} for env_id, defaults in ENV_IDS.items()}
 
 
 class CMAIVecEnvAdapter(VecEnv):

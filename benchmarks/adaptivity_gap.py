@@ -197,9 +197,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from agents.evaluation import parse_env_kwargs
+    from cmai_env.keyvalue import parse_assignments
 
-    overrides = parse_env_kwargs(args.env_kwargs)
+    overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     print(f"adaptivity gap, embedding fidelity, search seeds {args.search_seeds}, evaluation seeds {args.eval_seeds} "
           f"(mean ± 95% t-interval half-width; [low, high] where a rate's range clips it)")
     for scenario in args.scenarios:

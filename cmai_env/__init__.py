@@ -15,10 +15,15 @@ from gymnasium.envs.registration import register, registry
 
 __version__ = "0.1.0"
 
+#: The registered environment IDs (the one definition every module imports).
+CONTINUOUS_ENV_ID = "cmai_env/CMAI-v0"
+DISCRETE_ENV_ID = "cmai_env/CMAI-Discrete-v0"
+EVAL_ENV_ID = "cmai_env/CMAI-Eval-v0"
+#: ``gymnasium.make`` keyword defaults of each ID.
 ENV_IDS = {
-    "cmai_env/CMAI-v0": {"scenario": "quickstart"},
-    "cmai_env/CMAI-Discrete-v0": {"scenario": "quickstart", "action_mode": "discrete"},
-    "cmai_env/CMAI-Eval-v0": {"scenario": "unseen_attacks", "allow_evaluation_only": True},
+    CONTINUOUS_ENV_ID: {"scenario": "quickstart"},
+    DISCRETE_ENV_ID: {"scenario": "quickstart", "action_mode": "discrete"},
+    EVAL_ENV_ID: {"scenario": "unseen_attacks", "allow_evaluation_only": True},
 }
 for _env_id, _kwargs in ENV_IDS.items():
     if _env_id not in registry:  # re-imports (e.g. in subprocess workers) must not warn
@@ -39,4 +44,4 @@ def scenarios_available(include_evaluation_only: bool = True) -> list[str]:
     return _available(include_evaluation_only=include_evaluation_only)
 
 
-__all__ = ["ENV_IDS", "__version__", "scenarios_available"]
+__all__ = ["CONTINUOUS_ENV_ID", "DISCRETE_ENV_ID", "ENV_IDS", "EVAL_ENV_ID", "__version__", "scenarios_available"]

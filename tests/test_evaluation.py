@@ -18,15 +18,15 @@ from agents.evaluation import (
     ROUND_COLUMNS,
     env_spec,
     evaluate_policy,
-    parse_env_kwargs,
     protocol_for,
 )
 from agents.stats import paired_difference, t_interval
 from cmai_env.cli.main import main
+from cmai_env.keyvalue import parse_assignments
 from cmai_env.scenario import scenario_hash
 
 TINY = ["batch_size:8", "dataset.train_n:64", "dataset.probe_n:16", "episode_rounds:6"]
-TINY_KWARGS = parse_env_kwargs(TINY)
+TINY_KWARGS = parse_assignments(TINY, ":", "--env-kwargs")
 
 
 @pytest.fixture(autouse=True)
@@ -62,15 +62,32 @@ def test_intervals_never_leave_a_metrics_range():
     assert "±" in t_interval([1.0, 2.0, 4.0]).format()  # unbounded: mean ± half-width
 
 
-def test_parse_env_kwargs_types_and_errors():
-    assert parse_env_kwargs(["episode_rounds:8", "defense.lr:1e-3", "fidelity:embedding", "x:true"]) == {
+def test_one_key_value_parser_types_and_errors():
+    parse = lambda items, sep=":", option="--env-kwargs": parse_assignments(items, sep, option)  # noqa: E731
+    assert parse(["episode_rounds:8", "defense.lr:1e-3", "fidelity:embedding", "x:true", "y:null"]) == {
         "episode_rounds": 8,
         "defense.lr": 1e-3,
         "fidelity": "embedding",
         "x": True,
+        "y": None,
+    }
+    assert parse(["eps=8/255", "components=apgd_ce,square", "net=[32, 32]"], "=", "--param") == {
+        "eps": 8 / 255, "components": "apgd_ce,square", "net": [32, 32],
     }
     with pytest.raises(ValueError, match="key:value"):
-        parse_env_kwargs(["episode_rounds=8"])
+        parse(["episode_rounds=8"])
+    with pytest.raises(ValueError, match="--set 'a=\\[1, 2'"):
+        parse(["a=[1, 2"], "=", "--set")
+
+
+def test_env_ids_and_seed_offset_have_one_definition():
+    import agents.policies
+    import agents.train
+    from agents import protocol
+
+    assert agents.train.EVAL_SEED_OFFSET is protocol.EVAL_SEED_OFFSET == EVAL_SEED_OFFSET == 100_000
+    assert agents.policies.CONTINUOUS_ENV_ID is cmai_env.CONTINUOUS_ENV_ID == CONTINUOUS_ENV_ID
+    assert set(cmai_env.ENV_IDS) == {CONTINUOUS_ENV_ID, DISCRETE_ENV_ID, EVAL_ENV_ID}
 
 
 def test_protocol_table_and_env_ids():

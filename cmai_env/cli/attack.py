@@ -26,6 +26,7 @@ import argparse
 import sys
 
 from cmai_env.cli.common import add_backbone_args, add_dataset_args, emit, parse_budget
+from cmai_env.keyvalue import parse_assignments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,31 +69,9 @@ COUNTERPART_KEYS = (
 )
 
 
-def _parse_value(text: str) -> object:
-    """``--param`` values: None/true/false, numbers and fractions (``4/255``), else the string."""
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return parse_budget(text)
-    except argparse.ArgumentTypeError:
-        return text
-
-
 def attack_params(args: argparse.Namespace) -> dict[str, object]:
     """The parameters the user set (flags and ``--param``), to pass to ``make_attack``."""
-    params: dict[str, object] = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
-        params[key.strip().replace("-", "_")] = _parse_value(value)
+    params = {key.replace("-", "_"): value for key, value in parse_assignments(args.param, "=", "--param").items()}
     for key in ("eps", "steps", "step_size", "k"):
         value = getattr(args, key)
         if value is not None:
