@@ -118,6 +118,24 @@ class BackboneSpec(_Model):
     name: str = "cmai-tiny"
     pretrained: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _contrastive(cls, name: str) -> str:
+        # Read the shipped config as data (no torch import: scenario validation stays cheap).
+        config = Path(__file__).parent / "models" / "configs" / f"{name}.json"
+        try:
+            generative = config.is_file() and yaml.safe_load(config.read_text()).get("architecture") == "flamingo"
+        except (OSError, yaml.YAMLError, AttributeError):
+            generative = False
+        if generative:
+            raise ValueError(
+                "is a generative (captioning) backbone; the environment's rounds (zero-shot task, probes, consistency "
+                "on CLIP embeddings) are defined for contrastive backbones only, at both fidelities, so it would defend "
+                "the CLIP head instead of the captions. Allowed: cmai-tiny, cmai-tiny-rn or any open_clip architecture. "
+                "Attack and defend generative backbones with cmai attack eval / cmai adv-train --backbone " + name
+            )
+        return name
+
 
 class DefenseSpec(_Model):
     """What the trainer may update and how it crafts ``L_adv``'s examples.
