@@ -1,6 +1,6 @@
 """The evaluation protocol's episodes for all seeds at once, on the batched vector environment.
 
-:func:`run_episodes_batched` returns what :func:`agents.evaluation.run_episodes` returns (the
+:func:`run_episodes_batched` returns what :func:`agents.runner.run_episodes` returns (the
 same rows and episode records, in the same order, and the same numbers: environment ``i`` of a
 :class:`cmai_env.vector_env.CMAIVectorEnv` is seeded ``EVAL_SEED_OFFSET + seeds[i]`` exactly as
 the sequential loop seeds its one environment, and every seed gets its own copy of the policy),
@@ -16,51 +16,45 @@ from __future__ import annotations
 
 import copy
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from agents.evaluation import (
-    EVAL_ENV_ID,
-    EVAL_SEED_OFFSET,
-    EnvSpec,
-    EpisodeRecord,
-    _episode_record,
-    _fmt,
-    _round_row,
-    run_episodes,
-)
+from agents.protocol import EVAL_SEED_OFFSET
+from agents.records import EpisodeRecord, episode_line, episode_record, round_row
+from agents.runner import OnStep, run_episodes
+
+if TYPE_CHECKING:
+    from agents.env_pool import EnvPool
+    from agents.env_spec import EnvSpec
 
 
 def run_episodes_batched(
     policy: Any,
-    spec: EnvSpec,
+    spec: "EnvSpec",
     seeds: Sequence[int],
     episodes: int,
-    on_step: Callable[..., None] | None = None,
+    on_step: OnStep | None = None,
     log: Callable[[str], None] | None = None,
+    pool: "EnvPool | None" = None,
 ) -> tuple[list[dict], list[EpisodeRecord]]:
-    """:func:`agents.evaluation.run_episodes` with one batched environment per call (module docstring)."""
+    """:func:`agents.runner.run_episodes` with one batched environment for all seeds (module docstring).
+
+    :param pool: take the batched environment (or, falling back, the single one) from this pool;
+        without one, it is built and closed.
+    """
     from agents.vec_adapter import batched_supported
 
-    kwargs = spec.env_kwargs
-    if spec.fidelity is not None:
-        kwargs["fidelity"] = spec.fidelity
-    if len(seeds) < 2 or on_step is not None or not batched_supported(spec.env_id, {"scenario": spec.scenario, **kwargs}):
-        return run_episodes(policy, spec, seeds, episodes, on_step=on_step, log=log)
-    from cmai_env.vector_env import CMAIVectorEnv
-
-    if spec.env_id == EVAL_ENV_ID:
-        kwargs.setdefault("allow_evaluation_only", True)
-    if spec.env_id.endswith("Discrete-v0"):
-        kwargs.setdefault("action_mode", "discrete")
-    vec = CMAIVectorEnv(len(seeds), spec.scenario, autoreset_mode="disabled", **kwargs)
+    if len(seeds) < 2 or on_step is not None or not batched_supported(spec.env_id, {"scenario": spec.resolved}):
+        return run_episodes(policy, spec, seeds, episodes, on_step=on_step, log=log, pool=pool)
+    vec = pool.vector_env(spec, len(seeds)) if pool is not None else spec.make_vector(len(seeds))
     try:
         return _run(policy, vec, list(seeds), episodes, log)
     except _UnequalEpisodes:
-        return run_episodes(policy, spec, seeds, episodes, on_step=on_step, log=log)
+        return run_episodes(policy, spec, seeds, episodes, on_step=on_step, log=log, pool=pool)
     finally:
-        vec.close()
+        if pool is None:
+            vec.close()
 
 
 class _UnequalEpisodes(Exception):
@@ -97,17 +91,16 @@ def _run(policy: Any, vec, seeds: list[int], episodes: int, log: Callable[[str],
             round_ms = vec.last_timing["round_ms"] / n
             for i, p in enumerate(policies):
                 p.observe(infos[i])
-                episode_rows[i].append(_round_row(p.name, seeds[i], episode, float(rewards[i]), infos[i], round_ms))
+                episode_rows[i].append(round_row(p.name, seeds[i], episode, float(rewards[i]), infos[i], round_ms))
             start = False
         for i, slot in enumerate(vec.slots):
             shifts = [record.as_dict() for record in slot.latency.records]
-            records[i].append(_episode_record(seeds[i], episode, episode_rows[i], shifts, list(slot.stream.timeline)))
+            records[i].append(episode_record(seeds[i], episode, episode_rows[i], shifts, list(slot.stream.timeline)))
             rows[i].extend(episode_rows[i])
     if log is not None:
-        for i, seed in enumerate(seeds):
-            for record in records[i]:
-                m = record.metrics
-                log(f"{policy.name} seed {seed} episode {record.episode}: return {m['return']:.3f} asr {_fmt(m['asr'])} clean_acc {_fmt(m['clean_acc'])}")
+        for per_seed in records:
+            for record in per_seed:
+                log(episode_line(policy.name, record))
     flat_rows = [row for per_seed in rows for row in per_seed]
     for row in flat_rows:
         row.pop("_asr_per_attack", None)

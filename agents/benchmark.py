@@ -42,14 +42,11 @@ import numpy as np
 
 import cmai_env
 from agents.baselines import available_baselines, decode_action, encode_betas, make_baseline
-from agents.evaluation import (
-    EvaluationResult,
-    evaluate_policy,
-    git_commit,
-    policy_action_mode,
-    protocol_for,
-    resolve_policy,
-)
+from agents.env_pool import EnvPool
+from agents.evaluation import EvaluationResult, evaluate_policy
+from agents.policy_resolution import policy_action_mode, policy_env_kwargs, resolve_policy
+from agents.protocol import protocol_for
+from agents.provenance import git_commit
 from agents.aggregate import HIGHER_IS_BETTER as AGGREGATE_DIRECTIONS
 from agents.aggregate import aggregate, plot_profiles
 from agents.aggregate import render_markdown as render_aggregate
@@ -295,9 +292,7 @@ def _safe(name: str) -> str:
 
 
 def _common_training_fidelity(policies: Sequence["GatingPolicy"]) -> str | None:
-    from agents.evaluation import _policy_env_kwargs
-
-    found = {f for f in (_policy_env_kwargs(p).get("fidelity") for p in policies) if f}
+    found = {f for f in (policy_env_kwargs(p).get("fidelity") for p in policies) if f}
     if len(found) > 1:
         raise ValueError(f"the trained policies were trained at different fidelities {sorted(found)}; pass --fidelity")
     return found.pop() if found else None
@@ -334,68 +329,13 @@ def run_benchmark(args: BenchmarkArgs, log: Callable[[str], None] | None = None)
         "scenarios": {},
     }
     scores: dict[str, dict[str, dict[str, list]]] = {}  # rliable input: scenario → policy → metric → per-seed
+    kinds: dict[str, str] = {}
     for scenario in args.scenarios:
-        from cmai_env.scenario import load_scenario
-
-        scenario_name = load_scenario(str(scenario)).name
-        protocol = protocol_for(scenario_name)
-        seeds = list(args.seeds) if args.seeds is not None else list(protocol.seeds)
-        episodes = args.episodes if args.episodes is not None else protocol.episodes_per_seed
-        folder = out / _safe(scenario_name)
-
-        def evaluate(policy: "GatingPolicy", reference: dict[int, float] | bool) -> EvaluationResult:
-            if log is not None:
-                log(f"[{scenario_name}] {policy.name}")
-            return evaluate_policy(
-                policy, scenario, seeds, episodes, fidelity=fidelity, env_kwargs=env_kwargs, reference=reference,
-                out=folder / _safe(policy.name), plots=args.plots,
-            )
-
-        ordered = ["no_defense"] + [n for n in baseline_names if n != "no_defense"]
-        by_name: dict[str, EvaluationResult] = {}
-        kinds: dict[str, str] = {}
-        reference: dict[int, float] | bool = True
-        for name in ordered:
-            by_name[name] = evaluate(make_baseline(name), reference)
-            kinds[name] = "baseline"
-            if name == "no_defense":
-                reference = by_name[name].reference_clean_acc or True
-        given: list[tuple["GatingPolicy", str]] = []
-        for policy in trained:
-            if policy.name in by_name and kinds.get(policy.name) == "baseline":
-                given.append((policy, "baseline"))  # baseline:NAME given to be ablated: reuse its run
-                continue
-            # Fresh policy objects per evaluation: stateful policies start clean.
-            by_name[policy.name] = evaluate(policy, reference)
-            kinds[policy.name] = "trained"
-            given.append((policy, "trained"))
-
-        targets = given or [(make_baseline(DEFAULT_ABLATION_TARGET), "baseline")]
-        ablations = []
-        for policy, kind in targets:
-            full = by_name.get(policy.name) or evaluate(policy, reference)
-            variants = {
-                "full": full,
-                "no_consist": evaluate(without_consistency(_fresh(policy)), reference),
-                "no_adv": evaluate(without_adversarial(_fresh(policy)), reference),
-                "fixed_mean": evaluate(with_fixed_weights(_fresh(policy), full.mean_betas()), reference),
-            }
-            note = (
-                "trained gating policy"
-                if kind == "trained"
-                else "no trained policy given: the adaptive detector_switch heuristic"
-                if not given
-                else "baseline given with --policies"
-            )
-            ablations.append({"policy": policy.name, "kind": kind, "note": note, "variants": _ablation_rows(variants)})
-
-        first = by_name["no_defense"].metadata
-        report["scenarios"][scenario_name] = {
-            "metadata": {k: first[k] for k in ("env_id", "scenario", "scenario_source", "scenario_hash", "fidelity", "seeds", "episodes_per_seed")},
-            "comparison": [_comparison_row(by_name[name], by_name, kinds[name]) for name in by_name],
-            "ablation": ablations,
-        }
-        scores[scenario_name] = {name: {m: r.per_seed(m) for m in AGGREGATE_METRICS} for name, r in by_name.items()}
+        # Every policy of a scenario plays in the same environments: build them once.
+        with EnvPool() as pool:
+            name, block, by_name, kinds = _benchmark_scenario(scenario, args, baseline_names, trained, fidelity, env_kwargs, pool, log)
+        report["scenarios"][name] = block
+        scores[name] = {policy: {m: r.per_seed(m) for m in AGGREGATE_METRICS} for policy, r in by_name.items()}
 
     # rliable: IQM/mean with stratified-bootstrap CIs, P(improvement) of each trained policy over
     # each baseline, performance profiles (beside the t-interval tables above).
@@ -408,6 +348,80 @@ def run_benchmark(args: BenchmarkArgs, log: Callable[[str], None] | None = None)
     if args.plots:
         plot_profiles(scores, out, reps=args.bootstrap_reps)
     return report
+
+
+def _benchmark_scenario(
+    scenario: str,
+    args: BenchmarkArgs,
+    baseline_names: list[str],
+    trained: list["GatingPolicy"],
+    fidelity: str | None,
+    env_kwargs: dict[str, Any],
+    pool: EnvPool,
+    log: Callable[[str], None] | None,
+) -> tuple[str, dict[str, Any], dict[str, EvaluationResult], dict[str, str]]:
+    """Comparison and ablation on one scenario: its name, report block, results and kinds by policy."""
+    from cmai_env.scenario import load_scenario
+
+    scenario_name = load_scenario(str(scenario)).name
+    protocol = protocol_for(scenario_name)
+    seeds = list(args.seeds) if args.seeds is not None else list(protocol.seeds)
+    episodes = args.episodes if args.episodes is not None else protocol.episodes_per_seed
+    folder = Path(args.out) / _safe(scenario_name)
+
+    def evaluate(policy: "GatingPolicy", reference: dict[int, float] | bool) -> EvaluationResult:
+        if log is not None:
+            log(f"[{scenario_name}] {policy.name}")
+        return evaluate_policy(
+            policy, scenario, seeds, episodes, fidelity=fidelity, env_kwargs=env_kwargs, reference=reference,
+            out=folder / _safe(policy.name), plots=args.plots, pool=pool,
+        )
+
+    ordered = ["no_defense"] + [n for n in baseline_names if n != "no_defense"]
+    by_name: dict[str, EvaluationResult] = {}
+    kinds: dict[str, str] = {}
+    reference: dict[int, float] | bool = True
+    for name in ordered:
+        by_name[name] = evaluate(make_baseline(name), reference)
+        kinds[name] = "baseline"
+        if name == "no_defense":
+            reference = by_name[name].reference_clean_acc or True
+    given: list[tuple["GatingPolicy", str]] = []
+    for policy in trained:
+        if policy.name in by_name and kinds.get(policy.name) == "baseline":
+            given.append((policy, "baseline"))  # baseline:NAME given to be ablated: reuse its run
+            continue
+        # Fresh policy objects per evaluation: stateful policies start clean.
+        by_name[policy.name] = evaluate(policy, reference)
+        kinds[policy.name] = "trained"
+        given.append((policy, "trained"))
+
+    targets = given or [(make_baseline(DEFAULT_ABLATION_TARGET), "baseline")]
+    ablations = []
+    for policy, kind in targets:
+        full = by_name.get(policy.name) or evaluate(policy, reference)
+        variants = {
+            "full": full,
+            "no_consist": evaluate(without_consistency(_fresh(policy)), reference),
+            "no_adv": evaluate(without_adversarial(_fresh(policy)), reference),
+            "fixed_mean": evaluate(with_fixed_weights(_fresh(policy), full.mean_betas()), reference),
+        }
+        note = (
+            "trained gating policy"
+            if kind == "trained"
+            else "no trained policy given: the adaptive detector_switch heuristic"
+            if not given
+            else "baseline given with --policies"
+        )
+        ablations.append({"policy": policy.name, "kind": kind, "note": note, "variants": _ablation_rows(variants)})
+
+    first = by_name["no_defense"].metadata
+    block = {
+        "metadata": {k: first[k] for k in ("env_id", "scenario", "scenario_source", "scenario_hash", "fidelity", "seeds", "episodes_per_seed")},
+        "comparison": [_comparison_row(by_name[name], by_name, kinds[name]) for name in by_name],
+        "ablation": ablations,
+    }
+    return scenario_name, block, by_name, kinds
 
 
 def _fresh(policy: "GatingPolicy") -> "GatingPolicy":

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # the heavy modules (gymnasium, torch, scipy) load only when a command runs
-    from agents.evaluation import EvaluationResult
+    from agents.results import EvaluationResult
     from agents.stats import Interval
 
 #: ``cmai quickstart``'s default PPO budget (environment steps = rounds; 16 rollouts of 128), sized
@@ -71,7 +71,8 @@ def print_summary(result: EvaluationResult) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from agents.evaluation import evaluate_policy, resolve_policy
+    from agents.evaluation import evaluate_policy
+    from agents.policy_resolution import resolve_policy
     from cmai_env.keyvalue import parse_assignments
     from agents.output_dir import claim_output_dir
 
@@ -154,6 +155,7 @@ class QuickstartArgs:
 def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
     """Train, evaluate three policies on the same seeds, write and return the comparison."""
     from agents.baselines import make_baseline
+    from agents.env_pool import EnvPool
     from agents.evaluation import evaluate_policy
     from agents.policies import load_policy
     from agents.stats import paired_difference
@@ -184,13 +186,14 @@ def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
     ppo.name = "ppo"
     results: dict[str, EvaluationResult] = {}
     reference: dict[int, float] | bool = True
-    for policy in (make_baseline("no_defense"), make_baseline("uniform"), ppo):
-        results[policy.name] = evaluate_policy(
-            policy, "quickstart", list(args.seeds), 1, fidelity=args.fidelity, env_kwargs=dict(args.env_kwargs),
-            reference=reference, out=out / "eval" / policy.name, log=log,
-        )
-        if policy.name == "no_defense":
-            reference = results["no_defense"].reference_clean_acc or True
+    with EnvPool() as pool:  # the three policies play in the same environments
+        for policy in (make_baseline("no_defense"), make_baseline("uniform"), ppo):
+            results[policy.name] = evaluate_policy(
+                policy, "quickstart", list(args.seeds), 1, fidelity=args.fidelity, env_kwargs=dict(args.env_kwargs),
+                reference=reference, out=out / "eval" / policy.name, log=log, pool=pool,
+            )
+            if policy.name == "no_defense":
+                reference = results["no_defense"].reference_clean_acc or True
     uniform_returns = results["uniform"].per_seed("return")
     rows = []
     for name in ("ppo", "uniform", "no_defense"):

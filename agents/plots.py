@@ -17,7 +17,7 @@ import numpy as np
 from cmai_env.render import plot_episode, save_figure
 
 if TYPE_CHECKING:
-    from agents.evaluation import EvaluationResult
+    from agents.results import EvaluationResult
 
 #: Metric curves of the top panel (round-row column names).
 PLOT_METRICS = ("asr", "clean_acc", "consistency_score", "detector_tpr")

@@ -19,7 +19,8 @@ from agents.baselines import (
     make_baseline,
 )
 from agents.benchmark import with_fixed_weights, without_adversarial, without_consistency
-from agents.evaluation import acquire_env, env_spec
+from agents.env_pool import EnvPool
+from agents.env_spec import env_spec
 from cmai_env.env import DISCRETE_BETAS, action_from_betas, betas_from_action
 from cmai_env.observation import OBS_SIZE, OBS_SLICES
 
@@ -186,22 +187,22 @@ def betas_of_wrapper(policy) -> np.ndarray:
 
 
 def test_every_baseline_plays_an_episode_with_valid_actions():
-    # The pooled env of agents.evaluation: the evaluation tests reuse it instead of building another.
-    env = acquire_env(env_spec("quickstart", "embedding", TINY))
-    for name in available_baselines():
-        policy = make_baseline(name)
-        policy.bind(env)
-        policy.reset()
-        obs, _ = env.reset(seed=0)
-        done, rounds = False, 0
-        while not done:
-            action, _ = policy.predict(obs)
-            assert env.action_space.contains(action), (name, action)
-            obs, reward, terminated, truncated, info = env.step(action)
-            policy.observe(info)
-            assert np.isfinite(reward)
-            np.testing.assert_allclose(info["betas"].sum(), 1.0)
-            done, rounds = terminated or truncated, rounds + 1
-        assert rounds == TINY["episode_rounds"]
-        if name == "static_adversarial":
-            np.testing.assert_allclose(info["betas"], [0.2, 0.0, 0.8], atol=0.005)
+    with EnvPool() as pool:
+        env = pool.env(env_spec("quickstart", "embedding", TINY))
+        for name in available_baselines():
+            policy = make_baseline(name)
+            policy.bind(env)
+            policy.reset()
+            obs, _ = env.reset(seed=0)
+            done, rounds = False, 0
+            while not done:
+                action, _ = policy.predict(obs)
+                assert env.action_space.contains(action), (name, action)
+                obs, reward, terminated, truncated, info = env.step(action)
+                policy.observe(info)
+                assert np.isfinite(reward)
+                np.testing.assert_allclose(info["betas"].sum(), 1.0)
+                done, rounds = terminated or truncated, rounds + 1
+            assert rounds == TINY["episode_rounds"]
+            if name == "static_adversarial":
+                np.testing.assert_allclose(info["betas"], [0.2, 0.0, 0.8], atol=0.005)

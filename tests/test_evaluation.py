@@ -20,6 +20,7 @@ from agents.evaluation import (
     evaluate_policy,
     protocol_for,
 )
+from agents.env_pool import EnvPool
 from agents.stats import paired_difference, t_interval
 from cmai_env.cli.main import main
 from cmai_env.keyvalue import parse_assignments
@@ -152,14 +153,66 @@ def _numbers(summary: dict) -> dict:
 
 def test_same_evaluation_twice_gives_identical_numbers():
     kwargs = dict(seeds=[0], episodes=2, fidelity="embedding", env_kwargs=TINY_KWARGS)
-    first = evaluate_policy("baseline:proeat_dynamic", "quickstart", **kwargs)
-    second = evaluate_policy("baseline:proeat_dynamic", "quickstart", **kwargs)  # reuses the pooled env
+    with EnvPool() as pool:
+        first = evaluate_policy("baseline:proeat_dynamic", "quickstart", pool=pool, **kwargs)
+        second = evaluate_policy("baseline:proeat_dynamic", "quickstart", pool=pool, **kwargs)  # the pooled env, reset
+        # no_defense's own drop is exactly 0
+        reference = evaluate_policy("baseline:no_defense", "quickstart", pool=pool, **kwargs)
+        # one environment played the six episodes and the reference's two
+        assert pool.built == 1 and len(pool) == 1
+    assert len(pool) == 0
     assert _numbers(first.summary()) == _numbers(second.summary())
     assert len(first.episodes) == 2 and first.episodes[0].metrics != first.episodes[1].metrics
-    # no_defense's own drop is exactly 0
-    reference = evaluate_policy("baseline:no_defense", "quickstart", **kwargs)
     assert reference.interval("clean_acc_drop").mean == 0.0
     assert first.reference_clean_acc == reference.reference_clean_acc
+
+
+def test_a_pooled_batched_env_plays_what_a_fresh_one_plays():
+    kwargs = dict(seeds=[0, 1], episodes=1, fidelity="embedding", env_kwargs=TINY_KWARGS, reference=False)
+    fresh = evaluate_policy("baseline:proeat_dynamic", "quickstart", **kwargs)
+    with EnvPool(size=1) as pool:
+        evaluate_policy("baseline:uniform", "quickstart", pool=pool, **kwargs)
+        reused = evaluate_policy("baseline:proeat_dynamic", "quickstart", pool=pool, **kwargs)
+        assert pool.built == 1
+        evaluate_policy("baseline:uniform", "quickstart", pool=pool, **{**kwargs, "seeds": [0]})  # another env evicts it
+        assert pool.built == 2 and len(pool) == 1
+    assert _numbers(reused.summary()) == _numbers(fresh.summary())
+    with pytest.raises(ValueError, match="at least one"):
+        EnvPool(size=0)
+
+
+def test_one_evaluation_validates_the_scenario_once(monkeypatch):
+    import gymnasium as gym
+
+    import cmai_env.scenario as scenario_module
+
+    calls: list[str] = []
+    validate = scenario_module.validate_scenario
+
+    def counting(raw, source="<scenario>", lines=None):
+        calls.append(source)
+        return validate(raw, source, lines)
+
+    monkeypatch.setattr(scenario_module, "validate_scenario", counting)
+    # uniform (batched env) plus the no_defense reference (its own single env): the file once, the
+    # overrides once; both environments receive the validated Scenario object
+    evaluate_policy("baseline:uniform", "quickstart", seeds=[0, 1], episodes=1, fidelity="embedding",
+                    env_kwargs=TINY_KWARGS, use_disk_cache=False)
+    assert len(calls) == 2 and "overrides" in calls[1], calls
+    calls.clear()
+    env_spec("quickstart", env_kwargs={"device": "cpu"})
+    assert len(calls) == 1  # no scenario overrides (device is the env's argument): nothing to re-validate
+    spec = env_spec("quickstart", "embedding", TINY_KWARGS)
+    calls.clear()
+    env = spec.make()
+    vec = gym.make_vec(CONTINUOUS_ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", scenario=spec.resolved)
+    try:
+        assert env.unwrapped.scenario is spec.resolved and vec.scenario is spec.resolved
+        assert spec.resolved.episode_rounds == 6 and spec.resolved.fidelity == "embedding"
+    finally:
+        env.close()
+        vec.close()
+    assert calls == []
 
 
 @pytest.mark.parametrize(
