@@ -1,13 +1,17 @@
-"""Train a gating policy with Stable-Baselines3 on a CMAI scenario.
+"""Train a gating policy with Stable-Baselines3 on a CMAI scenario, through rl-zoo3.
 
     from agents.train import TrainArgs, train
     run_dir = train(TrainArgs(algo="ppo", scenario="quickstart", timesteps=20_000, out=Path("runs")))
 
 is what ``cmai train --algo ppo --scenario quickstart --timesteps 20000 --out runs`` runs. The
-steps, top to bottom: resolve the scenario and the hyperparameters, lay out the run folder,
-build the vectorised training env and a separately seeded evaluation env, create the model
-(its policy is the gating network, see :mod:`agents.policies`), learn with checkpoint,
-evaluation and TensorBoard callbacks, save.
+steps, top to bottom: resolve the scenario and the hyperparameters (validated before anything is
+written), lay out the run folder, and hand the rest to rl-zoo3's ``ExperimentManager``
+(:class:`agents.zoo.CMAIExperimentManager`): it preprocesses the hyperparameters (``lin_``
+schedules, ``normalize``, action noise), builds the monitored training envs (seeded
+``seed + rank``) and the model (its policy is the gating network, see :mod:`agents.policies`),
+and learns with CMAI's callbacks (TensorBoard metrics, evaluation on an env seeded
+``seed + EVAL_SEED_OFFSET``, checkpoints). What stays here is what rl-zoo3 has no notion of: the
+scenario, the run record and its statuses, and pickle-free saving.
 
 Run folder (the rl-baselines3-zoo layout), ``<out>/<algo>/<scenario>_<n>/`` with ``n`` the next
 free integer::
@@ -32,7 +36,7 @@ Hyperparameters
 ---------------
 ``agents/hyperparams/<algo>.yml`` maps a scenario name (or ``default``) to the algorithm's
 keyword arguments; the scenario's entry is merged over ``default``. Keys that are not
-constructor arguments: ``policy``, ``n_timesteps``, ``n_envs``, ``normalize`` (bool or
+constructor arguments (rl-zoo3's): ``policy``, ``n_timesteps``, ``n_envs``, ``normalize`` (bool or
 VecNormalize kwargs), ``noise_type``/``noise_std`` (TD3/SAC action noise). Values
 ``lin_<x>`` for ``learning_rate``/``clip_range``/``clip_range_vf`` decay linearly from x to 0;
 ``train_freq: [1, episode]`` becomes a tuple. ``policy_kwargs`` uses the YAML form of
@@ -41,18 +45,19 @@ VecNormalize kwargs), ``noise_type``/``noise_std`` (TD3/SAC action noise). Value
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
-import functools
 import hashlib
 import inspect
+import io
 import json
 import re
 import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -64,22 +69,14 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from agents.callbacks import CMAIMetricsCallback, FinalEvalCallback
 from agents.protocol import EVAL_SEED_OFFSET
-from agents.policies import ALGOS, ENV_ID_FOR_ALGO, RUN_FILE, RunInfo, normalization_for, algo_class, read_run, resolve_policy_kwargs
+from agents.train_args import FIDELITIES, TrainArgs  # noqa: F401 (TrainArgs is part of this module's API)
+from agents.policies import ENV_ID_FOR_ALGO, RUN_FILE, RunInfo, normalization_for, algo_class, read_run, resolve_policy_kwargs
 from cmai_env.keyvalue import load_yaml, load_yaml_mapping, parse_assignments, parse_value, set_dotted  # noqa: F401 (re-exported)
-from agents.safe_load import (
-    NORMALIZATION_FILE,
-    file_sha256,
-    load_model,
-    load_normalization,
-    read_model_data,
-    read_model_metadata,
-    save_normalization,
-    write_model_metadata,
-)
+from agents.safe_load import file_sha256, read_model_data, read_model_metadata, save_normalization, write_model_metadata
 
 HYPERPARAMS_DIR = Path(__file__).parent / "hyperparams"
 #: Hyperparameter keys that configure the run, not the algorithm's constructor.
@@ -92,74 +89,6 @@ ENV_ARGUMENTS = ("fidelity", "device", "render_mode")
 NOISE_TYPES = ("normal", "ornstein-uhlenbeck")
 #: Algorithms that collect rollouts of ``n_steps`` per environment between policy updates.
 ON_POLICY = ("ppo", "a2c", "recurrent_ppo")
-
-
-# ---------------------------------------------------------------------------------- arguments
-@dataclass
-class TrainArgs:
-    """Everything ``cmai train`` takes (one field per command-line option).
-
-    :param algo: ``ppo``, ``a2c``, ``sac``, ``td3``, ``dqn`` or ``recurrent_ppo``.
-    :param scenario: a shipped scenario name or a YAML file.
-    :param timesteps: environment steps (rounds, summed over envs); ``None``: ``n_timesteps``
-        of the hyperparameters.
-    :param seed: seeds the model, the training envs (``seed + rank``) and the evaluation env
-        (``seed + EVAL_SEED_OFFSET``).
-    :param n_envs: parallel training envs; ``None``: ``n_envs`` of the hyperparameters, else 1.
-    :param out: root of the run folders.
-    :param tensorboard: TensorBoard log root (``<tensorboard>/<scenario>/<algo>_<k>``); ``None``: off.
-    :param hyperparams: a YAML file replacing ``agents/hyperparams/<algo>.yml``.
-    :param set: hyperparameter overrides, ``key=value`` strings (YAML values, dotted keys for
-        nested ones: ``policy_kwargs.net_arch=[32,32]``) or a mapping.
-    :param env_kwargs: scenario overrides, ``key:value`` strings (``episode_rounds:20``,
-        ``defense.lr:0.001``) or a mapping.
-    :param eval_freq: evaluate every this many environment steps; ``None``: a tenth of the
-        budget; ``0``: never (no ``best_model.zip``).
-    :param eval_episodes: episodes per evaluation.
-    :param checkpoint_freq: save a checkpoint every this many environment steps; ``None``: a
-        quarter of the budget; ``0``: never.
-    :param fidelity: ``embedding`` (fast, the default for training) or ``pixel``.
-    :param device: torch device of the policy and of the environment's backbone.
-    :param progress: show SB3's progress bar.
-    :param subproc: run the training envs in subprocesses (``SubprocVecEnv``) when ``n_envs > 1``.
-    :param verbose: SB3 verbosity (0 silent, 1 tables and evaluation results).
-    :param resume: a run folder to continue (``cmai train --resume``): its own ``args.yml`` then
-        replaces every other field but ``progress`` and ``verbose``.
-    """
-
-    algo: str = "ppo"
-    scenario: str = "quickstart"
-    timesteps: int | None = None
-    seed: int = 0
-    n_envs: int | None = None
-    out: Path = Path("runs")
-    tensorboard: Path | None = None
-    hyperparams: Path | None = None
-    set: Sequence[str] | Mapping[str, Any] = field(default_factory=list)
-    env_kwargs: Sequence[str] | Mapping[str, Any] = field(default_factory=list)
-    eval_freq: int | None = None
-    eval_episodes: int = 2
-    checkpoint_freq: int | None = None
-    fidelity: str = "embedding"
-    device: str = "cpu"
-    progress: bool = True
-    subproc: bool = False
-    verbose: int = 1
-    resume: Path | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """YAML-safe form (paths as strings) for ``args.yml``."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Path):
-                value = str(value)
-            elif isinstance(value, Mapping):
-                value = dict(value)
-            elif isinstance(value, (list, tuple)):
-                value = list(value)
-            out[f.name] = value
-        return out
 
 
 # ---------------------------------------------------------------------------------- scenario
@@ -267,9 +196,8 @@ def _schedule(key: str, value: Any) -> Any:
         try:
             start = float(value[len("lin_") :])
         except ValueError:
+            # rl-zoo3's preprocessing would fail on float('fast') without naming the key.
             raise ValueError(f"{key}: linear schedule must look like lin_3e-4, got {value!r}") from None
-        # rl-zoo3's lin_ schedule (start at progress_remaining = 1, 0 at the end); the format check
-        # above stays here so that a bad value gets a message naming the key.
         from rl_zoo3.utils import SimpleLinearSchedule
 
         return SimpleLinearSchedule(start)
@@ -277,7 +205,12 @@ def _schedule(key: str, value: Any) -> Any:
 
 
 def model_kwargs(algo: str, hyperparams: Mapping[str, Any], n_actions: int) -> tuple[str, dict[str, Any]]:
-    """(policy name, constructor kwargs) from validated YAML-form hyperparameters."""
+    """(policy name, constructor kwargs) from validated YAML-form hyperparameters.
+
+    Training gets its kwargs from rl-zoo3's preprocessing (:class:`agents.zoo.CMAIExperimentManager`);
+    this is what validation tries and what :mod:`agents.safe_load` rebuilds a saved model's
+    pickled entries from, without a manager or an env (rl-zoo3 needs both).
+    """
     kwargs = {k: v for k, v in hyperparams.items() if k not in RUN_KEYS}
     for key in SCHEDULE_KEYS:
         if key in kwargs:
@@ -295,60 +228,21 @@ def model_kwargs(algo: str, hyperparams: Mapping[str, Any], n_actions: int) -> t
 
 
 # ---------------------------------------------------------------------------------- environments
-def make_cmai_env(env_id: str, **kwargs: Any) -> gym.Env:
-    """``gymnasium.make(env_id, **kwargs)`` after registering the CMAI IDs (also in subprocesses)."""
-    import cmai_env  # noqa: F401
+def make_envs(env_id: str, env_kwargs: Mapping[str, Any], n_envs: int, seed: int, monitor_dir: Path | None = None) -> VecEnv:
+    """Monitored, vectorised CMAI envs outside a training run (benchmarks, tests): env ``i``
+    seeded ``seed + i``, batched at embedding fidelity when ``n_envs > 1``, else ``DummyVecEnv``.
 
-    return gym.make(env_id, **kwargs)
-
-
-def make_envs(
-    env_id: str,
-    env_kwargs: Mapping[str, Any],
-    n_envs: int,
-    seed: int,
-    normalize: bool | Mapping[str, Any] = False,
-    subproc: bool = False,
-    monitor_dir: Path | None = None,
-    training: bool = True,
-    append_monitor: bool = False,
-) -> VecEnv:
-    """Monitored, vectorised CMAI envs (``DummyVecEnv``; ``SubprocVecEnv`` if asked and n_envs > 1).
-
-    :param normalize: wrap in ``VecNormalize`` (``True`` or its kwargs); evaluation envs
-        (``training=False``) never update the statistics or normalise the reward.
+    ``cmai train`` and ``cmai tune`` build theirs through rl-zoo3
+    (:meth:`agents.zoo.CMAIExperimentManager.create_envs`), which does the same.
     """
+    import cmai_env  # noqa: F401  (registers the IDs)
     from agents.vec_adapter import batched_supported, make_batched_vec_env
 
-    if n_envs > 1 and not subproc and batched_supported(env_id, env_kwargs):
-        # Embedding fidelity: the N envs step as one batched computation (cmai_env.vector_env).
-        batched = make_batched_vec_env(env_id, env_kwargs, n_envs, seed, monitor_dir, append_monitor)
-        return normalize_env(batched, normalize, training)
-    vec_cls = SubprocVecEnv if subproc and n_envs > 1 else DummyVecEnv
-    env = make_vec_env(
-        functools.partial(make_cmai_env, env_id),
-        n_envs=n_envs,
-        seed=seed,
-        env_kwargs=dict(env_kwargs),
-        vec_env_cls=vec_cls,
-        monitor_dir=None if monitor_dir is None else str(monitor_dir),
-        monitor_kwargs={"override_existing": not append_monitor},  # a resumed run appends to its logs
-    )
-    return normalize_env(env, normalize, training)
-
-
-def normalize_env(env: VecEnv, normalize: bool | Mapping[str, Any], training: bool = True) -> VecEnv:
-    """Wrap ``env`` in ``VecNormalize`` when ``normalize`` is true (or VecNormalize kwargs).
-
-    An evaluation env (``training=False``) neither updates the statistics nor normalises the reward;
-    the EvalCallback copies the training env's statistics into it before each evaluation.
-    """
-    if not normalize:
-        return env
-    options = dict(normalize) if isinstance(normalize, Mapping) else {}
-    if not training:
-        options.update(training=False, norm_reward=False)
-    return VecNormalize(env, **options)
+    if n_envs > 1 and batched_supported(env_id, env_kwargs):
+        return make_batched_vec_env(env_id, env_kwargs, n_envs, seed, monitor_dir)
+    spec = gym.spec(env_id)
+    return make_vec_env(spec.make, n_envs=n_envs, seed=seed, env_kwargs=dict(env_kwargs), vec_env_cls=DummyVecEnv,
+                        monitor_dir=None if monitor_dir is None else str(monitor_dir))
 
 
 # ---------------------------------------------------------------------------------- run folder
@@ -364,8 +258,8 @@ def next_run_dir(out: Path, algo: str, scenario: str) -> Path:
     return root / f"{scenario}_{max(taken, default=0) + 1}"
 
 
-def _dump_yaml(path: Path, data: Any, flow: bool | None = None) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=True, default_flow_style=flow))
+def _yaml(data: Any, flow: bool | None = None) -> bytes:
+    return yaml.safe_dump(data, sort_keys=True, default_flow_style=flow).encode()
 
 
 def _versions() -> dict[str, str]:
@@ -415,8 +309,8 @@ def prepare(args: TrainArgs) -> PreparedRun:
     :raises ValueError, FileNotFoundError: with a message naming the bad value.
     """
     algo_class(args.algo)
-    if args.fidelity not in ("embedding", "pixel"):
-        raise ValueError(f"fidelity must be 'embedding' or 'pixel', got {args.fidelity!r}")
+    if args.fidelity not in FIDELITIES:
+        raise ValueError(f"fidelity must be one of {', '.join(FIDELITIES)}, got {args.fidelity!r}")
     env_overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     for key in ("scenario", "action_mode", "allow_evaluation_only"):
         if key in env_overrides:
@@ -446,28 +340,6 @@ def prepare(args: TrainArgs) -> PreparedRun:
     hyperparams["n_envs"] = n_envs
     hyperparams.setdefault("policy", "MlpPolicy")
     return PreparedRun(args, scenario, ENV_ID_FOR_ALGO[args.algo], env_overrides, hyperparams, int(timesteps), n_envs)
-
-
-def build_model(
-    algo: str,
-    hyperparams: Mapping[str, Any],
-    env: VecEnv,
-    seed: int,
-    device: str = "cpu",
-    tensorboard_log: Path | None = None,
-    verbose: int = 0,
-) -> BaseAlgorithm:
-    """Create the algorithm with the gating policy from YAML-form hyperparameters."""
-    policy, kwargs = model_kwargs(algo, hyperparams, int(np.prod(env.action_space.shape or (1,))))
-    return ALGOS[algo](
-        policy,
-        env,
-        seed=seed,
-        device=device,
-        tensorboard_log=None if tensorboard_log is None else str(tensorboard_log),
-        verbose=verbose,
-        **kwargs,
-    )
 
 
 class SafeCheckpointCallback(CheckpointCallback):
@@ -545,13 +417,6 @@ def _seal_model_files(run_dir: Path, plan: PreparedRun, record: dict[str, Any]) 
     record["files"] = files
 
 
-def _save_final(model: BaseAlgorithm, env: VecEnv, run_dir: Path, plan: PreparedRun, scenario_name: str) -> None:
-    """The final (or interrupted) model and the normalisation statistics it expects."""
-    model.save(run_dir / f"{scenario_name}.zip")
-    if isinstance(env, VecNormalize):
-        save_normalization(env, run_dir / scenario_name / NORMALIZATION_FILE)
-
-
 def _latest_model(run: RunInfo) -> Path:
     """The model file of ``run`` with the most environment steps (final/interrupted model or checkpoint)."""
     candidates = [run.model_path("final"), *sorted((run.run_dir / "checkpoints").glob("rl_model_*_steps.zip"))]
@@ -588,6 +453,8 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
     A ``KeyboardInterrupt`` (Ctrl-C) saves the current model, marks the run ``interrupted`` and
     re-raises; ``cmai train --resume RUN_DIR`` continues it.
     """
+    from agents.zoo import CMAIExperimentManager
+
     if args.resume is not None:
         resumed = read_run(args.resume)
         if resumed.record.get("status") == "finished":
@@ -596,7 +463,6 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
     # 1. Validate everything before writing anything.
     plan = prepare(args)
     hp = plan.hyperparams
-    normalize = hp.get("normalize", False)
     # On-policy algorithms change the policy once per rollout (n_steps × n_envs steps): evaluating or
     # checkpointing more often than that repeats work on the same policy (and swamps tiny budgets).
     n_steps = hp.get("n_steps")  # validated by the algorithm itself below (a bad value is its error to name)
@@ -604,9 +470,10 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
     eval_freq = max(plan.timesteps // 10, rollout, 1) if args.eval_freq is None else args.eval_freq
     checkpoint_freq = max(plan.timesteps // 4, rollout, 1) if args.checkpoint_freq is None else args.checkpoint_freq
 
-    # 2. Environments (monitored training envs seeded seed + rank, a separately seeded eval env)
-    #    and the model, whose policy is the gating network g. Both are built before anything else
-    #    is written, so hyperparameters the algorithm rejects leave no half-made run folder.
+    # 2. The run folder, then rl-zoo3's ExperimentManager: it preprocesses the hyperparameters,
+    #    builds the envs (training seed + rank, evaluation seed + EVAL_SEED_OFFSET) and the model,
+    #    whose policy is the gating network g, and writes the parameter files once the algorithm
+    #    has accepted them: hyperparameters it rejects leave no half-made run folder.
     scenario_name = _slug(plan.scenario.name)
     resuming = args.resume is not None
     if resuming:
@@ -618,40 +485,42 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
         run_dir.mkdir(parents=True, exist_ok=True)
         if any(run_dir.iterdir()):
             raise FileExistsError(f"{run_dir} is not empty; train into an empty folder or resume it")
-    params_dir = run_dir / scenario_name
-    env_kwargs = {"scenario": plan.scenario.argument, "device": args.device, **plan.env_kwargs}
+    resumed_from = _latest_model(read_run(run_dir)) if resuming else None
+    manager = CMAIExperimentManager(
+        args.algo, plan.env_id, hp, run_dir, run_dir / scenario_name, scenario_name,
+        params_files={
+            "args.yml": _yaml(args.to_dict()),
+            "config.yml": _yaml(hp),
+            "env_kwargs.yml": _yaml(plan.env_kwargs, flow=False),
+            "scenario.yml": plan.scenario.data,
+        },
+        # Looked up when called (not bound now), so a test may wrap _callbacks.
+        callbacks=lambda eval_env: _callbacks(args, plan, run_dir, eval_env, eval_freq, checkpoint_freq),
+        resume_from=resumed_from,
+        resume_normalization=None if resumed_from is None else normalization_for(resumed_from, read_run(run_dir)),
+        append_monitor=resuming,
+        tensorboard_log=None if args.tensorboard is None else Path(args.tensorboard) / scenario_name,
+        seed=args.seed, n_timesteps=plan.timesteps, eval_freq=eval_freq, n_eval_episodes=args.eval_episodes,
+        env_kwargs={"scenario": plan.scenario.argument, "device": args.device, **plan.env_kwargs},
+        vec_env_type="subproc" if args.subproc and plan.n_envs > 1 else "dummy",
+        device=args.device, verbose=args.verbose, show_progress=args.progress, log_interval=-1,
+    )
     start = time.perf_counter()
-    env: VecEnv | None = None
-    eval_env: VecEnv | None = None
-    resumed_from: Path | None = None
     try:
-        env = make_envs(plan.env_id, env_kwargs, plan.n_envs, args.seed, normalize, args.subproc, monitor_dir=run_dir, append_monitor=resuming)
-        if eval_freq > 0:
-            eval_env = make_envs(plan.env_id, env_kwargs, 1, args.seed + EVAL_SEED_OFFSET, normalize, training=False)
-        tb_root = None if args.tensorboard is None else Path(args.tensorboard) / scenario_name
-        if resuming:
-            resumed_from = _latest_model(read_run(run_dir))
-            model = load_model(resumed_from, args.algo, plan.env_id, hp, device=args.device, env=env)
-            model.tensorboard_log = None if tb_root is None else str(tb_root)
-            if isinstance(env, VecNormalize):
-                stats = normalization_for(resumed_from, read_run(run_dir))
-                if stats is None:
-                    raise FileNotFoundError(f"{run_dir}: the run normalises observations but has no saved statistics for {resumed_from.name}")
-                load_normalization(stats).apply_to(env)
-        else:
-            model = build_model(args.algo, hp, env, args.seed, args.device, tb_root, args.verbose)
+        # rl-zoo3 prints its env kwargs whatever the verbosity; --verbose 0 is silent.
+        with contextlib.redirect_stdout(io.StringIO()) if args.verbose == 0 else contextlib.nullcontext():
+            model, _ = manager.setup_experiment()
     except BaseException as exc:
-        for vec_env in (env, eval_env):
-            if vec_env is not None:
-                vec_env.close()
+        manager.close_envs()
         if not resuming:
             shutil.rmtree(run_dir, ignore_errors=True)  # only Monitor files were written
         if isinstance(exc, (TypeError, AssertionError)):
             raise ValueError(f"{args.algo} rejected the hyperparameters {hp}: {exc}") from exc
         raise
+    env = model.get_env()
     setup_time = time.perf_counter() - start
 
-    # 3. The run folder: what reproduces the run is written before learning starts.
+    # 3. The run record: what reproduces the run is written before learning starts.
     if resuming:
         record = read_run(run_dir).record
         record.setdefault("resumes", []).append(
@@ -660,69 +529,31 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
         )
         record["status"] = "running"
     else:
-        params_dir.mkdir(parents=True)
-        (run_dir / "checkpoints").mkdir()
-        _dump_yaml(params_dir / "args.yml", args.to_dict())
-        _dump_yaml(params_dir / "config.yml", hp)
-        _dump_yaml(params_dir / "env_kwargs.yml", plan.env_kwargs, flow=False)
-        (params_dir / "scenario.yml").write_bytes(plan.scenario.data)
-        record = {
-            "algo": args.algo,
-            "env_id": plan.env_id,
-            "scenario": {
-                "name": plan.scenario.name,
-                "argument": plan.scenario.argument,
-                "sha256": plan.scenario.sha256,
-                "file": f"{scenario_name}/scenario.yml",
-                "params_dir": scenario_name,
-            },
-            "env_kwargs": plan.env_kwargs,
-            "seed": args.seed,
-            "eval_seed": args.seed + EVAL_SEED_OFFSET,
-            "timesteps": plan.timesteps,
-            "n_envs": plan.n_envs,
-            "fidelity": plan.env_kwargs.get("fidelity"),
-            "device": args.device,
-            "normalize": bool(normalize),
-            "model": f"{scenario_name}.zip",
-            "versions": _versions(),
-            "command": " ".join(sys.argv) if sys.argv and Path(sys.argv[0]).name == "cmai" else None,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "status": "running",
-        }
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        record = _new_record(args, plan, scenario_name)
     _write_record(run_dir, record)
 
-    # 4. Learn (TensorBoard metrics, evaluation + best model, checkpoints), then save the final
-    #    model and the normalisation statistics it expects. Ctrl-C saves what was learnt so far.
-    remaining = plan.timesteps - (int(model.num_timesteps) if resuming else 0)
+    # 4. Learn, then save the final model and the normalisation statistics it expects. Ctrl-C
+    #    saves what was learnt so far.
     start = time.perf_counter()
     try:
-        if remaining > 0:
-            model.learn(
-                total_timesteps=remaining,
-                callback=_callbacks(args, plan, run_dir, eval_env, eval_freq, checkpoint_freq),
-                progress_bar=args.progress,
-                tb_log_name=args.algo,
-                reset_num_timesteps=not resuming,
-            )
+        manager.learn(model)
         wall_time = time.perf_counter() - start
-        _save_final(model, env, run_dir, plan, scenario_name)
+        manager.save_trained_model(model)
     except KeyboardInterrupt:
-        _save_final(model, env, run_dir, plan, scenario_name)
+        manager.save_trained_model(model)
         _seal_model_files(run_dir, plan, record)
         record.update(status="interrupted", timesteps_done=int(model.num_timesteps),
                       interrupted=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         _write_record(run_dir, record)
-        env.close()
+        manager.close_envs()
         raise TrainingInterrupted(run_dir, int(model.num_timesteps)) from None
     except BaseException:
         record["status"] = "failed"
         _write_record(run_dir, record)
-        env.close()
+        manager.close_envs()
         raise
-    finally:
-        if eval_env is not None:
-            eval_env.close()
+    manager.close_envs(keep=env)
 
     _seal_model_files(run_dir, plan, record)
     record.update(
@@ -736,6 +567,34 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
     )
     _write_record(run_dir, record)
     return TrainingResult(run_dir=run_dir, model=model, env=env, record=record)
+
+
+def _new_record(args: TrainArgs, plan: PreparedRun, scenario_name: str) -> dict[str, Any]:
+    """``run.json`` of a new run (status ``running``)."""
+    return {
+        "algo": args.algo,
+        "env_id": plan.env_id,
+        "scenario": {
+            "name": plan.scenario.name,
+            "argument": plan.scenario.argument,
+            "sha256": plan.scenario.sha256,
+            "file": f"{scenario_name}/scenario.yml",
+            "params_dir": scenario_name,
+        },
+        "env_kwargs": plan.env_kwargs,
+        "seed": args.seed,
+        "eval_seed": args.seed + EVAL_SEED_OFFSET,
+        "timesteps": plan.timesteps,
+        "n_envs": plan.n_envs,
+        "fidelity": plan.env_kwargs.get("fidelity"),
+        "device": args.device,
+        "normalize": bool(plan.hyperparams.get("normalize", False)),
+        "model": f"{scenario_name}.zip",
+        "versions": _versions(),
+        "command": " ".join(sys.argv) if sys.argv and Path(sys.argv[0]).name == "cmai" else None,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "running",
+    }
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -1,14 +1,17 @@
-"""Hyperparameter search for the gating policy with Optuna (TPE sampler, median pruning).
+"""Hyperparameter search for the gating policy with rl-zoo3's Optuna study (TPE sampler, median pruning).
 
     from agents.tune import TuneArgs, tune
     best_file = tune(TuneArgs(algo="ppo", scenario="quickstart", trials=8, timesteps=2000))
 
-is ``cmai tune --algo ppo --scenario quickstart --trials 8 --timesteps 2000``. Each trial starts
-from the algorithm's hyperparameters for the scenario (``agents/hyperparams/<algo>.yml``),
-samples a few key ones (:func:`sample_hyperparams`), trains for ``timesteps`` environment steps
-and evaluates ``n_evaluations`` times on a separately seeded env; each evaluation's mean return
-is reported to Optuna so the ``MedianPruner`` stops trials that fall behind the median of
-earlier trials at the same point. The objective is the last evaluation's mean return.
+is ``cmai tune --algo ppo --scenario quickstart --trials 8 --timesteps 2000``. The study is
+rl-zoo3's (:class:`agents.zoo.CMAIExperimentManager`): its sampler (TPE, ``n_startup_trials``
+random trials first), its median pruner, and its ``objective``, which builds each trial's envs and
+model from the algorithm's hyperparameters for the scenario (``agents/hyperparams/<algo>.yml``)
+with a few key ones sampled (:func:`sample_hyperparams`, CMAI's space), trains for
+``timesteps`` environment steps and evaluates ``n_evaluations`` times on an env seeded
+``seed + EVAL_SEED_OFFSET`` (rl-zoo3's ``TrialEvalCallback``); each evaluation's mean return is
+reported to Optuna, so the pruner stops trials that fall behind the median of earlier trials
+at the same point. The objective is the last evaluation's mean return.
 
 Outputs in ``--out`` (default ``runs/tune/<algo>_<scenario>``):
 
@@ -20,83 +23,25 @@ Outputs in ``--out`` (default ``runs/tune/<algo>_<scenario>``):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import io
 import json
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import optuna
 import yaml
-from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.utils import set_random_seed
 
-# rl-zoo3's callback (evaluate, report to the trial, stop when pruned): the one copy of that logic.
-from rl_zoo3.callbacks import TrialEvalCallback
-
-from agents.policies import ENV_ID_FOR_ALGO, algo_class
-from agents.train import (
-    EVAL_SEED_OFFSET,
-    build_model,
-    load_hyperparams,
-    make_envs,
-    normalize_env,
-    parse_assignments,
-    resolve_scenario,
-    set_dotted,
-    validate_hyperparams,
-)
-
-ON_POLICY = ("ppo", "recurrent_ppo", "a2c")
-
-
-@dataclass
-class TuneArgs:
-    """Everything ``cmai tune`` takes.
-
-    :param algo: algorithm to tune (as for ``cmai train``).
-    :param scenario: a shipped scenario name or a YAML file.
-    :param trials: number of Optuna trials.
-    :param timesteps: environment steps per trial.
-    :param seed: seeds the sampler, each trial's model (``seed + trial number``) and envs.
-    :param out: output folder; ``None``: ``runs/tune/<algo>_<scenario>``.
-    :param storage: Optuna storage URL (``sqlite:///tune.db``) to persist or resume the study.
-    :param study_name: name of the study in the storage (default ``<algo>_<scenario>``).
-    :param n_evaluations: evaluations (and pruning checks) per trial.
-    :param eval_episodes: episodes per evaluation.
-    :param n_startup_trials: trials sampled at random and never pruned before TPE and the
-        pruner take over.
-    :param n_envs: parallel training envs per trial.
-    :param hyperparams: a YAML file replacing ``agents/hyperparams/<algo>.yml`` as the base.
-    :param env_kwargs: scenario overrides (``key:value`` strings or a mapping).
-    :param fidelity: ``embedding`` (default) or ``pixel``.
-    :param device: torch device.
-    :param timeout: stop starting new trials after this many seconds (``None``: no limit).
-    :param verbose: 0 quiet, 1 one line per trial.
-    """
-
-    algo: str = "ppo"
-    scenario: str = "quickstart"
-    trials: int = 8
-    timesteps: int = 2000
-    seed: int = 0
-    out: Path | None = None
-    storage: str | None = None
-    study_name: str | None = None
-    n_evaluations: int = 4
-    eval_episodes: int = 1
-    n_startup_trials: int = 3
-    n_envs: int = 1
-    hyperparams: Path | None = None
-    env_kwargs: Sequence[str] | Mapping[str, Any] = field(default_factory=list)
-    fidelity: str = "embedding"
-    device: str = "cpu"
-    timeout: float | None = None
-    verbose: int = 1
+from agents.train_args import TuneArgs
+from agents.policies import ENV_ID_FOR_ALGO, algo_class, resolve_policy_kwargs
+from agents.train import load_hyperparams, parse_assignments, resolve_scenario, set_dotted, validate_hyperparams
 
 
 def sample_hyperparams(trial: optuna.Trial, algo: str, n_envs: int = 1) -> dict[str, Any]:
@@ -129,47 +74,29 @@ def sample_hyperparams(trial: optuna.Trial, algo: str, n_envs: int = 1) -> dict[
     return params
 
 
-def _objective(args: TuneArgs, base: dict[str, Any], env: VecEnv, eval_env: VecEnv):
-    """The trial function: train on the shared ``env``, evaluate on the shared ``eval_env``.
+def zoo_sampler(args: TuneArgs, base: Mapping[str, Any]):
+    """CMAI's sampler in rl-zoo3's form (``HYPERPARAMS_SAMPLER``: trial, n_actions, n_envs, extra → kwargs).
 
-    The environments are built once per study (building one caches the backbone's embeddings,
-    which costs more than a short trial); every trial reseeds them, so all trials evaluate on
-    the same episodes and trial ``k`` trains on seed ``seed + k``.
+    The trial's YAML-form hyperparameters (``base`` + :func:`sample_hyperparams`) are validated and
+    kept in the trial's ``hyperparams`` user attribute (``best_hyperparams.yml`` comes from it);
+    rl-zoo3 gets the constructor values, ``policy_kwargs`` resolved to the gating network.
+    rl-zoo3's objective builds each trial's model with ``seed=None``; CMAI's trial ``k`` is
+    reproducible, so this function, which the objective calls first, seeds it ``seed + k`` as
+    SB3's ``seed=`` would (``set_random_seed``).
     """
 
-    def objective(trial: optuna.Trial) -> float:
-        hyperparams = copy.deepcopy(base)
-        sampled = sample_hyperparams(trial, args.algo, args.n_envs)
+    def sample(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+        set_random_seed(args.seed + trial.number)
+        hyperparams = copy.deepcopy(dict(base))
+        sampled = sample_hyperparams(trial, args.algo, n_envs)
         for key, value in sampled.items():
             set_dotted(hyperparams, key, value)
-        hyperparams["n_timesteps"] = args.timesteps
-        hyperparams["n_envs"] = args.n_envs
         validate_hyperparams(args.algo, hyperparams)
         trial.set_user_attr("hyperparams", hyperparams)
-        normalize = hyperparams.get("normalize", False)
-        eval_env.seed(args.seed + EVAL_SEED_OFFSET)
-        trial_env = normalize_env(env, normalize)
-        trial_eval_env = normalize_env(eval_env, normalize, training=False)
-        callback = TrialEvalCallback(
-            trial_eval_env,
-            trial,
-            n_eval_episodes=args.eval_episodes,
-            eval_freq=max(args.timesteps // args.n_evaluations // args.n_envs, 1),
-        )
-        try:
-            model = build_model(args.algo, hyperparams, trial_env, args.seed + trial.number, args.device)
-            model.learn(total_timesteps=args.timesteps, callback=callback)
-            if callback.eval_idx == 0:  # budget shorter than one evaluation period
-                callback.last_mean_reward, _ = evaluate_policy(model, trial_eval_env, n_eval_episodes=args.eval_episodes, warn=False)
-        except (AssertionError, ValueError, FloatingPointError) as exc:
-            # A sampled combination the algorithm rejects, or a diverged run: not a result.
-            trial.set_user_attr("error", str(exc))
-            raise optuna.TrialPruned(f"trial {trial.number} failed: {exc}") from exc
-        if callback.is_pruned:
-            raise optuna.TrialPruned(f"trial {trial.number} pruned at evaluation {callback.eval_idx}")
-        return float(callback.last_mean_reward)
+        changed = {key.split(".")[0] for key in sampled}
+        return {key: resolve_policy_kwargs(hyperparams[key]) if key == "policy_kwargs" else hyperparams[key] for key in changed}
 
-    return objective
+    return sample
 
 
 def _write_trials_csv(study: optuna.Study, path: Path) -> None:
@@ -189,6 +116,10 @@ def tune(args: TuneArgs) -> Path:
 
     :raises ValueError: bad algorithm, scenario, override or settings; or no trial finished.
     """
+    from rl_zoo3 import exp_manager
+
+    from agents.zoo import ZOO_ALGO, CMAIExperimentManager
+
     algo_class(args.algo)
     for name in ("trials", "timesteps", "n_evaluations", "eval_episodes", "n_envs"):
         if getattr(args, name) < 1:
@@ -199,6 +130,7 @@ def tune(args: TuneArgs) -> Path:
     if scenario.evaluation_only:
         raise ValueError(f"scenario {scenario.name!r} is evaluation-only (held-out attacks); tune on a training scenario")
     base = load_hyperparams(args.algo, scenario.name, args.hyperparams)
+    base.update(n_timesteps=args.timesteps, n_envs=args.n_envs)
     validate_hyperparams(args.algo, base)
     env_kwargs = {"scenario": scenario.argument, "device": args.device, **env_kwargs}
     out = Path(args.out) if args.out is not None else Path("runs/tune") / f"{args.algo}_{scenario.name}"
@@ -206,13 +138,25 @@ def tune(args: TuneArgs) -> Path:
 
     if args.verbose < 2:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    manager = CMAIExperimentManager(
+        args.algo, ENV_ID_FOR_ALGO[args.algo], base, out, out, scenario.name,
+        optimize_hyperparameters=True, n_trials=args.trials, n_startup_trials=args.n_startup_trials,
+        n_evaluations=args.n_evaluations, n_eval_episodes=args.eval_episodes, n_timesteps=args.timesteps,
+        sampler="tpe", pruner="median", seed=args.seed, env_kwargs=env_kwargs, device=args.device,
+        verbose=args.verbose, no_optim_plots=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()) if args.verbose == 0 else contextlib.nullcontext():
+        manager.setup_experiment()  # rl-zoo3's preprocessing of the base hyperparameters
+    # rl-zoo3's hyperparameters_optimization() would lose an in-memory study when it returns
+    # (it returns nothing), has no timeout, pickles the study (report_*.pkl) and prints the
+    # report; the study is therefore created here from its sampler and pruner and runs its objective.
     study = optuna.create_study(
         study_name=args.study_name or f"{args.algo}_{scenario.name}",
         storage=args.storage,
         load_if_exists=args.storage is not None,
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(n_startup_trials=args.n_startup_trials, seed=args.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=args.n_startup_trials, n_warmup_steps=args.n_evaluations // 3),
+        sampler=manager._create_sampler(manager.sampler),
+        pruner=manager._create_pruner(manager.pruner),
     )
 
     def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -221,19 +165,16 @@ def tune(args: TuneArgs) -> Path:
             print(f"trial {trial.number}: {trial.state.name.lower()}{value} {trial.params}")
 
     start = time.perf_counter()
-    env_id = ENV_ID_FOR_ALGO[args.algo]
-    env = make_envs(env_id, env_kwargs, args.n_envs, args.seed)
-    eval_env = make_envs(env_id, env_kwargs, 1, args.seed + EVAL_SEED_OFFSET)
-    try:
-        study.optimize(_objective(args, base, env, eval_env), n_trials=args.trials, timeout=args.timeout, callbacks=[report], gc_after_trial=True)
-    finally:
-        env.close()
-        eval_env.close()
+    # rl-zoo3's objective looks its sampler up in rl_zoo3's HYPERPARAMS_SAMPLER table, its one
+    # extension point for samplers; CMAI's (the gating network's width instead of an MlpPolicy
+    # net_arch, rollouts short enough for a short trial) is entered there for this study only.
+    with mock.patch.dict(exp_manager.HYPERPARAMS_SAMPLER, {ZOO_ALGO.get(args.algo, args.algo): zoo_sampler(args, base)}):
+        study.optimize(manager.objective, n_trials=args.trials, timeout=args.timeout, callbacks=[report], gc_after_trial=True)
     _write_trials_csv(study, out / "trials.csv")
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and np.isfinite(t.value)]
     if not complete:
         raise ValueError(f"no trial completed ({len(study.trials)} pruned or failed); see {out / 'trials.csv'}")
-    best = study.best_trial
+    best = max(complete, key=lambda t: t.value)
     best_hp = {k: v for k, v in best.user_attrs["hyperparams"].items() if k != "n_timesteps"}
     overrides = {k: v for k, v in env_kwargs.items() if k not in ("scenario", "device")}
     header = (

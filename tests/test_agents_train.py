@@ -27,7 +27,9 @@ from agents.policies import (
     read_run,
     resolve_policy_kwargs,
 )
+from agents.protocol import EVAL_SEED_OFFSET
 from agents.train import TrainArgs, load_hyperparams, parse_assignments, run_training, validate_hyperparams
+from agents.train_args import TuneArgs, add_dataclass_options, from_namespace
 from cmai_env.cli.main import main
 from cmai_env.env import DISCRETE_BETAS
 
@@ -299,8 +301,92 @@ def test_other_algorithms_train(tmp_path, algo):
     assert isinstance(policy.model.policy.features_extractor if algo == "a2c" else policy.model.actor.features_extractor, GatingExtractor)
 
 
+# ------------------------------------------------------------------------------ rl-zoo3 does the work
+def test_run_training_goes_through_rl_zoo3s_experiment_manager(tmp_path, monkeypatch):
+    """rl-zoo3 preprocesses the hyperparameters and builds the model: a float learning rate becomes
+    its ConstantSchedule (CMAI's own code never makes one), lin_ its SimpleLinearSchedule; an error
+    raised inside ExperimentManager reaches the caller and leaves no run folder."""
+    from rl_zoo3.exp_manager import ExperimentManager
+    from rl_zoo3.utils import SimpleLinearSchedule
+    from stable_baselines3.common.utils import ConstantSchedule
+
+    seen = []
+    original = ExperimentManager._preprocess_hyperparams
+    monkeypatch.setattr(ExperimentManager, "_preprocess_hyperparams", lambda self, hp: seen.append(dict(hp)) or original(self, hp))
+    result = run_training(
+        TrainArgs(algo="ppo", scenario="quickstart", timesteps=32, seed=2, out=tmp_path, env_kwargs=SMALL_ENV,
+                  set={"n_steps": 32, "batch_size": 32, "learning_rate": 1e-3, "clip_range": "lin_0.3"},
+                  eval_freq=0, checkpoint_freq=0, progress=False, verbose=0)
+    )
+    result.env.close()
+    assert len(seen) == 1 and seen[0]["clip_range"] == "lin_0.3" and seen[0]["n_timesteps"] == 32
+    assert isinstance(result.model.learning_rate, ConstantSchedule) and result.model.learning_rate(1.0) == pytest.approx(1e-3)
+    assert isinstance(result.model.clip_range.value_schedule, SimpleLinearSchedule)
+    assert result.model.clip_range(1.0) == pytest.approx(0.3) and result.model.clip_range(0.5) == pytest.approx(0.15)
+    assert result.model.seed == 2 and result.record["status"] == "finished"
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("inside rl-zoo3's ExperimentManager")
+
+    monkeypatch.setattr(ExperimentManager, "_preprocess_action_noise", fail)
+    with pytest.raises(RuntimeError, match="inside rl-zoo3"):
+        run_training(TrainArgs(algo="ppo", timesteps=32, out=tmp_path / "again", env_kwargs=SMALL_ENV, progress=False, verbose=0))
+    assert not (tmp_path / "again" / "ppo" / "quickstart_1").exists()
+
+
+def test_zoo_manager_seeds_training_envs_by_rank_and_the_eval_env_apart(tmp_path):
+    from agents.zoo import CMAIExperimentManager
+
+    hyperparams = {**load_hyperparams("ppo", "quickstart"), "n_timesteps": 64, "n_envs": 2}
+    env_kwargs = {"scenario": "quickstart", "fidelity": "embedding", **parse_assignments(SMALL_ENV, ":", "--env-kwargs")}
+    manager = CMAIExperimentManager("ppo", CONTINUOUS_ENV_ID, hyperparams, tmp_path, tmp_path / "quickstart", "quickstart",
+                                    seed=3, env_kwargs=env_kwargs, verbose=0)
+    try:
+        batched = manager.create_envs(2)  # embedding fidelity, 2 envs: CMAI's batched adapter
+        assert type(batched.venv).__name__ == "CMAIVecEnvAdapter" and batched.venv._seeds == [3, 4]
+        evaluation = manager.create_envs(1, eval_env=True)  # rl-zoo3's make_vec_env, reseeded
+        assert evaluation._seeds == [3 + EVAL_SEED_OFFSET] and manager.seed == 3
+        assert (tmp_path / "0.monitor.csv").is_file()  # training envs log into the run folder
+    finally:
+        manager.close_envs()
+    assert manager.envs == []
+
+
+def test_options_are_generated_from_the_argument_dataclasses():
+    import argparse
+    import dataclasses
+
+    for cls in (TrainArgs, TuneArgs):
+        parser = argparse.ArgumentParser()
+        add_dataclass_options(parser, cls)
+        assert from_namespace(cls, parser.parse_args([])) == cls()  # same defaults
+        assert {f.name for f in dataclasses.fields(cls)} <= {a.dest for a in parser._actions}
+        assert all(a.help for a in parser._actions)
+    parser = argparse.ArgumentParser()
+    add_dataclass_options(parser, TrainArgs)
+    args = from_namespace(TrainArgs, parser.parse_args(["--n-envs", "4", "--no-progress", "--subproc", "--set", "a=1", "b=2",
+                                                         "--set", "c=3", "--resume", "runs/x", "--fidelity", "pixel"]))
+    assert (args.n_envs, args.progress, args.subproc, args.set, args.resume, args.fidelity) == (4, False, True, ["a=1", "b=2", "c=3"], Path("runs/x"), "pixel")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--fidelity", "voxel"])
+
+    @dataclasses.dataclass
+    class Undocumented:
+        """No param lines."""
+
+        x: int = 0
+
+    with pytest.raises(ValueError, match="Undocumented.x"):
+        add_dataclass_options(argparse.ArgumentParser(), Undocumented)
+
+
 # ------------------------------------------------------------------------------ tune
-def test_tune_writes_best_hyperparams(tmp_path):
+def test_tune_writes_best_hyperparams(tmp_path, monkeypatch):
+    from rl_zoo3.exp_manager import ExperimentManager
+
+    trials = []
+    objective = ExperimentManager.objective
+    monkeypatch.setattr(ExperimentManager, "objective", lambda self, trial: trials.append(trial.number) or objective(self, trial))
     out = tmp_path / "tune"
     rc = cli("tune", "--algo", "ppo", "--scenario", "quickstart", "--trials", "2", "--timesteps", "128", "--seed", "0",
              "--out", str(out), "--env-kwargs", *SMALL_ENV, "--n-evaluations", "2", "--verbose", "0")
@@ -315,6 +401,8 @@ def test_tune_writes_best_hyperparams(tmp_path):
     assert len(rows) == 3 and rows[0].startswith("number,state,value")
     summary = json.loads((out / "study.json").read_text())
     assert summary["n_trials"] == 2 and summary["complete"] >= 1
+    assert trials == [0, 1]  # every trial ran rl-zoo3's objective
+    assert not list(out.rglob("*.pkl"))  # rl-zoo3's report pickle is not written
 
 
 # ------------------------------------------------------------------------------ bad inputs
