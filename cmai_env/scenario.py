@@ -282,8 +282,33 @@ class AttackSpec(_Model):
         return self
 
 
+class Corruption(_Model):
+    """A natural distribution shift applied to a phase's clean images (:mod:`cmai_env.corruptions`)."""
+
+    name: str
+    severity: int = Field(3, ge=1, le=5)
+
+    @field_validator("name")
+    @classmethod
+    def _known_corruption(cls, name: str) -> str:
+        from cmai_env.corruptions import CORRUPTIONS
+
+        if name not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption; available: {', '.join(CORRUPTIONS)}")
+        return name
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """``(name, severity)``: how round plans and the fidelities name this corruption."""
+        return (self.name, self.severity)
+
+
 class Phase(_Model):
-    """A stretch of rounds with one attack pattern (``attacks: []`` is a quiet phase)."""
+    """A stretch of rounds with one attack pattern (``attacks: []`` is a quiet phase).
+
+    ``corruption`` (optional) serves the phase's clean images, traffic and probe set alike,
+    corrupted (ImageNet-C ``gaussian_noise`` or ``contrast``, severity 1–5).
+    """
 
     name: str
     rounds: int = Field(ge=1)
@@ -291,6 +316,8 @@ class Phase(_Model):
     adversarial_share: float = Field(0.5, ge=0, le=1)
     transition: Transition = Field(default_factory=Transition)
     attacks: list[AttackSpec] = Field(default_factory=list)
+    #: natural distribution shift of the phase's images (None: the clean data)
+    corruption: Corruption | None = None
 
     @model_validator(mode="after")
     def _quiet_means_clean(self) -> "Phase":

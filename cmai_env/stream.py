@@ -73,6 +73,7 @@ class RoundPlan:
     :param shift: True on the first round of a segment (after the first) whose attack pattern
         differs from the previous segment's.
     :param blend: progress of a gradual transition in ``(0, 1]``; 1 outside transitions.
+    :param corruption: ``(name, severity)`` of the phase's image corruption; ``None``: clean data.
     """
 
     round: int
@@ -82,6 +83,7 @@ class RoundPlan:
     adversarial_share: float
     shift: bool
     blend: float = 1.0
+    corruption: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,8 @@ def _plans(segments: list[Segment]) -> list[RoundPlan]:
                 b = 1.0
                 share = config[0]
                 mixture = tuple(MixtureEntry(e.name, dict(e.params), e.weight) for e in config[1].values())
-            plans.append(RoundPlan(t, segment.phase.name, k, mixture, float(share), changed and i == 0, float(b)))
+            corruption = None if segment.phase.corruption is None else segment.phase.corruption.key
+            plans.append(RoundPlan(t, segment.phase.name, k, mixture, float(share), changed and i == 0, float(b), corruption))
         previous_config = config
     return plans
 

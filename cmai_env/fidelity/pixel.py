@@ -19,6 +19,7 @@ from cmai_env.fidelity.base import (
     defended_backbone,
     entry_key,
 )
+from cmai_env.corruptions import corrupt_images
 from cmai_env.round import AttackOutcome, mixture_asr, probe_split
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
@@ -47,6 +48,11 @@ class PixelFidelity(Fidelity):
         probe = load_dataset(spec.name, split="val", n=spec.probe_n, seed=spec.seed, image_size=size, root=root)
         self.pool_batch = PairBatch.from_dataset(self.backbone, self.pool)
         self.probe_batch = PairBatch.from_dataset(self.backbone, probe)
+        # (pool, probe) per corruption the scenario's phases name; the embedding fidelity corrupts
+        # the same images with the same seeds.
+        self._views: dict[tuple[str, int] | None, tuple[PairBatch, PairBatch]] = {None: (self.pool_batch, self.probe_batch)}
+        for key in sorted({phase.corruption.key for phase in scenario.phases if phase.corruption is not None}):
+            self._views[key] = (_corrupted(self.pool_batch, key, spec.seed), _corrupted(self.probe_batch, key, spec.seed + 1))
         self.task = ZeroShotTask.from_dataset(self.backbone, self.pool)
         self.trainer = ModalityBridgingTrainer(self.task, TrainerConfig(**scenario.defense.model_dump()))
         self._initial = self.trainer.snapshot()
@@ -101,7 +107,7 @@ class PixelFidelity(Fidelity):
     def incoming(self, plan: RoundPlan, rng: np.random.Generator) -> RoundTraffic:
         n = self.scenario.batch_size
         rows = torch.from_numpy(rng.choice(len(self.pool_batch), size=n, replace=False)).to(self.device)
-        clean = self.pool_batch.subset(rows)
+        clean = self._views[plan.corruption][0].subset(rows)
         attack_index = assign_attacks(plan, n, rng)
         start = time.perf_counter()
         received = self._perturb_groups(clean, attack_index, plan, rng) if (attack_index >= 0).any() else clean
@@ -134,20 +140,21 @@ class PixelFidelity(Fidelity):
         )
 
     @torch.no_grad()
-    def _clean_probe(self):
-        out = self.task.forward(self.probe_batch)
+    def _clean_probe(self, probe_batch: PairBatch):
+        out = self.task.forward(probe_batch)
         return out, self.task.consistency(out)
 
     def probe(self, plan: RoundPlan, rng: np.random.Generator) -> ProbeResult:
         start = time.perf_counter()
-        out, clean_consistency = self._clean_probe()
-        labels = self.probe_batch.labels
+        probe_batch = self._views[plan.corruption][1]
+        out, clean_consistency = self._clean_probe(probe_batch)
+        labels = probe_batch.labels
         cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
         asr_per_attack: dict[str, float] = {}
         rates: list[float] = []
         outcomes: list[AttackOutcome] = []
-        n = probe_split(len(self.probe_batch))
-        attacked = self.probe_batch.subset(slice(0, n))
+        n = probe_split(len(probe_batch))
+        attacked = probe_batch.subset(slice(0, n))
         for entry in plan.mixture:
             attack = self._attack(entry, rng)
             result = attack(self.task, attacked, torch_generator(rng))
@@ -174,6 +181,10 @@ class PixelFidelity(Fidelity):
             eval_clean_correct=image_correct[:n],
             outcomes=outcomes,
         )
+
+
+def _corrupted(batch: PairBatch, key: tuple[str, int], seed: int) -> PairBatch:
+    return PairBatch(corrupt_images(batch.images, key[0], key[1], seed), batch.tokens, batch.labels)
 
 
 def _head(out, n: int):

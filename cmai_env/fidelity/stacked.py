@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cmai_env.attacks import attack_class
+from cmai_env.corruptions import corrupt_images
 from cmai_env.data import load_dataset
 from cmai_env.fidelity.base import assign_attacks, defended_backbone, entry_key
 from cmai_env.models.backbone import ResidualAdapter
@@ -363,10 +364,15 @@ class StackedEmbeddingWorld:
         size = backbone.image_size
         pool = load_dataset(spec.name, split="train", n=spec.train_n, seed=spec.seed, image_size=size, root=spec.root)
         probe = load_dataset(spec.name, split="val", n=spec.probe_n, seed=spec.seed, image_size=size, root=spec.root)
+        # One cached view of the images per corruption the scenario's phases name (index 0: clean).
+        self.corruptions: list[tuple[str, int] | None] = [None] + sorted(
+            {phase.corruption.key for phase in scenario.phases if phase.corruption is not None}
+        )
         with torch.no_grad():
-            self.pool_v = _embed_images(backbone, pool.images)
+            self.pool_views = torch.stack([_embed_images(backbone, _corrupted(pool.images, key, spec.seed)) for key in self.corruptions])
+            self.probe_views = torch.stack([_embed_images(backbone, _corrupted(probe.images, key, spec.seed + 1)) for key in self.corruptions])
+            self.pool_v, self.probe_v = self.pool_views[0], self.probe_views[0]  # the clean data
             self.pool_t = backbone.encode_text(backbone.tokenize(pool.captions))
-            self.probe_v = _embed_images(backbone, probe.images)
             self.probe_t = backbone.encode_text(backbone.tokenize(probe.captions))
             self.class_raw = backbone.class_text_embeddings(pool.class_names, pool.templates)
             # What aware_caption_rewrite sends: the first template filled with the target class.
@@ -406,6 +412,10 @@ class StackedEmbeddingWorld:
         self.image.reset(envs)
         self.text.reset(envs)
         self.optimizer.reset(envs)
+
+    def views(self, plans: Sequence[RoundPlan]) -> torch.Tensor:
+        """Index into ``pool_views``/``probe_views`` of each plan's corruption, (E,)."""
+        return torch.as_tensor([self.corruptions.index(plan.corruption) for plan in plans], device=self.device)
 
     # ------------------------------------------------------------------ model
     def _size(self, envs: EnvIndex) -> int:
@@ -554,7 +564,7 @@ class StackedEmbeddingWorld:
         rows = np.stack([rng.choice(len(self.pool_y), size=n, replace=False) for rng in rngs])
         attack_index = np.stack([assign_attacks(plan, n, rng) for plan, rng in zip(plans, rngs)])
         index = torch.as_tensor(rows, device=self.device)
-        raw_v, raw_t, labels = self.pool_v[index], self.pool_t[index], self.pool_y[index]
+        raw_v, raw_t, labels = self.pool_views[self.views(plans).unsqueeze(1), index], self.pool_t[index], self.pool_y[index]
         start = time.perf_counter()
         adv_v, adv_t = raw_v, raw_t
         counts = (attack_index >= 0).sum(1)
@@ -685,7 +695,8 @@ class StackedEmbeddingWorld:
         with torch.no_grad():
             classes = self.classes(envs)
             expand = lambda x: x.unsqueeze(0).expand(size, *x.shape)  # noqa: E731
-            e_v, e_t, lv, lt = self.forward(expand(self.probe_v), expand(self.probe_t), classes, envs)
+            probe_v = self.probe_views[self.views(plans)]  # (E, P, D): each env's phase's images
+            e_v, e_t, lv, lt = self.forward(probe_v, expand(self.probe_t), classes, envs)
             clean_consistency = self._consistency(e_v, e_t, lv, lt)
             labels = expand(self.probe_y)
             image_ok, text_ok = lv.argmax(-1) == labels, lt.argmax(-1) == labels
@@ -705,7 +716,8 @@ class StackedEmbeddingWorld:
                     orders.fill(e, slice(k * n, (k + 1) * n), attack, k)
                     modality[e, k] = ("image", "text", "both").index(attack.modality)
             tile = lambda x: x[:n].repeat(width, *([1] * (x.dim() - 1))).unsqueeze(0).expand(size, *([-1] * x.dim()))  # noqa: E731
-            adv_v, adv_t = self.craft(envs, tile(self.probe_v), tile(self.probe_t), tile(self.probe_y), orders, classes)
+            tiled_v = probe_v[:, :n].repeat(1, width, 1)
+            adv_v, adv_t = self.craft(envs, tiled_v, tile(self.probe_t), tile(self.probe_y), orders, classes)
             with torch.no_grad():
                 aev, aet, alv, alt = self.forward(adv_v, adv_t, classes, envs)
                 adv_consistency = self._consistency(aev, aet, alv, alt).view(size, width, n).cpu().numpy()
@@ -751,6 +763,10 @@ def _share_within_groups(grad: torch.Tensor, group: torch.Tensor, universal: tor
     index = group.clamp_min(0).unsqueeze(-1).expand(-1, -1, grad.shape[-1])
     summed = grad.new_zeros(grad.shape[0], groups, grad.shape[-1]).scatter_add_(1, index, grad * universal.unsqueeze(-1))
     return torch.where(universal.unsqueeze(-1), torch.gather(summed, 1, index), grad)
+
+
+def _corrupted(images: torch.Tensor, key: tuple[str, int] | None, seed: int) -> torch.Tensor:
+    return images if key is None else corrupt_images(images, key[0], key[1], seed)
 
 
 def _embed_images(backbone, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
