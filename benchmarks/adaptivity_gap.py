@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import cmai_env  # noqa: F401  (registers the environments)
-from agents.evaluation import CONTINUOUS_ENV_ID, EVAL_SEED_OFFSET
+from agents.protocol import CONTINUOUS_ENV_ID, EVAL_SEED_OFFSET
 from agents.stats import bounds_for, paired_difference, t_interval
 from cmai_env.env import DISCRETE_BETAS, action_from_betas
 from cmai_env.scenario import apply_overrides, load_scenario, scenarios_available

@@ -302,7 +302,8 @@ def test_sb3_adapter_same_step_reset_terminal_observation_and_monitor(tmp_path):
 def test_batched_evaluation_equals_the_sequential_protocol():
     from agents.baselines import make_baseline
     from agents.batched_evaluation import run_episodes_batched
-    from agents.evaluation import env_spec, run_episodes
+    from agents.env_spec import env_spec
+    from agents.runner import run_episodes
 
     spec = env_spec("abrupt_shift", "embedding", {**SMALL, "episode_rounds": 5})
     rows, records = run_episodes(make_baseline("proeat_dynamic"), spec, [0, 1], 2)
