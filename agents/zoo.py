@@ -208,9 +208,11 @@ class CMAIExperimentManager(ExperimentManager):
         no_log = no_log or self.optimize_hyperparameters  # a study's trials share no run folder
         seed = self.seed + EVAL_SEED_OFFSET if eval_env else self.seed
         kwargs = self.eval_env_kwargs if eval_env else self.env_kwargs
-        if n_envs > 1 and self.vec_env_class is DummyVecEnv and batched_supported(self.env_id, kwargs):
+        if self.n_envs > 1 and self.vec_env_class is DummyVecEnv and batched_supported(self.env_id, kwargs):
             # rl-zoo3 steps n_envs separate envs; at embedding fidelity CMAI steps them as one
-            # batched computation (agents.vec_adapter; 4.0x SyncVectorEnv at N=64, README).
+            # batched computation (agents.vec_adapter; 4.0x SyncVectorEnv at N=64, README). The
+            # evaluation env is built the same way: VecNormalize statistics are copied between
+            # envs wrapped alike (sync_envs_normalization).
             append = not self.monitor_kwargs.get("override_existing", True)
             env = make_batched_vec_env(self.env_id, kwargs, n_envs, seed, None if eval_env or no_log else self.save_path, append)
             env = self._maybe_normalize(env, eval_env)

@@ -334,22 +334,80 @@ def test_run_training_goes_through_rl_zoo3s_experiment_manager(tmp_path, monkeyp
     assert not (tmp_path / "again" / "ppo" / "quickstart_1").exists()
 
 
+def test_resuming_a_normalising_run_loads_nothing_pickled(tmp_path, monkeypatch):
+    """Ctrl-C, then --resume: rl-zoo3's continue-training path, with CMAI's safe loading and .npz statistics."""
+    import agents.train as train_module
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from agents.train import TrainingInterrupted
+    from agents.zoo import CMAIExperimentManager
+
+    class CtrlC(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps >= 40:
+                raise KeyboardInterrupt
+            return True
+
+    original = train_module._callbacks
+    monkeypatch.setattr(train_module, "_callbacks", lambda *a, **k: [*original(*a, **k), CtrlC()])
+    args = TrainArgs(algo="ppo", timesteps=64, seed=0, out=tmp_path, env_kwargs=SMALL_ENV, eval_freq=0, checkpoint_freq=0,
+                     set={"n_steps": 32, "batch_size": 32, "normalize": True}, progress=False, verbose=0)
+    with pytest.raises(TrainingInterrupted) as stop:
+        run_training(args)
+    run = stop.value.run_dir
+    saved = np.load(run / "quickstart" / "vecnormalize.npz")["obs_mean"]
+    monkeypatch.setattr(train_module, "_callbacks", original)
+    applied = []
+    load = CMAIExperimentManager._load_pretrained_agent
+
+    def spy(self, hyperparams, env):
+        model = load(self, hyperparams, env)
+        applied.append(env.obs_rms.mean.copy())
+        return model
+
+    monkeypatch.setattr(CMAIExperimentManager, "_load_pretrained_agent", spy)
+    result = run_training(TrainArgs(resume=run, progress=False, verbose=0))
+    result.env.close()
+    np.testing.assert_allclose(applied[0], saved)  # the interrupted run's statistics, from the .npz
+    assert result.record["status"] == "finished" and result.record["resumes"][0]["at_timesteps"] == 40
+    assert 64 <= result.model.num_timesteps < 64 + 32
+    assert not list(run.rglob("*.pkl"))
+
+
 def test_zoo_manager_seeds_training_envs_by_rank_and_the_eval_env_apart(tmp_path):
     from agents.zoo import CMAIExperimentManager
 
-    hyperparams = {**load_hyperparams("ppo", "quickstart"), "n_timesteps": 64, "n_envs": 2}
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize, sync_envs_normalization
+
     env_kwargs = {"scenario": "quickstart", "fidelity": "embedding", **parse_assignments(SMALL_ENV, ":", "--env-kwargs")}
-    manager = CMAIExperimentManager("ppo", CONTINUOUS_ENV_ID, hyperparams, tmp_path, tmp_path / "quickstart", "quickstart",
-                                    seed=3, env_kwargs=env_kwargs, verbose=0)
+
+    def manager_for(n_envs: int, folder: Path) -> CMAIExperimentManager:
+        hyperparams = {**load_hyperparams("ppo", "quickstart"), "n_timesteps": 64, "n_envs": n_envs, "normalize": True}
+        manager = CMAIExperimentManager("ppo", CONTINUOUS_ENV_ID, hyperparams, folder, folder / "quickstart", "quickstart",
+                                        seed=3, env_kwargs=env_kwargs, verbose=0)
+        manager._preprocess_hyperparams(manager.read_hyperparameters()[0])  # n_envs, normalize: rl-zoo3's reading
+        return manager
+
+    single = manager_for(1, tmp_path / "single")
     try:
-        batched = manager.create_envs(2)  # embedding fidelity, 2 envs: CMAI's batched adapter
-        assert type(batched.venv).__name__ == "CMAIVecEnvAdapter" and batched.venv._seeds == [3, 4]
-        evaluation = manager.create_envs(1, eval_env=True)  # rl-zoo3's make_vec_env, reseeded
-        assert evaluation._seeds == [3 + EVAL_SEED_OFFSET] and manager.seed == 3
-        assert (tmp_path / "0.monitor.csv").is_file()  # training envs log into the run folder
+        training = single.create_envs(1)  # rl-zoo3's make_vec_env
+        evaluation = single.create_envs(1, eval_env=True)  # the same, reseeded apart
+        assert isinstance(training.venv, DummyVecEnv) and training.venv._seeds == [3]
+        assert evaluation.venv._seeds == [3 + EVAL_SEED_OFFSET] and single.seed == 3
+        assert evaluation.training is False and evaluation.norm_reward is False
+        assert (tmp_path / "single" / "0.monitor.csv").is_file()  # training envs log into the run folder
     finally:
-        manager.close_envs()
-    assert manager.envs == []
+        single.close_envs()
+    assert single.envs == []
+    batched = manager_for(2, tmp_path / "batched")
+    try:
+        training = batched.create_envs(2)  # embedding fidelity, 2 envs: CMAI's batched adapter, env i on seed + i
+        evaluation = batched.create_envs(1, eval_env=True)
+        assert isinstance(training, VecNormalize) and type(training.venv.venv).__name__ == "CMAIVecEnvAdapter"
+        assert training.venv.venv._seeds == [3, 4] and evaluation.venv.venv._seeds == [3 + EVAL_SEED_OFFSET]
+        sync_envs_normalization(training, evaluation)  # what EvalCallback does: needs envs wrapped alike
+    finally:
+        batched.close_envs()
 
 
 def test_options_are_generated_from_the_argument_dataclasses():
