@@ -241,20 +241,10 @@ def test_cli_attack_eval_on_generative_backbone(capsys):
     assert result["asr"] >= 0.5 and result["backbone"] == NAME
 
 
-def test_adversarial_finetune_moves_only_the_defended_parameters():
-    from cmai_env.models.flamingo_defence import FlamingoAdvTrainConfig, adversarial_finetune
+def test_a_scenario_naming_the_generative_backbone_is_refused_at_validation(tmp_path):
+    from cmai_env.scenario import ScenarioError, load_scenario
 
-    model = load_backbone(NAME)
-    defended = {id(p) for p in model.defended_parameters()}
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    summary = adversarial_finetune(model, FlamingoAdvTrainConfig(steps=2, batch_size=8, pool_size=32, pgd_steps=1))
-    assert summary["steps_run"] == 2 and summary["final_loss"] > 0
-    for name, p in model.named_parameters():
-        changed = not torch.equal(before[name], p.detach())
-        assert p.requires_grad == flags[name]
-        if id(p) not in defended:
-            assert not changed, name
-    assert any(not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if id(p) in defended)
-    with pytest.raises(ValueError, match="clean_weight"):
-        FlamingoAdvTrainConfig(clean_weight=1.5)
+    path = tmp_path / "flamingo.yaml"
+    path.write_text("name: fl\nbackbone: {name: cmai-tiny-flamingo}\nfidelity: embedding\nphases:\n  - {name: quiet, rounds: 2}\n")
+    with pytest.raises(ScenarioError, match=r"(?s)flamingo.yaml.*backbone.name \(line 2\) = 'cmai-tiny-flamingo'.*generative.*Allowed: cmai-tiny"):
+        load_scenario(path)

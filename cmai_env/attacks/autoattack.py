@@ -80,14 +80,17 @@ def run_chain(
     eps: float,
     norm: str,
     generator: torch.Generator | None,
+    model: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Worst case over ``components`` per example (see the module docstring).
 
     :param components: (name, factory) pairs; ``factory(model, n_classes, seed)`` builds a
         torchattacks attack called as ``attack(images, labels)``.
+    :param model: images → (N, C) class scores under attack (default: the task's CLIP zero-shot
+        head; a generative task passes its language model's class distribution).
     :return: the adversarial images and, per component, how many examples it flipped first.
     """
-    model = ZeroShotClassifier(task.backbone, task.class_embeds)
+    model = ZeroShotClassifier(task.backbone, task.class_embeds) if model is None else model
     images, labels = batch.images.detach(), batch.labels
     adversarial = images.clone()
     with torch.no_grad():

@@ -64,6 +64,13 @@ REPORT_KEYS = (
     "detector_auroc", "detector_tpr", "detector_fpr", "seconds",
 )
 
+#: the CLIP trainer's defaults of the flags a FARE run (generative backbone) sets differently
+CLIP_DEFAULTS = {"eps_v": 6 / 255, "attack_steps": 3, "batch_size": 64, "eval_n": 500}
+#: default test pairs of a FARE run: its attacks run through the language model (~40× a CLIP pass)
+FARE_EVAL_N = 200
+#: flags of the modality-bridging trainer that a FARE run has no use for (refused if changed)
+CLIP_ONLY_FLAGS = ("defended", "last_blocks", "eps_t", "alpha", "weights", "lr_schedule", "warmup")
+
 
 def parse_weights(text: str) -> tuple[float, float, float]:
     """``"1,0.1,1"`` → (β_task, β_consist, β_adv), validated."""
@@ -90,22 +97,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="shapes", help="dataset name (default: shapes)")
     p.add_argument("--data-root", default=None, help="file or folder for real-format datasets")
     p.add_argument("--train-n", type=int, default=20000, help="training pairs (default: 20000)")
-    p.add_argument("--eval-n", type=int, default=500, help="test pairs attacked before and after (default: 500)")
+    p.add_argument("--eval-n", type=int, default=None, help="test pairs attacked before and after (default: 500; 200 on a generative backbone)")
     p.add_argument("--budget-minutes", type=float, default=7.0, help="training budget; evaluation (~0.5 min) comes on top (default: 7)")
     p.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall", help="measure the budget in wall time or in this process's CPU time (default: wall)")
     p.add_argument("--out", default="runs/adv-train", help="folder for model.pt and report.json (default: runs/adv-train)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--defended", choices=["adapter", "projection", "last_blocks", "all"], default="all", help="parameters to update (default: all)")
     p.add_argument("--last-blocks", type=int, default=1, help="blocks per tower for --defended last_blocks (default: 1)")
-    p.add_argument("--eps-v", type=parse_budget, default=6 / 255, help="ℓ∞ pixel budget ε_v of the training pairs (default: 6/255)")
+    p.add_argument("--eps-v", type=parse_budget, default=None, help="ℓ∞ pixel budget ε_v of the training pairs (default: 6/255; FARE on a generative backbone: 8/255)")
     p.add_argument("--eps-t", type=parse_budget, default=0.2, help="L2 per-token budget ε_t of the training pairs (default: 0.2)")
     p.add_argument("--alpha", type=float, default=1.0, help="α, weight of L_consistency in the inner maximisation (default: 1)")
-    p.add_argument("--attack-steps", type=int, default=3, help="joint PGD steps per batch (default: 3)")
+    p.add_argument("--attack-steps", type=int, default=None, help="joint PGD steps per batch (default: 3; FARE: 5)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 1e-3)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="constant (default) or cosine: warm up, then anneal to 0 over the budget")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up share of the budget for --lr-schedule cosine (default: 0.05)")
     p.add_argument("--weights", type=parse_weights, default=(1.0, 0.1, 1.0), help="β_task,β_consist,β_adv (default: 1,0.1,1)")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64; FARE: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, PGD starts and shuffling (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument(
@@ -114,14 +121,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "at standard counts ('apgd', default), the full standard chain APGD-CE → APGD-T → FAB-T → Square ('autoattack'; "
         "its after-training evaluation of 500 pairs took 12.1 CPU-minutes, more than the training budget), or none",
     )
-    p.set_defaults(func=run_adv_train)
+    # the CLIP-only flags' defaults travel with the arguments, so a FARE run can tell which were changed
+    p.set_defaults(func=run_adv_train, clip_only_defaults={k: p.get_default(k) for k in CLIP_ONLY_FLAGS})
 
 
-def _evaluate(task, clean, calibration, seed: int, robust_eval: str = "none", batch_size: int = 256) -> dict[str, dict[str, float]]:
+
+def _evaluate(task, clean, calibration, seed: int, robust_eval: str = "none", batch_size: int = 256, adapt=None) -> dict[str, dict[str, float]]:
     """Attack name → the :data:`REPORT_KEYS` metrics of :func:`cmai_env.robustness.evaluate_attack`.
 
     With ``robust_eval`` in :data:`ROBUST_EVALS` the AutoAttack-grade figure comes last, as
     ``autoattack``, with ``cpu_seconds`` and how many examples each component flipped first.
+    ``adapt`` maps each attack to the task's version of it (a generative task's:
+    :func:`cmai_env.models.flamingo_task.generative_attack`).
     """
     import torch
 
@@ -136,6 +147,8 @@ def _evaluate(task, clean, calibration, seed: int, robust_eval: str = "none", ba
         # The same seed before and after: both evaluations draw the same random starts.
         generator = torch.Generator().manual_seed(seed)
         attack = make_attack(name, **params)
+        if adapt is not None:
+            attack = adapt(attack)
         cpu = time.process_time()
         report = evaluate_attack(task, clean, attack, generator, calibration=calibration, batch_size=batch_size)
         results[key] = {k: float(getattr(report, k)) for k in REPORT_KEYS}
@@ -163,22 +176,29 @@ def run_adv_train(args: argparse.Namespace) -> int:
     from cmai_env.training import ModalityBridgingTrainer, TrainerConfig, save_checkpoint
 
     started, cpu_started = time.perf_counter(), time.process_time()
+    for flag in ("--batch-size", "--attack-steps", "--eval-n"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be ≥ 1, got {value}")
     if args.budget_minutes < 0:
         raise ValueError(f"--budget-minutes must be ≥ 0, got {args.budget_minutes}")
-    for flag, value in (("--train-n", args.train_n), ("--eval-n", args.eval_n), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"{flag} must be ≥ 1, got {value}")
+    if args.train_n < 1:
+        raise ValueError(f"--train-n must be ≥ 1, got {args.train_n}")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
+    torch.manual_seed(args.seed)
+    backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
+    if getattr(backbone, "generative", False):
+        return _run_fare(args, backbone, started, cpu_started)
+    for key, value in CLIP_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     config = TrainerConfig(
         defended=args.defended, last_blocks=args.last_blocks, lr=args.lr, eps_v=args.eps_v, eps_t=args.eps_t,
         alpha=args.alpha, attack_steps=args.attack_steps,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(args.seed)
-    backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
     size = backbone.image_size
     load = lambda split, n: load_dataset(args.dataset, split=split, n=n, seed=args.seed, image_size=size, root=args.data_root)  # noqa: E731
     train, test, val = load("train", args.train_n), load("test", args.eval_n), load("val", args.eval_n)
@@ -246,4 +266,103 @@ def run_adv_train(args: argparse.Namespace) -> int:
     for name in before:
         b, a = before[name], after[name]
         print(f"{name:<22} {b['clean_accuracy']:>12.3f} {a['clean_accuracy']:>12.3f} {b['asr']:>11.3f} {a['asr']:>10.3f}")
+    return 0
+
+
+def _run_fare(args: argparse.Namespace, backbone, started: float, cpu_started: float) -> int:
+    """``cmai adv-train`` on a generative backbone: FARE on the LM's vision tower, report before/after.
+
+    The report has the CLIP report's layout (``before``/``after``/``change`` per attack with the
+    :data:`REPORT_KEYS` metrics, ``autoattack`` beside PGD-10); on captioning ``clean_accuracy`` is
+    the caption accuracy, ASR the share of originally correct captions whose class changes, and
+    the detector compares the CLIP head (original tower) with the LM (module
+    :mod:`cmai_env.models.flamingo_task`). ``training`` says ``"method": "fare"``.
+    """
+    import torch
+
+    from cmai_env.data import load_dataset
+    from cmai_env.models.flamingo_defence import FlamingoAdvTrainConfig, adversarial_finetune
+    from cmai_env.models.flamingo_task import GenerativeTask, generative_attack
+    from cmai_env.training import save_checkpoint
+
+    changed = [f"--{k.replace('_', '-')}" for k in CLIP_ONLY_FLAGS if getattr(args, k) != args.clip_only_defaults[k]]
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)} configure the CLIP trainer; {backbone.name} is defended by FARE on its language model's "
+            "vision tower, which takes --budget-minutes, --budget-clock, --eps-v, --attack-steps, --lr, --batch-size, --train-n, --seed"
+        )
+    if args.dataset != "shapes":
+        raise ValueError(f"--dataset {args.dataset!r}: {backbone.name}'s language model knows the shapes vocabulary only; use --dataset shapes")
+    defaults = FlamingoAdvTrainConfig()
+    config = FlamingoAdvTrainConfig(
+        steps=10**9,  # the budget decides, as for the CLIP trainer
+        batch_size=args.batch_size or defaults.batch_size,
+        eps=args.eps_v if args.eps_v is not None else defaults.eps,
+        pgd_steps=args.attack_steps or defaults.pgd_steps,
+        lr=args.lr,
+        pool_size=max(args.train_n, args.batch_size or defaults.batch_size),
+        seed=args.seed,
+        budget_cpu_minutes=max(args.budget_minutes, 1e-9),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = backbone.image_size
+    eval_n = args.eval_n or FARE_EVAL_N
+    test = load_dataset("shapes", split="test", n=eval_n, seed=args.seed, image_size=size)
+    val = load_dataset("shapes", split="val", n=eval_n, seed=args.seed, image_size=size)
+    task = GenerativeTask.from_dataset(backbone, test)
+    test_pairs, val_pairs = task.pairs(test), task.pairs(val)
+    evaluate = lambda: _evaluate(task, test_pairs, val_pairs, args.seed, args.robust_eval, batch_size=100, adapt=generative_attack)  # noqa: E731
+
+    before = evaluate()
+    progress = not args.json and sys.stderr.isatty()
+    summary = adversarial_finetune(backbone, config, progress=progress, clock=time.process_time if args.budget_clock == "cpu" else time.perf_counter)
+    checkpoint = save_checkpoint(backbone, out / "model.pt")
+    after = evaluate()
+    report = {
+        "backbone": backbone.name,
+        "pretrained": backbone.pretrained,
+        "dataset": "shapes",
+        "checkpoint": str(checkpoint),
+        "before": before,
+        "after": after,
+        "change": {
+            name: {key: after[name][key] - before[name][key] for key in ("clean_accuracy", "asr", "robust_accuracy")} for name in before
+        },
+        "eval_attacks": {
+            **{name: dict(params) for name, params in EVAL_ATTACKS.items()},
+            **({"autoattack": dict(ROBUST_EVALS[args.robust_eval][1])} if args.robust_eval in ROBUST_EVALS else {}),
+        },
+        "robust_eval": args.robust_eval,
+        "training": {
+            "method": "fare",
+            "steps": summary["steps_run"],
+            "seconds": summary["seconds"],
+            "cpu_minutes": summary["cpu_minutes"],
+            "budget_clock": args.budget_clock,
+            "stopped_by": summary["stopped_by"],
+            "defended_parameters": summary["defended_parameters"],
+            "defended": "lm_visual: the language model's own copy of the vision tower (FlamingoBackbone.defended_parameters)",
+            "final_losses": {"fare": summary["final_loss"]},
+            "batch_size": config.batch_size,
+            "train_n": config.pool_size,
+        },
+        "config": summary["config"],
+        "eval_n": len(test),
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "command": "cmai " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name == "cmai" else None,
+        "total_seconds": time.perf_counter() - started,
+        "total_cpu_seconds": time.process_time() - cpu_started,
+    }
+    _write_json_atomic(out / "report.json", report)
+    if args.json:
+        emit(report, as_json=True)
+        return 0
+    print(f"FARE: {summary['steps_run']} steps in {summary['cpu_minutes']:.2f} CPU-min → {checkpoint}")
+    print(f"{'attack':<22} {'caption before':>14} {'caption after':>13} {'ASR before':>11} {'ASR after':>10}")
+    for name in before:
+        b, a = before[name], after[name]
+        print(f"{name:<22} {b['clean_accuracy']:>14.3f} {a['clean_accuracy']:>13.3f} {b['asr']:>11.3f} {a['asr']:>10.3f}")
     return 0

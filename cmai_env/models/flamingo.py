@@ -54,6 +54,8 @@ from cmai_env.models.backbone import ADAPTER_PREFIX, Backbone, HiddenStates
 #: checkpoint key prefixes of the two parts of a flamingo checkpoint
 CLIP_PREFIX = "clip."
 LM_PREFIX = "lm."
+#: keys of the language model's own (robust) vision tower, present once it has been split off
+VISION_PREFIX = "lm_visual."
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3 (IDEFICS's pad/bos/eos defaults)
 _WORD = re.compile(r"\w+|[^\w\s]+")
@@ -223,26 +225,58 @@ class FlamingoBackbone(Backbone):
         self.lm = lm
         self.lm_tokenizer = lm_tokenizer
         self.spec = spec
+        #: ``lm_visual``, the vision tower the *language model* reads; ``None``: it shares
+        #: ``clip.visual`` (as pretrained). :meth:`split_vision_tower` gives the LM its own copy, which the defence
+        #: (FARE, :mod:`cmai_env.models.flamingo_defence`) makes robust.
+        self.register_module("lm_visual", None)
 
     # ------------------------------------------------------------------ vision side
     @property
     def lm_vocab_size(self) -> int:
         return int(self.lm.config.vocab_size)
 
+    def _tower_pass(self, tower: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled, tokens)`` of one open_clip vision tower on images in [0, 1]."""
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            raise ValueError(f"{self.name} expects images of {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}")
+        out = tower.forward_intermediates(
+            self.normalize_pixels(images), indices=1, normalize_intermediates=True, output_fmt="NLC", output_extra_tokens=True
+        )
+        return out["image_features"], torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
+
+    def vision_tokens(self, images: torch.Tensor, tower: nn.Module | None = None) -> torch.Tensor:
+        """Class and patch tokens (N, 1 + P, W) of the LM's tower (or of ``tower``), what the resampler reads."""
+        return self._tower_pass(self.lm_vision_tower if tower is None else tower, images)[1]
+
+    @property
+    def lm_vision_tower(self) -> nn.Module:
+        """The tower whose tokens the language model reads: its own copy once split, else ``clip.visual``."""
+        return self.clip.visual if self.lm_visual is None else self.lm_visual
+
+    def split_vision_tower(self) -> nn.Module:
+        """Give the language model its own copy of the vision tower (idempotent) and return it.
+
+        Afterwards the CLIP head (``encode_image``, zero-shot, the consistency reference) keeps
+        the original tower and the captions read the copy, so the copy can be fine-tuned without
+        moving the CLIP reference.
+        """
+        if self.lm_visual is None:
+            import copy
+
+            self.lm_visual = copy.deepcopy(self.clip.visual)
+        return self.lm_visual
+
     def visual_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass of the vision tower: ``(e_v, tokens)``.
+        """The vision side of a pair: ``(e_v, tokens)``.
 
         ``e_v`` (N, D) is the normalised pooled CLIP embedding (after the image adapter, as
         :meth:`encode_image`); ``tokens`` (N, 1 + P, W) are the class and patch tokens of the last
-        block after ``ln_post``, what the resampler reads.
+        block after ``ln_post``, what the resampler reads. One pass of ``clip.visual`` while the
+        LM shares it; two (CLIP tower, LM tower) once :meth:`split_vision_tower` has run.
         """
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            raise ValueError(f"{self.name} expects images of {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}")
-        out = self.clip.visual.forward_intermediates(
-            self.normalize_pixels(images), indices=1, normalize_intermediates=True, output_fmt="NLC", output_extra_tokens=True
-        )
-        tokens = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
-        pooled = out["image_features"]
+        pooled, tokens = self._tower_pass(self.clip.visual, images)
+        if self.lm_visual is not None:
+            tokens = self.vision_tokens(images)
         if self.image_adapter is not None:
             pooled = self.image_adapter(pooled)
         return F.normalize(pooled, dim=-1), tokens
@@ -253,7 +287,7 @@ class FlamingoBackbone(Backbone):
 
     def image_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Resampled latents of images in [0, 1] (the only way the LM sees an image)."""
-        return self.resample(self.visual_features(images)[1])
+        return self.resample(self.vision_tokens(images))
 
     # ------------------------------------------------------------------ language side
     def lm_encode(self, text: str) -> list[int]:
@@ -424,20 +458,26 @@ class FlamingoBackbone(Backbone):
 
     # ------------------------------------------------------------------ checkpoints
     def defended_parameters(self) -> list[nn.Parameter]:
-        """What adversarial fine-tuning of the generative model updates: resampler and gated cross-attention.
+        """What adversarial fine-tuning of the generative model updates: the LM's own vision tower.
 
-        The vision tower stays cmai-tiny's (the CLIP head, and so the consistency check, keeps its
-        reference) and the decoder keeps its language; the image→text bridge is where an image
-        perturbation enters the caption.
+        The choice follows FARE (Schlarmann et al., ICML 2024): make the *vision encoder* robust,
+        because an image perturbation enters the caption only through its tokens. The first call
+        splits the tower (:meth:`split_vision_tower`): the language model then reads a trainable
+        copy of cmai-tiny's tower (its 17 CLS+patch tokens feed the resampler), while the CLIP
+        head keeps the original, frozen tower, so the consistency check's reference
+        (``e_v``, CLIP zero-shot) is exactly cmai-tiny's. Resampler, cross-attention and decoder
+        are not defended: PGD-AT of the resampler and gated cross-attention on the caption loss,
+        with the tower frozen, left PGD-10 ASR at 1.000 (README, "Generative backbone").
         """
-        model = self.lm.model
-        return [*model.perceiver_resampler.parameters(), *model.gated_cross_attn_layers.parameters()]
+        return list(self.split_vision_tower().parameters())
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """``clip.*`` (open_clip), ``lm.*`` (IDEFICS) and ``cmai_adapters.*`` keys."""
+        """``clip.*`` (open_clip), ``lm.*`` (IDEFICS), ``lm_visual.*`` (once split) and ``cmai_adapters.*`` keys."""
         base = super().checkpoint_state_dict()
         state = {(k if k.startswith(ADAPTER_PREFIX) else CLIP_PREFIX + k): v for k, v in base.items()}
         state.update({LM_PREFIX + k: v.detach().clone() for k, v in self.lm.state_dict().items()})
+        if self.lm_visual is not None:
+            state.update({VISION_PREFIX + k: v.detach().clone() for k, v in self.lm_visual.state_dict().items()})
         return state
 
 
@@ -479,7 +519,10 @@ def load_flamingo(
         state = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(weights_path).items()}
         adapters = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
         parts = {}
-        for prefix, module in ((CLIP_PREFIX, backbone.clip), (LM_PREFIX, backbone.lm)):
+        modules = [(CLIP_PREFIX, backbone.clip), (LM_PREFIX, backbone.lm)]
+        if any(k.startswith(VISION_PREFIX) for k in state):  # a defended checkpoint: the LM has its own tower
+            modules.append((VISION_PREFIX, backbone.split_vision_tower()))
+        for prefix, module in modules:
             part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
             expected = module.state_dict()
             missing, unexpected = sorted(set(expected) - set(part)), sorted(set(part) - set(expected))
@@ -490,11 +533,11 @@ def load_flamingo(
                     f"unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}"
                 )
             parts[prefix] = part
-        other = sorted(k for k in state if not k.startswith((CLIP_PREFIX, LM_PREFIX, ADAPTER_PREFIX)))
+        other = sorted(k for k in state if not k.startswith((CLIP_PREFIX, LM_PREFIX, VISION_PREFIX, ADAPTER_PREFIX)))
         if other:
-            raise ValueError(f"checkpoint {weights_path}: keys outside clip.*/lm.*/{ADAPTER_PREFIX}*: {other[:5]}")
-        backbone.clip.load_state_dict(parts[CLIP_PREFIX])
-        backbone.lm.load_state_dict(parts[LM_PREFIX])
+            raise ValueError(f"checkpoint {weights_path}: keys outside clip.*/lm.*/{VISION_PREFIX}*/{ADAPTER_PREFIX}*: {other[:5]}")
+        for prefix, module in modules:
+            module.load_state_dict(parts[prefix])
         if adapters:
             backbone.load_adapter_state(adapters)
     return backbone.to(device).eval()

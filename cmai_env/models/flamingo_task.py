@@ -30,6 +30,9 @@ attack                     ctrl    on the generative task
 =========================  ======  ==============================================================
 ``fgsm`` ``pgd_linf``      image   unchanged: ascend CE of ``p_LM(· | x, P)`` in pixel space
 ``pgd_l2`` ``universal``   image   unchanged (``task.image_logits`` is the LM's distribution)
+``apgd_ce`` ``apgd_t``     image   the AutoAttack components and chain (torchattacks) on the
+``fab_t`` ``square``               LM's class log-likelihoods instead of CLIP's zero-shot logits
+``autoattack``                     (:class:`GenerativeClassifier`)
 ``bridge_image_to_text``   image   PGD-ℓ∞ pulling the image toward a wrong class's *caption*:
                                    ``max log p_LM(words(c*) | x+δ, P)``
 ``text_embedding_pgd``     text    PGD on the prompt's input embeddings (L2 per token, words
@@ -159,6 +162,23 @@ class GenerativeTask(ZeroShotTask):
 # ---------------------------------------------------------------------------- attacks
 UNCHANGED = ("fgsm", "pgd_linf", "pgd_l2", "universal")
 ADAPTED = ("bridge_image_to_text", "text_embedding_pgd", "bridge_text_to_image", "token_substitution")
+CHAIN = ("apgd_ce", "apgd_t", "fab_t", "square", "autoattack")
+
+
+class GenerativeClassifier(torch.nn.Module):
+    """Images in [0, 1] → the LM's class log-likelihoods (N, C) after the task's clean prompt.
+
+    The ``(N, C)`` interface torchattacks expects, so the AutoAttack components attack the
+    captions' class distribution (what the CLIP head's :class:`~cmai_env.models.ZeroShotClassifier`
+    is for a contrastive task).
+    """
+
+    def __init__(self, task: "GenerativeTask") -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.task.image_logits(images)
 
 
 def _prompt_mask(batch: PairBatch, include_special: bool) -> torch.Tensor:
@@ -193,6 +213,13 @@ class GenerativeAttack:
             raise TypeError(f"{self.name} (generative version) needs a GenerativeTask, got {type(task).__name__}")
         if self.name in UNCHANGED:
             return super().perturb(task, batch, generator)
+        if self.name in CHAIN:
+            from cmai_env.attacks.autoattack import run_chain
+
+            images, broken_by = run_chain(task, batch, self._components(), self.eps, self.norm, generator, model=GenerativeClassifier(task))
+            for name, count in broken_by.items():
+                self.broken_by[name] = self.broken_by.get(name, 0) + count
+            return AttackResult(dataclasses.replace(batch, images=images), self.modality)
         prompt = task.prompt_embeds(batch).detach()
         if self.name == "bridge_image_to_text":
             gain = _targeted(task, _wrong_classes(task, batch, self.target, generator))
@@ -267,9 +294,9 @@ def generative_attack(attack: Attack) -> Attack:
 
     :raises ValueError: for attacks with no generative version (the message lists those that have one).
     """
-    if attack.name not in UNCHANGED + ADAPTED:
+    if attack.name not in UNCHANGED + ADAPTED + CHAIN:
         raise ValueError(
-            f"attack {attack.name!r} has no generative version; attacks that apply to a generative backbone: {sorted(UNCHANGED + ADAPTED)}"
+            f"attack {attack.name!r} has no generative version; attacks that apply to a generative backbone: {sorted(UNCHANGED + ADAPTED + CHAIN)}"
         )
     if isinstance(attack, GenerativeAttack):
         return attack
@@ -277,4 +304,4 @@ def generative_attack(attack: Attack) -> Attack:
     return _generative_class(type(attack))(**params)
 
 
-__all__ = ["GenerativeAttack", "GenerativeOutputs", "GenerativeTask", "generative_attack"]
+__all__ = ["GenerativeAttack", "GenerativeClassifier", "GenerativeOutputs", "GenerativeTask", "generative_attack"]
