@@ -17,7 +17,7 @@ Without a pool every evaluation builds its environments and closes them when it 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from agents.env_spec import EnvSpec
@@ -46,7 +46,7 @@ class EnvPool:
         """The batched environment of ``num_envs`` copies for ``spec`` (:meth:`EnvSpec.make_vector`)."""
         return self._get((spec, int(num_envs)), lambda: spec.make_vector(num_envs))
 
-    def _get(self, key: tuple["EnvSpec", int | None], build) -> Any:
+    def _get(self, key: tuple["EnvSpec", int | None], build: Callable[[], Any]) -> Any:
         if key in self._envs:
             self._envs.move_to_end(key)
             return self._envs[key]
