@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptivity_gap.py"
 TINY = {"episode_rounds": 6, "phases.0.rounds": 3, "phases.1.rounds": 3, "batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32}
@@ -29,3 +30,19 @@ def test_search_and_report_on_a_tiny_scenario():
     assert set(result["rows"]) == {"task-only", "best fixed", "best schedule"}
     for row in result["rows"].values():
         assert 0.0 <= row["system_asr"].mean <= 1.0 and 0.0 <= row["clean_acc"].mean <= 1.0
+
+
+def test_defence_per_phase_report_on_a_tiny_scenario():
+    spec = importlib.util.spec_from_file_location("defence_per_phase", SCRIPT.parent / "defence_per_phase.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names, system, clean = module.play_fixed("quickstart", [0], TINY)
+    assert names == ["text_bridge", "image_pgd"] and system.shape == clean.shape == (10, 1, 2)
+    assert np.all((clean >= 0) & (clean <= 1)) and np.all(np.isnan(system) | ((system >= 0) & (system <= 1)))
+    result = module.report("quickstart", [0], TINY)
+    for phase in result["phases"]:
+        best = phase["best"]
+        if best is not None:  # the chosen β respects the clean-accuracy allowance and its drop is measured against task-only
+            assert best["clean_cost"] <= module.CLEAN_ALLOWANCE + 1e-9
+            assert best["drop"].mean == pytest.approx(phase["task_system_asr"].mean - best["system_asr"])
+    assert result["met"] == any(p["best"] is not None and p["best"]["drop"].mean >= module.TARGET_DROP for p in result["phases"])
