@@ -30,6 +30,15 @@ while clean image accuracy went 1.000 → 0.980 (500 test pairs, seed 0). Traini
 further (→ 0.49) for a larger clean cost (→ 0.972 with β = (2, 0.1, 1)); a cosine schedule did
 worse than the constant rate within this budget. ``--threads 1`` matters on a shared 2-core
 machine: two threads competing with other processes ran ~30× slower.
+
+On a generative backbone (``--backbone cmai-tiny-flamingo``) the same command runs FARE instead
+(:mod:`cmai_env.models.flamingo_defence`: the language model's own copy of the vision tower is
+fine-tuned so adversarial images' tokens stay near the original tower's clean tokens; the CLIP
+head keeps the original tower) for ``--budget-minutes``, with ``--eps-v`` (default 8/255),
+``--attack-steps`` (default 5), ``--lr``, ``--batch-size`` (default 128) and ``--train-n``; the
+CLIP trainer's other flags are refused. The report has the same layout; ``clean_accuracy`` is
+caption accuracy, ASR counts captions whose class changes, ``training.method`` is ``fare``, and
+``--eval-n`` defaults to 200 (every attack runs through the language model).
 """
 
 from __future__ import annotations
@@ -218,10 +227,35 @@ def run_adv_train(args: argparse.Namespace) -> int:
     save_checkpoint(backbone, checkpoint)
     after = _evaluate(task, test_pairs, val_pairs, args.seed, args.robust_eval)
 
+    training = {
+        "steps": summary.steps,
+        "epochs": summary.epochs,
+        "seconds": summary.seconds,
+        "budget_clock": args.budget_clock,
+        "stopped_by": summary.stopped_by,
+        "defended_parameters": trainer.num_defended,
+        "final_losses": summary.last(),
+        "weights": list(args.weights),
+        "batch_size": args.batch_size,
+        "lr_schedule": args.lr_schedule,
+        "warmup": args.warmup,
+        "train_n": len(train),
+    }
+    return _finish(
+        args, backbone, out, args.dataset, checkpoint, before, after, training, config.as_dict(), len(test), started, cpu_started,
+        f"{summary.steps} steps ({summary.epochs:.2f} epochs) in {summary.seconds:.0f}s → {checkpoint}", "clean",
+    )
+
+
+def _finish(args, backbone, out: Path, dataset: str, checkpoint: Path, before: dict, after: dict, training: dict, config: dict,
+            eval_n: int, started: float, cpu_started: float, headline: str, clean_label: str) -> int:
+    """Write ``<out>/report.json`` (the layout both trainers share) and print it or its table."""
+    import torch
+
     report = {
         "backbone": backbone.name,
         "pretrained": backbone.pretrained,
-        "dataset": args.dataset,
+        "dataset": dataset,
         "checkpoint": str(checkpoint),
         "before": before,
         "after": after,
@@ -234,22 +268,9 @@ def run_adv_train(args: argparse.Namespace) -> int:
             **({"autoattack": dict(ROBUST_EVALS[args.robust_eval][1])} if args.robust_eval in ROBUST_EVALS else {}),
         },
         "robust_eval": args.robust_eval,
-        "training": {
-            "steps": summary.steps,
-            "epochs": summary.epochs,
-            "seconds": summary.seconds,
-            "budget_clock": args.budget_clock,
-            "stopped_by": summary.stopped_by,
-            "defended_parameters": trainer.num_defended,
-            "final_losses": summary.last(),
-            "weights": list(args.weights),
-            "batch_size": args.batch_size,
-            "lr_schedule": args.lr_schedule,
-            "warmup": args.warmup,
-            "train_n": len(train),
-        },
-        "config": config.as_dict(),
-        "eval_n": len(test),
+        "training": training,
+        "config": config,
+        "eval_n": eval_n,
         "seed": args.seed,
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
@@ -261,11 +282,12 @@ def run_adv_train(args: argparse.Namespace) -> int:
     if args.json:
         emit(report, as_json=True)
         return 0
-    print(f"{summary.steps} steps ({summary.epochs:.2f} epochs) in {summary.seconds:.0f}s → {checkpoint}")
-    print(f"{'attack':<22} {'clean before':>12} {'clean after':>12} {'ASR before':>11} {'ASR after':>10}")
+    print(headline)
+    before_label, after_label = f"{clean_label} before", f"{clean_label} after"
+    print(f"{'attack':<22} {before_label:>14} {after_label:>13} {'ASR before':>11} {'ASR after':>10}")
     for name in before:
         b, a = before[name], after[name]
-        print(f"{name:<22} {b['clean_accuracy']:>12.3f} {a['clean_accuracy']:>12.3f} {b['asr']:>11.3f} {a['asr']:>10.3f}")
+        print(f"{name:<22} {b['clean_accuracy']:>14.3f} {a['clean_accuracy']:>13.3f} {b['asr']:>11.3f} {a['asr']:>10.3f}")
     return 0
 
 
@@ -278,8 +300,6 @@ def _run_fare(args: argparse.Namespace, backbone, started: float, cpu_started: f
     the detector compares the CLIP head (original tower) with the LM (module
     :mod:`cmai_env.models.flamingo_task`). ``training`` says ``"method": "fare"``.
     """
-    import torch
-
     from cmai_env.data import load_dataset
     from cmai_env.models.flamingo_defence import FlamingoAdvTrainConfig, adversarial_finetune
     from cmai_env.models.flamingo_task import GenerativeTask, generative_attack
@@ -319,47 +339,23 @@ def _run_fare(args: argparse.Namespace, backbone, started: float, cpu_started: f
     summary = adversarial_finetune(backbone, config, progress=progress, clock=time.process_time if args.budget_clock == "cpu" else time.perf_counter)
     checkpoint = save_checkpoint(backbone, out / "model.pt")
     after = evaluate()
-    report = {
-        "backbone": backbone.name,
-        "pretrained": backbone.pretrained,
-        "dataset": "shapes",
-        "checkpoint": str(checkpoint),
-        "before": before,
-        "after": after,
-        "change": {
-            name: {key: after[name][key] - before[name][key] for key in ("clean_accuracy", "asr", "robust_accuracy")} for name in before
-        },
-        "eval_attacks": {
-            **{name: dict(params) for name, params in EVAL_ATTACKS.items()},
-            **({"autoattack": dict(ROBUST_EVALS[args.robust_eval][1])} if args.robust_eval in ROBUST_EVALS else {}),
-        },
-        "robust_eval": args.robust_eval,
-        "training": {
-            "method": "fare",
-            "steps": summary["steps_run"],
-            "seconds": summary["seconds"],
-            "cpu_minutes": summary["cpu_minutes"],
-            "budget_clock": args.budget_clock,
-            "stopped_by": summary["stopped_by"],
-            "defended_parameters": summary["defended_parameters"],
-            "defended": "lm_visual: the language model's own copy of the vision tower (FlamingoBackbone.defended_parameters)",
-            "final_losses": {"fare": summary["final_loss"]},
-            "batch_size": config.batch_size,
-            "train_n": config.pool_size,
-        },
-        "config": summary["config"],
-        "eval_n": len(test),
-        "seed": args.seed,
-        "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "command": "cmai " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if Path(sys.argv[0]).name == "cmai" else None,
-        "total_seconds": time.perf_counter() - started,
-        "total_cpu_seconds": time.process_time() - cpu_started,
+    training = {
+        "method": "fare",
+        "steps": summary["steps_run"],
+        "seconds": summary["seconds"],
+        "cpu_minutes": summary["cpu_minutes"],
+        "budget_clock": args.budget_clock,
+        "stopped_by": summary["stopped_by"],
+        "defended_parameters": summary["defended_parameters"],
+        "defended": "lm_visual: the language model's own copy of the vision tower (FlamingoBackbone.defended_parameters)",
+        "final_losses": {"fare": summary["final_loss"]},
+        "batch_size": config.batch_size,
+        "train_n": config.pool_size,
     }
-    _write_json_atomic(out / "report.json", report)
-    if args.json:
-        emit(report, as_json=True)
-        return 0
+    return _finish(
+        args, backbone, out, "shapes", checkpoint, before, after, training, summary["config"], len(test), started, cpu_started,
+        f"FARE: {summary['steps_run']} steps in {summary['cpu_minutes']:.2f} CPU-min → {checkpoint}", "caption",
+    )
     print(f"FARE: {summary['steps_run']} steps in {summary['cpu_minutes']:.2f} CPU-min → {checkpoint}")
     print(f"{'attack':<22} {'caption before':>14} {'caption after':>13} {'ASR before':>11} {'ASR after':>10}")
     for name in before:
