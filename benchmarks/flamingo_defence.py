@@ -10,7 +10,7 @@ distribution) ASR (share of originally correct captions whose class changes), de
 (``L_consistency`` of clean vs attacked pairs, CLIP head vs LM) and system ASR (flipped and not
 flagged at τ calibrated to 5% FPR on ``--n`` val pairs).
 
-    python benchmarks/flamingo_defence.py --n 200 --budget-cpu-minutes 8 [--train-eps 8/255] [--json]
+    python benchmarks/flamingo_defence.py --n 200 --steps 650 [--train-eps 8/255] [--json]
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ def measure(backbone, test, val, eval_eps: list[float], pgd_steps: int, seed: in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=200, help="held-out test images (and val images for τ) (default: 200)")
-    p.add_argument("--steps", type=int, default=600, help="FARE steps at most (default: 600)")
-    p.add_argument("--budget-cpu-minutes", type=float, default=8.0, help="FARE budget in process CPU minutes (default: 8)")
+    p.add_argument("--steps", type=int, default=650, help="FARE steps at most (default: 650)")
+    p.add_argument("--budget-cpu-minutes", type=float, default=9.0, help="FARE budget in process CPU minutes (default: 9)")
     p.add_argument("--train-eps", type=Fraction, default=Fraction(8, 255), help="ε_v of FARE's inner max (default: 8/255)")
     p.add_argument("--train-pgd-steps", type=int, default=5, help="PGD steps of FARE's inner max (default: 5)")
     p.add_argument("--batch-size", type=int, default=128, help="FARE batch size (default: 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="FARE learning rate (default: 1e-3)")
-    p.add_argument("--clean-weight", type=float, default=0.0, help="weight of the clean embedding term (default: 0, FARE's)")
+    p.add_argument("--lr", type=float, default=2e-3, help="FARE peak learning rate (default: 2e-3)")
+    p.add_argument("--clean-weight", type=float, default=1.0, help="weight of the clean embedding term (default: 1; FARE's is 0)")
     p.add_argument("--eval-eps", default="8/255,4/255,2/255", help="comma-separated ℓ∞ budgets evaluated (default: 8/255,4/255,2/255)")
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps of the evaluation (default: 10)")
     p.add_argument("--seed", type=int, default=0)

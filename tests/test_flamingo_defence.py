@@ -109,3 +109,20 @@ def test_cli_adv_train_refuses_clip_trainer_flags_on_the_generative_backbone(tmp
 
     assert main(["adv-train", "--backbone", NAME, "--weights", "1,0,0", "--out", str(tmp_path)]) != 0
     assert "--weights configure the CLIP trainer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fare_lowers_pgd_asr_of_the_captions(data):
+    """150 FARE steps at 4/255 (~30 CPU-s): PGD-5 at 4/255 flips clearly fewer captions (measured 0.75 → 0.53)."""
+    model = load_backbone(NAME)
+    task = GenerativeTask.from_dataset(model, data)
+    clean = task.pairs(data)
+
+    def asr() -> float:
+        attack = generative_attack(make_attack("pgd_linf", eps=4 / 255, steps=5, step_size=1 / 255))
+        return evaluate_attack(task, clean, attack, torch.Generator().manual_seed(0), batch_size=48).asr
+
+    before = asr()
+    adversarial_finetune(model, FlamingoAdvTrainConfig(steps=150, batch_size=32, pool_size=512, pgd_steps=3, eps=4 / 255, lr=3e-3, clean_weight=1))
+    after = asr()
+    assert after < before - 0.1, (before, after)

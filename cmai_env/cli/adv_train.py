@@ -74,7 +74,7 @@ REPORT_KEYS = (
 )
 
 #: the CLIP trainer's defaults of the flags a FARE run (generative backbone) sets differently
-CLIP_DEFAULTS = {"eps_v": 6 / 255, "attack_steps": 3, "batch_size": 64, "eval_n": 500}
+CLIP_DEFAULTS = {"eps_v": 6 / 255, "attack_steps": 3, "batch_size": 64, "eval_n": 500, "lr": 1e-3, "train_n": 20000}
 #: default test pairs of a FARE run: its attacks run through the language model (~40× a CLIP pass)
 FARE_EVAL_N = 200
 #: flags of the modality-bridging trainer that a FARE run has no use for (refused if changed)
@@ -105,7 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_backbone_args(p)
     p.add_argument("--dataset", default="shapes", help="dataset name (default: shapes)")
     p.add_argument("--data-root", default=None, help="file or folder for real-format datasets")
-    p.add_argument("--train-n", type=int, default=20000, help="training pairs (default: 20000)")
+    p.add_argument("--train-n", type=int, default=None, help="training pairs (default: 20000; FARE: a pool of 8192 images, re-rendered every 200 steps)")
     p.add_argument("--eval-n", type=int, default=None, help="test pairs attacked before and after (default: 500; 200 on a generative backbone)")
     p.add_argument("--budget-minutes", type=float, default=7.0, help="training budget; evaluation (~0.5 min) comes on top (default: 7)")
     p.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall", help="measure the budget in wall time or in this process's CPU time (default: wall)")
@@ -117,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eps-t", type=parse_budget, default=0.2, help="L2 per-token budget ε_t of the training pairs (default: 0.2)")
     p.add_argument("--alpha", type=float, default=1.0, help="α, weight of L_consistency in the inner maximisation (default: 1)")
     p.add_argument("--attack-steps", type=int, default=None, help="joint PGD steps per batch (default: 3; FARE: 5)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-3; FARE: 2e-3)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="constant (default) or cosine: warm up, then anneal to 0 over the budget")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up share of the budget for --lr-schedule cosine (default: 0.05)")
     p.add_argument("--weights", type=parse_weights, default=(1.0, 0.1, 1.0), help="β_task,β_consist,β_adv (default: 1,0.1,1)")
@@ -185,14 +185,12 @@ def run_adv_train(args: argparse.Namespace) -> int:
     from cmai_env.training import ModalityBridgingTrainer, TrainerConfig, save_checkpoint
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    for flag in ("--batch-size", "--attack-steps", "--eval-n"):
+    for flag in ("--batch-size", "--attack-steps", "--eval-n", "--train-n"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be ≥ 1, got {value}")
     if args.budget_minutes < 0:
         raise ValueError(f"--budget-minutes must be ≥ 0, got {args.budget_minutes}")
-    if args.train_n < 1:
-        raise ValueError(f"--train-n must be ≥ 1, got {args.train_n}")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)
@@ -319,8 +317,8 @@ def _run_fare(args: argparse.Namespace, backbone, started: float, cpu_started: f
         batch_size=args.batch_size or defaults.batch_size,
         eps=args.eps_v if args.eps_v is not None else defaults.eps,
         pgd_steps=args.attack_steps or defaults.pgd_steps,
-        lr=args.lr,
-        pool_size=max(args.train_n, args.batch_size or defaults.batch_size),
+        lr=args.lr or defaults.lr,
+        pool_size=max(args.train_n or defaults.pool_size, args.batch_size or defaults.batch_size),
         seed=args.seed,
         budget_cpu_minutes=max(args.budget_minutes, 1e-9),
     )
