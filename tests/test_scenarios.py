@@ -185,6 +185,7 @@ def test_sequential_timeline_and_shifts():
     assert [s.plan(t).phase_index for t in (0, 19, 20, 59)] == [0, 0, 1, 2]
     assert {e.name for e in s.plan(25).mixture} == {"text_embedding_pgd", "token_substitution"}
     assert {e.name: e.weight for e in s.plan(25).mixture} == pytest.approx({"text_embedding_pgd": 0.6, "token_substitution": 0.4})
+    assert s.plan(25).corruption == ("gaussian_noise", 4) and s.plan(19).corruption is None and s.plan(40).corruption is None
     assert stream("stationary_pgd").shift_rounds == []
     with pytest.raises(IndexError):
         s.plan(60)

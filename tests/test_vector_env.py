@@ -72,8 +72,12 @@ def test_four_batched_envs_equal_four_single_envs_through_abrupt_shift():
     """Same seeds and actions: same observations, rewards and infos (1e-5), across a mid-episode
     reset(seed=...), the end of the episode and the next-step autoreset that follows it."""
     n = 4
-    vec = make_vec(n, "abrupt_shift", **DATA)
-    singles = [gym.make("cmai_env/CMAI-v0", scenario="abrupt_shift", fidelity="embedding", **DATA) for _ in range(n)]
+    # The shipped adapter lr (1e-2) amplifies float rounding (a batched matmul sums in another
+    # order than a single one) past 1e-5 over 67 rounds: 2.6e-5 in 1 of 68 observation entries,
+    # measured. The code paths under test do not depend on the lr; 1e-3 keeps the drift below 1e-5.
+    data = {**DATA, "defense.lr": 1e-3}
+    vec = make_vec(n, "abrupt_shift", **data)
+    singles = [gym.make("cmai_env/CMAI-v0", scenario="abrupt_shift", fidelity="embedding", **data) for _ in range(n)]
     rng = np.random.default_rng(0)
 
     def check_reset(seed: int) -> None:
