@@ -126,3 +126,14 @@ def test_fare_lowers_pgd_asr_of_the_captions(data):
     adversarial_finetune(model, FlamingoAdvTrainConfig(steps=150, batch_size=32, pool_size=512, pgd_steps=3, eps=4 / 255, lr=3e-3, clean_weight=1))
     after = asr()
     assert after < before - 0.1, (before, after)
+
+
+def test_autoattack_components_attack_the_captions(data):
+    """APGD on the LM's class distribution (GenerativeClassifier), worst case per example as for CLIP."""
+    model = load_backbone(NAME)
+    task = GenerativeTask.from_dataset(model, data)
+    clean = task.pairs(data.subset(range(12)))
+    attack = generative_attack(make_attack("autoattack", eps=8 / 255, steps=5, components="apgd_ce"))
+    report = evaluate_attack(task, clean, attack, torch.Generator().manual_seed(0), batch_size=12)
+    assert report.asr >= 0.8, report
+    assert attack.broken_by["apgd_ce"] == round(report.asr * report.clean_accuracy * 12)
