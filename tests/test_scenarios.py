@@ -417,4 +417,5 @@ def test_readme_scenario_example_validates(tmp_path):
     path = tmp_path / "my_shift.yaml"
     path.write_text(block)
     scenario = load_scenario(path)
-    assert scenario.name == "my_shift" and scenario.total_rounds() == 20
+    assert scenario.name == "my_shift" and scenario.total_rounds() == 25
+    assert [p.corruption.key if p.corruption else None for p in scenario.phases] == [None, None, ("contrast", 3)]
