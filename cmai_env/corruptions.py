@@ -52,3 +52,16 @@ def corrupt_images(images: "torch.Tensor", name: str, severity: int, seed: int =
         return (images + level * noise).clamp(0.0, 1.0)
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     return ((images - mean) * level + mean).clamp(0.0, 1.0)
+
+
+def corrupted_split(images: "torch.Tensor", key: tuple[str, int] | None, dataset_seed: int, split: str) -> "torch.Tensor":
+    """The fixed corrupted copy of a scenario's ``split`` (``train`` pool or ``val`` probe set) that
+    both fidelities serve for a phase with corruption ``key`` (``(name, severity)``; ``None``: the
+    images unchanged). Its noise is seeded by the dataset seed, plus one for the probe set.
+    """
+    offsets = {"train": 0, "val": 1}
+    if split not in offsets:
+        raise ValueError(f"split must be one of {', '.join(offsets)}, got {split!r}")
+    if key is None:
+        return images
+    return corrupt_images(images, key[0], key[1], dataset_seed + offsets[split])

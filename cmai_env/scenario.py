@@ -423,6 +423,10 @@ class Scenario(_Model):
         """Names of every attack some phase uses, sorted."""
         return sorted({attack.name for phase in self.phases for attack in phase.attacks})
 
+    def corruptions_used(self) -> list[tuple[str, int]]:
+        """``(name, severity)`` of every corruption some phase applies, sorted."""
+        return sorted({phase.corruption.key for phase in self.phases if phase.corruption is not None})
+
     def to_yaml(self) -> str:
         """The validated scenario (defaults filled in, fractions as floats) as YAML."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

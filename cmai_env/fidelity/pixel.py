@@ -19,7 +19,7 @@ from cmai_env.fidelity.base import (
     defended_backbone,
     entry_key,
 )
-from cmai_env.corruptions import corrupt_images
+from cmai_env.corruptions import corrupted_split
 from cmai_env.round import AttackOutcome, mixture_asr, probe_split
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
@@ -48,11 +48,10 @@ class PixelFidelity(Fidelity):
         probe = load_dataset(spec.name, split="val", n=spec.probe_n, seed=spec.seed, image_size=size, root=root)
         self.pool_batch = PairBatch.from_dataset(self.backbone, self.pool)
         self.probe_batch = PairBatch.from_dataset(self.backbone, probe)
-        # (pool, probe) per corruption the scenario's phases name; the embedding fidelity corrupts
-        # the same images with the same seeds.
+        # (pool, probe) per corruption the scenario's phases name: the copies the embedding fidelity embeds.
         self._views: dict[tuple[str, int] | None, tuple[PairBatch, PairBatch]] = {None: (self.pool_batch, self.probe_batch)}
-        for key in sorted({phase.corruption.key for phase in scenario.phases if phase.corruption is not None}):
-            self._views[key] = (_corrupted(self.pool_batch, key, spec.seed), _corrupted(self.probe_batch, key, spec.seed + 1))
+        for key in scenario.corruptions_used():
+            self._views[key] = (_corrupted(self.pool_batch, key, spec.seed, "train"), _corrupted(self.probe_batch, key, spec.seed, "val"))
         self.task = ZeroShotTask.from_dataset(self.backbone, self.pool)
         self.trainer = ModalityBridgingTrainer(self.task, TrainerConfig(**scenario.defense.model_dump()))
         self._initial = self.trainer.snapshot()
@@ -183,8 +182,8 @@ class PixelFidelity(Fidelity):
         )
 
 
-def _corrupted(batch: PairBatch, key: tuple[str, int], seed: int) -> PairBatch:
-    return PairBatch(corrupt_images(batch.images, key[0], key[1], seed), batch.tokens, batch.labels)
+def _corrupted(batch: PairBatch, key: tuple[str, int], dataset_seed: int, split: str) -> PairBatch:
+    return PairBatch(corrupted_split(batch.images, key, dataset_seed, split), batch.tokens, batch.labels)
 
 
 def _head(out, n: int):

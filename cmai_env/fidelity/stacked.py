@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cmai_env.attacks import attack_class
-from cmai_env.corruptions import corrupt_images
+from cmai_env.corruptions import corrupted_split
 from cmai_env.data import load_dataset
 from cmai_env.fidelity.base import assign_attacks, defended_backbone, entry_key
 from cmai_env.models.backbone import ResidualAdapter
@@ -365,12 +365,10 @@ class StackedEmbeddingWorld:
         pool = load_dataset(spec.name, split="train", n=spec.train_n, seed=spec.seed, image_size=size, root=spec.root)
         probe = load_dataset(spec.name, split="val", n=spec.probe_n, seed=spec.seed, image_size=size, root=spec.root)
         # One cached view of the images per corruption the scenario's phases name (index 0: clean).
-        self.corruptions: list[tuple[str, int] | None] = [None] + sorted(
-            {phase.corruption.key for phase in scenario.phases if phase.corruption is not None}
-        )
+        self.corruptions: list[tuple[str, int] | None] = [None, *scenario.corruptions_used()]
         with torch.no_grad():
-            self.pool_views = torch.stack([_embed_images(backbone, _corrupted(pool.images, key, spec.seed)) for key in self.corruptions])
-            self.probe_views = torch.stack([_embed_images(backbone, _corrupted(probe.images, key, spec.seed + 1)) for key in self.corruptions])
+            self.pool_views = torch.stack([_embed_images(backbone, corrupted_split(pool.images, key, spec.seed, "train")) for key in self.corruptions])
+            self.probe_views = torch.stack([_embed_images(backbone, corrupted_split(probe.images, key, spec.seed, "val")) for key in self.corruptions])
             self.pool_v, self.probe_v = self.pool_views[0], self.probe_views[0]  # the clean data
             self.pool_t = backbone.encode_text(backbone.tokenize(pool.captions))
             self.probe_t = backbone.encode_text(backbone.tokenize(probe.captions))
@@ -763,10 +761,6 @@ def _share_within_groups(grad: torch.Tensor, group: torch.Tensor, universal: tor
     index = group.clamp_min(0).unsqueeze(-1).expand(-1, -1, grad.shape[-1])
     summed = grad.new_zeros(grad.shape[0], groups, grad.shape[-1]).scatter_add_(1, index, grad * universal.unsqueeze(-1))
     return torch.where(universal.unsqueeze(-1), torch.gather(summed, 1, index), grad)
-
-
-def _corrupted(images: torch.Tensor, key: tuple[str, int] | None, seed: int) -> torch.Tensor:
-    return images if key is None else corrupt_images(images, key[0], key[1], seed)
 
 
 def _embed_images(backbone, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
