@@ -51,3 +51,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords and "ci_slow" not in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """``stop = interrupt_training(40)``: training runs then raise Ctrl-C at 40 steps; ``stop()`` ends that."""
+    import agents.train as train_module
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    original = train_module._callbacks
+
+    def install(at_steps: int):
+        class CtrlC(BaseCallback):
+            def _on_step(self) -> bool:
+                if self.num_timesteps >= at_steps:
+                    raise KeyboardInterrupt
+                return True
+
+        monkeypatch.setattr(train_module, "_callbacks", lambda *a, **k: [*original(*a, **k), CtrlC()])
+        return lambda: monkeypatch.setattr(train_module, "_callbacks", original)
+
+    return install

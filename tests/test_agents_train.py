@@ -334,29 +334,19 @@ def test_run_training_goes_through_rl_zoo3s_experiment_manager(tmp_path, monkeyp
     assert not (tmp_path / "again" / "ppo" / "quickstart_1").exists()
 
 
-def test_resuming_a_normalising_run_loads_nothing_pickled(tmp_path, monkeypatch):
+def test_resuming_a_normalising_run_loads_nothing_pickled(tmp_path, monkeypatch, interrupt_training):
     """Ctrl-C, then --resume: rl-zoo3's continue-training path, with CMAI's safe loading and .npz statistics."""
-    import agents.train as train_module
-    from stable_baselines3.common.callbacks import BaseCallback
-
     from agents.train import TrainingInterrupted
     from agents.zoo import CMAIExperimentManager
 
-    class CtrlC(BaseCallback):
-        def _on_step(self) -> bool:
-            if self.num_timesteps >= 40:
-                raise KeyboardInterrupt
-            return True
-
-    original = train_module._callbacks
-    monkeypatch.setattr(train_module, "_callbacks", lambda *a, **k: [*original(*a, **k), CtrlC()])
+    stop_interrupting = interrupt_training(40)
     args = TrainArgs(algo="ppo", timesteps=64, seed=0, out=tmp_path, env_kwargs=SMALL_ENV, eval_freq=0, checkpoint_freq=0,
                      set={"n_steps": 32, "batch_size": 32, "normalize": True}, progress=False, verbose=0)
     with pytest.raises(TrainingInterrupted) as stop:
         run_training(args)
     run = stop.value.run_dir
     saved = np.load(run / "quickstart" / "vecnormalize.npz")["obs_mean"]
-    monkeypatch.setattr(train_module, "_callbacks", original)
+    stop_interrupting()
     applied = []
     load = CMAIExperimentManager._load_pretrained_agent
 

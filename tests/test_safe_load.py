@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-import agents.train as train_module
 from agents.policies import load_policy, read_run
 from agents.safe_load import METADATA_ENTRY, UnsafeFileError, load_normalization, read_model_metadata
 from agents.train import TrainArgs, TrainingInterrupted, run_training, train
@@ -185,17 +184,8 @@ def test_damaged_run_files_name_the_file(run_dir, tmp_path, damage, message):
 
 
 # ------------------------------------------------------------------------------ interrupt and resume
-def test_ctrl_c_saves_an_interrupted_run_that_resume_finishes(tmp_path, monkeypatch):
-    from stable_baselines3.common.callbacks import BaseCallback
-
-    class CtrlC(BaseCallback):
-        def _on_step(self) -> bool:
-            if self.num_timesteps >= 40:
-                raise KeyboardInterrupt
-            return True
-
-    original = train_module._callbacks
-    monkeypatch.setattr(train_module, "_callbacks", lambda *a, **k: [*original(*a, **k), CtrlC()])
+def test_ctrl_c_saves_an_interrupted_run_that_resume_finishes(tmp_path, interrupt_training):
+    stop_interrupting = interrupt_training(40)
     args = TrainArgs(algo="ppo", scenario="quickstart", timesteps=96, seed=0, out=tmp_path, env_kwargs=SMALL_ENV,
                      set={"n_steps": 32, "batch_size": 32}, eval_freq=0, checkpoint_freq=32, progress=False, verbose=0)
     with pytest.raises(TrainingInterrupted) as stop:
@@ -205,7 +195,7 @@ def test_ctrl_c_saves_an_interrupted_run_that_resume_finishes(tmp_path, monkeypa
     assert record["status"] == "interrupted" and record["timesteps_done"] == 40
     policy = load_policy(run)  # the model so far is evaluable
     assert "(interrupted)" in policy.name and policy.model.num_timesteps == 40
-    monkeypatch.setattr(train_module, "_callbacks", original)
+    stop_interrupting()
 
     assert main(["train", "--resume", str(run), "--no-progress", "--verbose", "0"]) == 0
     record = read_run(run).record
