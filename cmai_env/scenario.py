@@ -121,13 +121,9 @@ class BackboneSpec(_Model):
     @field_validator("name")
     @classmethod
     def _contrastive(cls, name: str) -> str:
-        # Read the shipped config as data (no torch import: scenario validation stays cheap).
-        config = Path(__file__).parent / "models" / "configs" / f"{name}.json"
-        try:
-            generative = config.is_file() and yaml.safe_load(config.read_text()).get("architecture") == "flamingo"
-        except (OSError, yaml.YAMLError, AttributeError):
-            generative = False
-        if generative:
+        from cmai_env.model_configs import is_generative_backbone  # torch-free: validation stays cheap
+
+        if is_generative_backbone(name):
             raise ValueError(
                 "is a generative (captioning) backbone; the environment's rounds (zero-shot task, probes, consistency "
                 "on CLIP embeddings) are defined for contrastive backbones only, at both fidelities, so it would defend "

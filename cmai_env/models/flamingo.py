@@ -112,12 +112,6 @@ class FlamingoSpec:
         )
 
 
-def is_flamingo_config(path: Path) -> bool:
-    """Whether a config file describes a generative (flamingo) architecture rather than an open_clip one."""
-    try:
-        return json.loads(Path(path).read_text()).get("architecture") == "flamingo"
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -594,7 +588,6 @@ __all__ = [
     "build_language_model",
     "build_tokenizer",
     "evaluate_generative",
-    "is_flamingo_config",
     "load_flamingo",
     "load_tokenizer",
     "parameter_counts",

@@ -43,9 +43,9 @@ def embedded_backbones() -> list[str]:
 
 def generative_backbones() -> list[str]:
     """CMAI's generative architectures (configs with ``"architecture": "flamingo"``, see ``flamingo.py``)."""
-    from cmai_env.models.flamingo import is_flamingo_config
+    from cmai_env.model_configs import is_generative_config
 
-    return sorted(p.stem for p in configs_dir().glob("*.json") if is_flamingo_config(p))
+    return sorted(p.stem for p in configs_dir().glob("*.json") if is_generative_config(p))
 
 
 def _ensure_registered() -> None:
