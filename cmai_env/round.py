@@ -95,8 +95,8 @@ def defence_terms(
     adversarial pairs as well, ``β_consist`` taught the model to make attacked pairs look
     consistent, hiding them from the detector: over ``abrupt_shift`` at embedding fidelity τ
     rose from 0.37 to 0.45 and detector TPR fell from 0.96 to 0.87 (a run of 2026-11-26 before
-    this change). On clean pairs only, ``benchmarks/detector_weights.py`` prints τ 0.36 → 0.22
-    at TPR 1.00 for β = (0, 1, 0) there. Adversarial pairs are ``L_adv``'s job.
+    this change, on the abrupt_shift of that day). On clean pairs only, ``benchmarks/detector_weights.py``
+    prints τ 0.36 → 0.29 at TPR 1.00 for β = (0, 1, 0) over ``quickstart``. Adversarial pairs are ``L_adv``'s job.
 
     :param clean_ce: ``CE_v + CE_t`` of the clean pairs, ``(..., R)``.
     :param clean_consistency: their ``L_consistency``, ``(..., R)``.
