@@ -150,7 +150,7 @@ def validate_weights(weights: Sequence[float] | np.ndarray) -> tuple[float, floa
 # ---------------------------------------------------------------------------- defended parameters
 def _tower_of(name: str) -> str:
     """``image``, ``text`` or ``shared`` for a Backbone parameter name."""
-    if name.startswith(("clip.visual.", "image_adapter.")):
+    if name.startswith(("clip.visual.", "image_adapter.", "lm_visual.")):  # lm_visual: a generative model's own tower
         return "image"
     if name == "clip.logit_scale" or name == "clip.logit_bias":
         return "shared"
@@ -251,38 +251,55 @@ def joint_pgd(
     """
     if steps < 1:
         raise ValueError(f"joint_pgd needs steps ≥ 1, got {steps}")
-    a_v = step_size_v if step_size_v is not None else default_step_size(eps_v, steps)
-    a_t = step_size_t if step_size_t is not None else default_step_size(eps_t, steps)
     backbone = task.backbone
     labels, tokens = batch.labels, batch.tokens
     class_embeds = task.class_embeds.detach()
     # enable_grad: crafting needs input gradients even when the caller is under torch.no_grad.
     with frozen_model(backbone), torch.enable_grad():
-        x0 = batch.images.detach()
-        lo = (x0 - eps_v).clamp(min=0.0)
-        hi = (x0 + eps_v).clamp(max=1.0)
         with torch.no_grad():
             e0 = batch.token_embeds.detach() if batch.token_embeds is not None else backbone.token_embeddings(tokens)
         real, _ = token_masks(backbone, tokens)
-        keep = real.unsqueeze(-1).to(e0.dtype)
+        objective = lambda x, e: bridging_objective(task, _pair_outputs(task, x, tokens, e, class_embeds), labels, alpha)  # noqa: E731
+        x, delta_t = joint_ascent(objective, batch.images.detach(), e0, real, eps_v, eps_t, steps, step_size_v, step_size_t, generator)
+    return CraftedPair(PairBatch(x, tokens, labels, (e0 + delta_t).detach()), delta_t)
 
-        # Random start: uniform in the ℓ∞ box for pixels, a random direction with radius
-        # U(0, 1)·ε_t per real token for the text.
-        x = torch.minimum(torch.maximum(x0 + (uniform_noise(x0.shape, x0, generator) * 2 - 1) * eps_v, lo), hi)
-        delta_t = normal_noise(e0.shape, e0, generator)
-        radius = uniform_noise(e0.shape[:2], e0, generator).unsqueeze(-1) * eps_t
-        delta_t = delta_t.mul_(radius / delta_t.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mul_(keep)
 
-        for _ in range(steps):
-            x.requires_grad_(True)
-            delta_t.requires_grad_(True)
-            out = _pair_outputs(task, x, tokens, e0 + delta_t, class_embeds)
-            grad_v, grad_t = torch.autograd.grad(bridging_objective(task, out, labels, alpha).sum(), [x, delta_t])
-            with torch.no_grad():
-                x = linf_ascent(x.detach(), grad_v, a_v, lo, hi)
-                delta_t = l2_ascent(delta_t.detach(), grad_t.mul_(keep), a_t, eps_t)
-    delta_t = delta_t.detach()
-    return CraftedPair(PairBatch(x.detach(), tokens, labels, (e0 + delta_t).detach()), delta_t)
+def joint_ascent(
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    e0: torch.Tensor,
+    real: torch.Tensor,
+    eps_v: float,
+    eps_t: float,
+    steps: int,
+    step_size_v: float | None = None,
+    step_size_t: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint PGD loop of :func:`joint_pgd` for any per-sample ``objective(x, E⁰ + δ_t)``: ``(x + δ_v, δ_t)``.
+
+    Random start (uniform in the ℓ∞ box for pixels, a random direction with radius U(0, 1)·ε_t
+    per token where ``real`` (N, L) is true), then ``steps`` ascents of ``Σ_n objective``. The
+    caller freezes the model and enables gradients; the generative round
+    (:mod:`cmai_env.fidelity.generative`) climbs its own objective with the same loop.
+    """
+    a_v = step_size_v if step_size_v is not None else default_step_size(eps_v, steps)
+    a_t = step_size_t if step_size_t is not None else default_step_size(eps_t, steps)
+    lo = (x0 - eps_v).clamp(min=0.0)
+    hi = (x0 + eps_v).clamp(max=1.0)
+    keep = real.unsqueeze(-1).to(e0.dtype)
+    x = torch.minimum(torch.maximum(x0 + (uniform_noise(x0.shape, x0, generator) * 2 - 1) * eps_v, lo), hi)
+    delta_t = normal_noise(e0.shape, e0, generator)
+    radius = uniform_noise(e0.shape[:2], e0, generator).unsqueeze(-1) * eps_t
+    delta_t = delta_t.mul_(radius / delta_t.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mul_(keep)
+    for _ in range(steps):
+        x.requires_grad_(True)
+        delta_t.requires_grad_(True)
+        grad_v, grad_t = torch.autograd.grad(objective(x, e0 + delta_t).sum(), [x, delta_t])
+        with torch.no_grad():
+            x = linf_ascent(x.detach(), grad_v, a_v, lo, hi)
+            delta_t = l2_ascent(delta_t.detach(), grad_t.mul_(keep), a_t, eps_t)
+    return x.detach(), delta_t.detach()
 
 
 # ---------------------------------------------------------------------------- results / state
@@ -367,7 +384,7 @@ class ModalityBridgingTrainer:
         self.backbone = task.backbone
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         cfg = self.config
-        self.named_params = defended_parameters(self.backbone, cfg.defended, cfg.last_blocks, cfg.adapter_hidden)
+        self.named_params = self._select_parameters()
         self.params: list[nn.Parameter] = list(self.named_params.values())
         chosen = {id(p) for p in self.params}
         for p in self.backbone.parameters():
@@ -381,6 +398,11 @@ class ModalityBridgingTrainer:
         task.refresh()
 
     # ------------------------------------------------------------------ parameters
+    def _select_parameters(self) -> dict[str, nn.Parameter]:
+        """θ, name → parameter: :func:`defended_parameters` of ``config.defended`` (the generative round overrides it)."""
+        cfg = self.config
+        return defended_parameters(self.backbone, cfg.defended, cfg.last_blocks, cfg.adapter_hidden)
+
     @property
     def num_defended(self) -> int:
         """Number of scalar parameters in θ."""
@@ -661,6 +683,7 @@ __all__ = [
     "bridging_objective",
     "crafting_steps",
     "defended_parameters",
+    "joint_ascent",
     "joint_pgd",
     "save_checkpoint",
     "validate_weights",
