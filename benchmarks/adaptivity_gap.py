@@ -188,7 +188,7 @@ def print_report(result: dict) -> None:
 
 
 def main() -> None:
-    deterministic = [n for n in scenarios_available(include_evaluation_only=False) if load_scenario(n).schedule != "random"]
+    deterministic = [n for n in scenarios_available(include_evaluation_only=False, fidelity="embedding") if load_scenario(n).schedule != "random"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=deterministic, help=f"default: {' '.join(deterministic)}")
     parser.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])

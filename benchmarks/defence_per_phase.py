@@ -111,7 +111,7 @@ def print_report(result: dict) -> None:
 
 
 def main() -> None:
-    shipped = [n for n in scenarios_available(include_evaluation_only=False) if len({p.name for p in load_scenario(n).phases}) > 1]
+    shipped = [n for n in scenarios_available(include_evaluation_only=False, fidelity="embedding") if len({p.name for p in load_scenario(n).phases}) > 1]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=shipped, help=f"default (the non-stationary ones): {' '.join(shipped)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])

@@ -37,11 +37,11 @@ for _env_id, _kwargs in ENV_IDS.items():
         )
 
 
-def scenarios_available(include_evaluation_only: bool = True) -> list[str]:
-    """Names of the scenario files shipped with the package."""
+def scenarios_available(include_evaluation_only: bool = True, fidelity: str | None = None) -> list[str]:
+    """Names of the scenario files shipped with the package (``fidelity``: only those that run at it)."""
     from cmai_env.scenario import scenarios_available as _available
 
-    return _available(include_evaluation_only=include_evaluation_only)
+    return _available(include_evaluation_only=include_evaluation_only, fidelity=fidelity)
 
 
 __all__ = ["CONTINUOUS_ENV_ID", "DISCRETE_ENV_ID", "ENV_IDS", "EVAL_ENV_ID", "__version__", "scenarios_available"]

@@ -158,7 +158,9 @@ class CMAIEnv(gym.Env):
 
     ## Starting State
     The defended parameters are those of the scenario's backbone (embedded ``cmai-tiny`` by
-    default) with identity adapters; the stream starts at round 0 of its (possibly randomised)
+    default) with identity adapters (a generative backbone such as ``cmai-tiny-flamingo``, pixel
+    fidelity only: the language model's own copy of its vision tower, and the probe scores the
+    generated captions; :mod:`cmai_env.fidelity.generative`); the stream starts at round 0 of its (possibly randomised)
     schedule. ``reset(seed)`` restores both.
 
     ## Episode End
@@ -430,6 +432,10 @@ def resolve_scenario(
 
 def _make_fidelity(scenario: Scenario, device: str) -> Fidelity:
     if scenario.fidelity == "pixel":
+        if scenario.backbone.generative:
+            from cmai_env.fidelity.generative import GenerativePixelFidelity
+
+            return GenerativePixelFidelity(scenario, device)
         from cmai_env.fidelity.pixel import PixelFidelity
 
         return PixelFidelity(scenario, device)

@@ -118,19 +118,12 @@ class BackboneSpec(_Model):
     name: str = "cmai-tiny"
     pretrained: str | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _contrastive(cls, name: str) -> str:
+    @property
+    def generative(self) -> bool:
+        """A generative (captioning) backbone such as ``cmai-tiny-flamingo``: pixel fidelity only."""
         from cmai_env.model_configs import is_generative_backbone  # torch-free: validation stays cheap
 
-        if is_generative_backbone(name):
-            raise ValueError(
-                "is a generative (captioning) backbone; the environment's rounds (zero-shot task, probes, consistency "
-                "on CLIP embeddings) are defined for contrastive backbones only, at both fidelities, so it would defend "
-                "the CLIP head instead of the captions. Allowed: cmai-tiny, cmai-tiny-rn or any open_clip architecture. "
-                "Attack and defend generative backbones with cmai attack eval / cmai adv-train --backbone " + name
-            )
-        return name
+        return is_generative_backbone(self.name)
 
 
 class DefenseSpec(_Model):
@@ -392,6 +385,8 @@ class Scenario(_Model):
         if rounds > MAX_EPISODE_ROUNDS:
             field = ("episode_rounds",) if self.episode_rounds is not None else (("repeat",) if self.schedule == "periodic" else ("phases",))
             issues.append((field, rounds, f"an episode of {rounds:,} rounds exceeds the limit of {MAX_EPISODE_ROUNDS:,} rounds"))
+        if self.backbone.generative:
+            issues.extend(_generative_issues(self))
         if self.batch_size > self.dataset.train_n:
             issues.append((("batch_size",), self.batch_size, f"must be at most dataset.train_n ({self.dataset.train_n}), the pool batches are drawn from"))
         if issues:
@@ -426,6 +421,25 @@ class Scenario(_Model):
     def to_yaml(self) -> str:
         """The validated scenario (defaults filled in, fractions as floats) as YAML."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], Any, str]]:
+    """What a scenario on a generative backbone may not ask for (:mod:`cmai_env.fidelity.generative`)."""
+    issues: list[tuple[tuple[str | int, ...], Any, str]] = []
+    name = scenario.backbone.name
+    if scenario.fidelity == "embedding":
+        issues.append((("backbone", "name"), name,
+                       "is a generative (captioning) backbone, which runs at fidelity: pixel only: no faithful embedding "
+                       "proxy of a generative round exists (the caption is generated from the vision tokens, so bounded "
+                       "moves of one pooled embedding do not say what the generated class becomes). Set fidelity: pixel, "
+                       "or at embedding fidelity a contrastive backbone. Allowed: cmai-tiny, cmai-tiny-rn or any open_clip architecture"))
+    defaults = DefenseSpec.model_fields
+    for key in ("defended", "last_blocks"):
+        if getattr(scenario.defense, key) != defaults[key].default:
+            issues.append((("defense", key), getattr(scenario.defense, key),
+                           f"not used with the generative backbone {name!r}: its round always defends the language model's "
+                           f"own copy of the vision tower (FARE's choice); remove defense.{key}"))
+    return issues
 
 
 # ----------------------------------------------------------------------------- loading
@@ -480,17 +494,24 @@ def _shipped_files() -> dict[str, Any]:
     return files
 
 
-def scenarios_available(include_evaluation_only: bool = True) -> list[str]:
+def scenarios_available(include_evaluation_only: bool = True, fidelity: str | None = None) -> list[str]:
     """Names of the scenario files shipped with the package.
 
     :param include_evaluation_only: also list scenarios marked ``evaluation_only`` (held-out attacks).
+    :param fidelity: only those that run at this fidelity (``embedding`` leaves out scenarios on a
+        generative backbone, which run at ``pixel`` only); ``None``: all.
     """
+    from cmai_env.model_configs import is_generative_backbone
+
     names = []
     for name, entry in sorted(_shipped_files().items()):
-        if not include_evaluation_only:
-            raw = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
-            if isinstance(raw, dict) and raw.get("evaluation_only", False):
-                continue
+        raw = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+        raw = raw if isinstance(raw, dict) else {}
+        if not include_evaluation_only and raw.get("evaluation_only", False):
+            continue
+        backbone = raw.get("backbone") if isinstance(raw.get("backbone"), dict) else {}
+        if fidelity == "embedding" and is_generative_backbone(str(backbone.get("name", ""))):
+            continue
         names.append(name)
     return names
 

@@ -125,10 +125,25 @@ def test_an_image_folder_too_small_for_a_split_is_named(tmp_path):
 
 @pytest.mark.parametrize("fidelity", ["embedding", "pixel"])
 def test_a_generative_backbone_in_a_scenario_is_refused_not_silently_replaced(fidelity):
+    """Embedding fidelity refuses it (no faithful proxy); pixel fidelity runs the generative round, never the CLIP one."""
     import gymnasium
 
     import cmai_env  # noqa: F401
 
-    with pytest.raises(ValueError, match=r"backbone.name = 'cmai-tiny-flamingo'.* generative .*backbone.*Allowed: cmai-tiny"):
-        gymnasium.make("cmai_env/CMAI-v0", scenario="quickstart", fidelity=fidelity, backbone={"name": "cmai-tiny-flamingo"},
-                       batch_size=16, dataset={"train_n": 64, "probe_n": 16})
+    kwargs = dict(scenario="quickstart", fidelity=fidelity, backbone={"name": "cmai-tiny-flamingo"}, batch_size=16,
+                  dataset={"train_n": 64, "probe_n": 16}, defense={"attack_steps": 1})
+    if fidelity == "embedding":
+        with pytest.raises(ValueError, match=r"backbone.name = 'cmai-tiny-flamingo'.* generative .*backbone.*no faithful embedding proxy.*Allowed: cmai-tiny"):
+            gymnasium.make("cmai_env/CMAI-v0", **kwargs)
+        return
+    from cmai_env.fidelity.base import defended_backbone
+    from cmai_env.fidelity.generative import GenerativePixelFidelity
+    from cmai_env.fidelity.pixel import PixelFidelity
+
+    env = gymnasium.make("cmai_env/CMAI-v0", **kwargs).unwrapped
+    assert isinstance(env.world, GenerativePixelFidelity) and env.world.backbone.generative
+    # the contrastive round itself still refuses it, rather than defending the CLIP head
+    with pytest.raises(ValueError, match=r"backbone.name = 'cmai-tiny-flamingo' is a generative backbone.*fidelity: pixel"):
+        PixelFidelity(env.scenario)
+    with pytest.raises(ValueError, match=r"backbone.name = 'cmai-tiny' is not a generative backbone"):
+        defended_backbone(load_scenario("quickstart"), generative=True)

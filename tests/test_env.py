@@ -16,8 +16,9 @@ from cmai_env.observation import OBS_SIZE, OBS_SLICES
 
 # Small but real: the pixel fidelity still crafts attacks through the backbone.
 SMALL = {"batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32, "episode_rounds": 4}
-TRAINING_SCENARIOS = cmai_env.scenarios_available(include_evaluation_only=False)
-EVAL_SCENARIOS = sorted(set(cmai_env.scenarios_available()) - set(TRAINING_SCENARIOS))
+# Scenarios that run at both fidelities; flamingo_shift (generative backbone, pixel only) is tested in test_flamingo_env.py.
+TRAINING_SCENARIOS = cmai_env.scenarios_available(include_evaluation_only=False, fidelity="embedding")
+EVAL_SCENARIOS = sorted(set(cmai_env.scenarios_available(fidelity="embedding")) - set(TRAINING_SCENARIOS))
 
 
 def make(scenario="quickstart", fidelity="embedding", **overrides) -> CMAIEnv:

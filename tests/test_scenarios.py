@@ -50,7 +50,8 @@ def pgd(share: float = 0.5, **extra) -> dict:
 # ----------------------------------------------------------------------------- shipped files
 def test_the_shipped_scenarios():
     assert set(SHIPPED) == {"quickstart", "stationary_pgd", "abrupt_shift", "gradual_drift", "periodic",
-                            "mixed_modalities", "detector_evasion", "shift_evasion", "randomized_training", "unseen_attacks"}
+                            "mixed_modalities", "detector_evasion", "shift_evasion", "randomized_training", "unseen_attacks",
+                            "flamingo_shift"}
     assert set(SHIPPED) - set(TRAINING) == {"unseen_attacks"}
 
 

@@ -131,24 +131,31 @@ class Fidelity(ABC):
         """Clean accuracy, consistency and per-attack ASR on the probe set."""
 
 
-def defended_backbone(scenario: Scenario, device: str = "cpu"):
-    """The scenario's backbone, loaded once for a fidelity; generative backbones are refused.
+def defended_backbone(scenario: Scenario, device: str = "cpu", generative: bool = False):
+    """The scenario's backbone, loaded once for a fidelity that defends a ``generative`` one or not.
 
-    The environment's rounds (zero-shot task, probes, consistency on CLIP embeddings) are defined
-    for contrastive backbones; a generative one (``cmai-tiny-flamingo``) would silently have its
-    CLIP head defended instead of its generations, so it is an error until the environment
-    supports captioning rounds.
+    A contrastive round (zero-shot task, CLIP consistency) would silently defend a generative
+    backbone's CLIP head instead of its captions; the generative round
+    (:mod:`cmai_env.fidelity.generative`) needs captions. Only pixel fidelity has a generative
+    round: no faithful embedding proxy of one exists (a caption is generated from the vision
+    tokens, not from one pooled embedding).
 
-    :raises ValueError: a generative backbone (naming the scenario field and what is allowed).
+    :raises ValueError: the backbone's kind does not match ``generative`` (naming the scenario
+        field, the value and what is allowed).
     """
     from cmai_env.models import load_backbone
 
     backbone = load_backbone(scenario.backbone.name, scenario.backbone.pretrained, device=device)
-    if getattr(backbone, "generative", False):
+    if getattr(backbone, "generative", False) and not generative:
         raise ValueError(
-            f"scenario {scenario.name!r}: backbone.name = {scenario.backbone.name!r} is a generative backbone; the environment "
-            "defends contrastive (CLIP) backbones only for now (e.g. cmai-tiny, cmai-tiny-rn, any open_clip architecture). "
-            "Attack and evaluate generative backbones with cmai attack eval / cmai backbone eval."
+            f"scenario {scenario.name!r}: backbone.name = {scenario.backbone.name!r} is a generative backbone; fidelity "
+            f"{scenario.fidelity!r} defends contrastive (CLIP) backbones only (e.g. cmai-tiny, cmai-tiny-rn, any open_clip "
+            "architecture). Run a generative backbone with fidelity: pixel (cmai_env.fidelity.generative)."
+        )
+    if generative and not getattr(backbone, "generative", False):
+        raise ValueError(
+            f"scenario {scenario.name!r}: backbone.name = {scenario.backbone.name!r} is not a generative backbone; "
+            "the generative round needs one (e.g. cmai-tiny-flamingo)"
         )
     return backbone
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -41,21 +42,40 @@ class PixelFidelity(Fidelity):
     def __init__(self, scenario: Scenario, device: str = "cpu") -> None:
         super().__init__(scenario, device)
         spec = scenario.dataset
-        self.backbone = defended_backbone(scenario, device=device)
+        self.backbone = defended_backbone(scenario, device=device, generative=self.generative)
         size = self.backbone.image_size
         root = spec.root
         self.pool = load_dataset(spec.name, split="train", n=spec.train_n, seed=spec.seed, image_size=size, root=root)
         probe = load_dataset(spec.name, split="val", n=spec.probe_n, seed=spec.seed, image_size=size, root=root)
-        self.pool_batch = PairBatch.from_dataset(self.backbone, self.pool)
-        self.probe_batch = PairBatch.from_dataset(self.backbone, probe)
+        self.task = self._make_task()
+        self.pool_batch = self._pairs(self.pool)
+        self.probe_batch = self._pairs(probe)
         # (pool, probe) per corruption the scenario's phases name: the copies the embedding fidelity embeds.
         self._views: dict[tuple[str, int] | None, tuple[PairBatch, PairBatch]] = {None: (self.pool_batch, self.probe_batch)}
         for key in scenario.corruptions_used():
             self._views[key] = (_corrupted(self.pool_batch, key, spec.seed, "train"), _corrupted(self.probe_batch, key, spec.seed, "val"))
-        self.task = ZeroShotTask.from_dataset(self.backbone, self.pool)
-        self.trainer = ModalityBridgingTrainer(self.task, TrainerConfig(**scenario.defense.model_dump()))
+        self.trainer = self._make_trainer(TrainerConfig(**scenario.defense.model_dump()))
         self._initial = self.trainer.snapshot()
         self._attacks: dict[tuple, Attack] = {}
+
+    # Hooks the generative round (cmai_env.fidelity.generative) overrides: the task, its pairs, the
+    # trainer, how a scenario's attack is built and how prompt tokens are embedded.
+    generative: bool = False
+
+    def _make_task(self) -> ZeroShotTask:
+        return ZeroShotTask.from_dataset(self.backbone, self.pool)
+
+    def _pairs(self, data) -> PairBatch:
+        return PairBatch.from_dataset(self.backbone, data)
+
+    def _make_trainer(self, config: TrainerConfig) -> ModalityBridgingTrainer:
+        return ModalityBridgingTrainer(self.task, config)
+
+    def _make_attack(self, entry) -> Attack:
+        return make_attack(entry.name, **entry.params)
+
+    def _token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.backbone.token_embeddings(tokens)
 
     @property
     def embed_dim(self) -> int:
@@ -69,7 +89,7 @@ class PixelFidelity(Fidelity):
     def _attack(self, entry, rng: np.random.Generator) -> Attack:
         key = entry_key(entry)
         if key not in self._attacks:
-            attack = make_attack(entry.name, **entry.params)
+            attack = self._make_attack(entry)
             if hasattr(attack, "fit"):
                 # Universal perturbations are learned on the training pool, then applied to unseen pairs.
                 fit_n = min(len(self.pool_batch), 256)
@@ -94,13 +114,13 @@ class PixelFidelity(Fidelity):
             if result.token_embeds is not None:
                 if token_embeds is None:
                     with torch.no_grad():
-                        token_embeds = self.backbone.token_embeddings(batch.tokens)
+                        token_embeds = self._token_embeddings(batch.tokens)
                 token_embeds[rows] = result.token_embeds.detach()
         if token_embeds is not None:
             # Pairs whose text was replaced by discrete substitutions need their new embeddings too.
             with torch.no_grad():
                 untouched = torch.from_numpy(attack_index < 0).to(self.device) | (tokens != batch.tokens).any(-1)
-                token_embeds[untouched] = self.backbone.token_embeddings(tokens[untouched])
+                token_embeds[untouched] = self._token_embeddings(tokens[untouched])
         return PairBatch(images, tokens, batch.labels, token_embeds)
 
     def incoming(self, plan: RoundPlan, rng: np.random.Generator) -> RoundTraffic:
@@ -168,7 +188,7 @@ class PixelFidelity(Fidelity):
             clean_ok = clean_correct.cpu().numpy()
             outcomes.append(AttackOutcome(clean_ok, clean_ok & ~adv_correct.cpu().numpy(), adv_consistency.cpu().numpy()))
         all_consistency = clean_consistency.cpu().numpy()
-        image_correct = (out.image_logits.argmax(-1) == labels).cpu().numpy()
+        image_correct = self.task.correct(out, labels, "image").cpu().numpy()
         return ProbeResult(
             clean_acc=float(image_correct.mean()),
             consistency_score=float(cosine.mean()),
@@ -187,5 +207,5 @@ def _corrupted(batch: PairBatch, key: tuple[str, int], dataset_seed: int, split:
 
 
 def _head(out, n: int):
-    """The first ``n`` rows of a TaskOutputs."""
-    return type(out)(out.image_embeds[:n], out.text_embeds[:n], out.image_logits[:n], out.text_logits[:n])
+    """The first ``n`` rows of a TaskOutputs (or of a subclass: every field is per row)."""
+    return type(out)(**{f.name: getattr(out, f.name)[:n] for f in dataclasses.fields(out)})
