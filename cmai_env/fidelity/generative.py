@@ -21,9 +21,10 @@ at pixel fidelity. What changes in a round:
   tower (251,040 parameters; :meth:`FlamingoBackbone.defended_parameters`, FARE's choice, the
   parameters ``cmai adv-train --backbone cmai-tiny-flamingo`` tunes). An image perturbation reaches
   the caption only through the tower's tokens, and the CLIP head keeps the original frozen tower,
-  so the consistency check's reference does not move while the round defends. The perceiver
-  resampler would cost the same per round (the backward pass runs through the language model
-  either way) and PGD-AT of the resampler and cross-attention left PGD-10 ASR at 1.000 (README).
+  so the consistency check's reference does not move while the round defends. Defending the
+  perceiver resampler instead would save only the small tower's backward pass (the backward pass
+  runs through the language model either way), and PGD-AT of the resampler and cross-attention
+  left PGD-10 ASR at 1.000 (README, "Generative backbone").
   The loss is the contrastive round's, one definition (:func:`cmai_env.round.defence_terms`,
   :func:`~cmai_env.round.total_loss`) with the generative task's heads::
 
