@@ -235,8 +235,11 @@ def system_metrics(
 
 def detection_rates(flags: np.ndarray, is_adv: np.ndarray) -> tuple[float, float]:
     """Detector TPR (flagged share of the adversarial pairs) and FPR (of the clean ones); 0 without any."""
-    tpr = float(flags[is_adv].mean()) if is_adv.any() else 0.0
-    fpr = float(flags[~is_adv].mean()) if (~is_adv).any() else 0.0
+    n_adv = int(np.count_nonzero(is_adv))
+    n_clean = is_adv.size - n_adv
+    flagged_adv = int(np.count_nonzero(flags & is_adv))
+    tpr = flagged_adv / n_adv if n_adv else 0.0
+    fpr = (int(np.count_nonzero(flags)) - flagged_adv) / n_clean if n_clean else 0.0
     return tpr, fpr
 
 
@@ -249,10 +252,11 @@ def feed_change_detector(change_detector, flags: np.ndarray) -> bool:
     if change_detector is None:
         return False
     fired = False
-    for bit in flags:
-        change_detector.update(float(bit))
-        fired |= bool(change_detector.drift_detected)
-    return fired
+    update = change_detector.update
+    for bit in np.asarray(flags, dtype=np.float64).tolist():
+        update(bit)
+        fired = change_detector.drift_detected or fired
+    return bool(fired)
 
 
 def scored_metrics(weights, clean_acc: float, asr: float, system: SystemMetrics) -> tuple[float, float]:

@@ -390,6 +390,7 @@ class StackedEmbeddingWorld:
         self.train_radius_v = embedding_radius("image", defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"]))
         self.train_radius_t = embedding_radius("text", defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"]))
         self._attacks: dict[tuple, EmbeddingAttack] = {}
+        self._classes: tuple[tuple[int, ...], torch.Tensor] | None = None  # see classes()
         for phase in scenario.phases:  # unplayable attacks fail at construction, not mid-episode
             for attack in phase.attacks:
                 self.attack(attack)
@@ -410,6 +411,7 @@ class StackedEmbeddingWorld:
         self.image.reset(envs)
         self.text.reset(envs)
         self.optimizer.reset(envs)
+        self._classes = None
 
     def views(self, plans: Sequence[RoundPlan]) -> torch.Tensor:
         """Index into ``pool_views``/``probe_views`` of each plan's corruption, (E,)."""
@@ -426,8 +428,19 @@ class StackedEmbeddingWorld:
         return F.normalize(self.text(raw_t, envs), dim=-1)
 
     def classes(self, envs: EnvIndex = None) -> torch.Tensor:
-        """Class-prompt embeddings through each environment's text adapter, (E, C, D)."""
-        return self._text(self.class_raw.unsqueeze(0).expand(self._size(envs), -1, -1), envs)
+        """Class-prompt embeddings through each environment's text adapter, (E, C, D).
+
+        Without gradients and for all environments they are computed once per state of the text
+        adapters (the probe, the next round's crafting and its observation share them): the
+        cache is dropped by :meth:`update` and :meth:`reset`, and keyed on the parameters'
+        in-place version counters so that an outside write to them is seen too.
+        """
+        if envs is not None or torch.is_grad_enabled():
+            return self._text(self.class_raw.unsqueeze(0).expand(self._size(envs), -1, -1), envs)
+        key = tuple(p._version for p in self.text.params)
+        if self._classes is None or self._classes[0] != key:
+            self._classes = (key, self._text(self.class_raw.unsqueeze(0).expand(self.n_envs, -1, -1), None))
+        return self._classes[1]
 
     def _logits(self, embeds: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * torch.bmm(embeds, classes.transpose(1, 2))
@@ -439,6 +452,21 @@ class StackedEmbeddingWorld:
 
     def _consistency(self, e_v, e_t, lv, lt) -> torch.Tensor:
         return pair_consistency(e_v, e_t, lv, lt, self.kl_weight)
+
+    def _embed_changed(self, embed, raw, changed: np.ndarray, embeds: torch.Tensor, logits: torch.Tensor, classes, envs: EnvIndex):
+        """Embeddings and logits of (E, R) rows of which only ``changed`` (numpy bool) differ from
+        the rows whose ``embeds`` / ``logits`` are given: only those rows pass the adapter."""
+        counts = changed.sum(1)
+        width = int(counts.max(initial=0))
+        if width == 0:
+            return embeds, logits
+        if width == changed.shape[1]:
+            e = embed(raw, envs)
+            return e, self._logits(e, classes)
+        order = torch.as_tensor(np.argsort(~changed, axis=1, kind="stable")[:, :width], device=raw.device)
+        rows = lambda x: order.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # noqa: E731
+        e = embed(torch.gather(raw, 1, rows(raw)), envs)
+        return embeds.scatter(1, rows(e), e), logits.scatter(1, rows(logits), self._logits(e, classes))
 
     # ------------------------------------------------------------------ crafting
     def craft(self, envs: EnvIndex, raw_v: torch.Tensor, raw_t: torch.Tensor, labels: torch.Tensor, orders: RowAttacks, classes: torch.Tensor):
@@ -615,19 +643,25 @@ class StackedEmbeddingWorld:
         size = self._size(envs)
         steps = np.array([crafting_steps(float(b[2]), defense.attack_steps) for b in betas], dtype=np.int64)
         raw_v, raw_t, labels = traffic.raw_v, traffic.raw_t, traffic.labels
+        crafting = bool(steps.max(initial=0) > 0)
+        start = time.perf_counter()
+        classes = self.classes(envs)
+        # One clean forward serves L_task, L_consistency and the first PGD step of L_adv's crafting
+        # (δ = 0 there): with the inputs as leaves, ∂objective/∂δ at δ = 0 comes from the same graph.
+        x_v, x_t = (raw_v.detach().requires_grad_(True), raw_t.detach().requires_grad_(True)) if crafting else (raw_v, raw_t)
+        e_v, e_t, lv, lt = self.forward(x_v, x_t, classes, envs)
+        clean_ce, clean_cons = pair_ce(lv, lt, labels), self._consistency(e_v, e_t, lv, lt)
+        update_s = time.perf_counter() - start
         start = time.perf_counter()
         crafted = None
-        if steps.max(initial=0) > 0:
-            with torch.no_grad():
-                frozen = self.classes(envs)
-            crafted = self._craft_training(envs, raw_v, raw_t, labels, steps, frozen, defense.alpha)
+        if crafting:
+            objective = bridging_objective(clean_ce, clean_cons, defense.alpha).sum()
+            first = torch.autograd.grad(objective, [x_v, x_t], retain_graph=True)
+            crafted = self._craft_training(envs, raw_v, raw_t, labels, steps, classes.detach(), defense.alpha, first)
         attack_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         observed = traffic.attack_index >= 0
         observed &= flagged
-        classes = self.classes(envs)
-        e_v, e_t, lv, lt = self.forward(raw_v, raw_t, classes, envs)
-        clean_ce, clean_cons = pair_ce(lv, lt, labels), self._consistency(e_v, e_t, lv, lt)
         parts_v, parts_t, parts_y, weights = [], [], [], []
         if crafted is not None:
             parts_v.append(crafted[0]), parts_t.append(crafted[1]), parts_y.append(labels)
@@ -657,28 +691,45 @@ class StackedEmbeddingWorld:
                 f"L_adv={values[2, bad].tolist()}, betas={np.asarray(betas)[bad].tolist()}"
             )
         self.optimizer.zero_grad()
-        l_total.sum().backward()
+        l_total.sum().backward(inputs=self.optimizer.params)
         self.optimizer.step(envs)
         self.optimizer.zero_grad()
-        return StackedUpdate(values[0], values[1], values[2], values[3], steps, attack_ms, (time.perf_counter() - start) * 1000)
+        self._classes = None
+        update_ms = (update_s + time.perf_counter() - start) * 1000
+        return StackedUpdate(values[0], values[1], values[2], values[3], steps, attack_ms, update_ms)
 
-    def _craft_training(self, envs, raw_v, raw_t, labels, steps: np.ndarray, classes, alpha: float):
-        """Joint L2-PGD on (e_v, e_t) up the bridging objective, ``steps[e]`` steps for env ``e``."""
+    def _craft_training(self, envs, raw_v, raw_t, labels, steps: np.ndarray, classes, alpha: float, first: tuple[torch.Tensor, torch.Tensor]):
+        """Joint L2-PGD on (e_v, e_t) up the bridging objective, ``steps[e]`` steps for env ``e``.
+
+        :param first: the objective's gradients at δ = 0 (from :meth:`update`'s clean forward).
+        """
         device = raw_v.device
         steps_t = torch.as_tensor(steps, device=device).view(-1, 1, 1)
         per_env = steps_t.clamp_min(1).to(torch.float32)
         step_v, step_t = default_step_size(self.train_radius_v, per_env), default_step_size(self.train_radius_t, per_env)
         delta_v, delta_t = torch.zeros_like(raw_v), torch.zeros_like(raw_t)
         for s in range(int(steps.max())):
-            delta_v.requires_grad_(True), delta_t.requires_grad_(True)
-            with torch.enable_grad():
-                e_v, e_t, lv, lt = self.forward(raw_v + delta_v, raw_t + delta_t, classes, envs)
-                objective = bridging_objective(pair_ce(lv, lt, labels), self._consistency(e_v, e_t, lv, lt), alpha)
-                grad_v, grad_t = torch.autograd.grad(objective.sum(), [delta_v, delta_t])
-            active = steps_t > s
+            # Only the environments still climbing at step s are computed (rows are independent).
+            climbing = steps > s
+            sub = None if climbing.all() else torch.as_tensor(np.flatnonzero(climbing), device=device)
+            take = (lambda x: x) if sub is None else (lambda x: x[sub])  # noqa: E731
+            d_v, d_t = take(delta_v), take(delta_t)
+            if s == 0:
+                grad_v, grad_t = take(first[0]), take(first[1])
+            else:
+                d_v.requires_grad_(True), d_t.requires_grad_(True)
+                sub_envs = envs if sub is None else (sub if envs is None else envs[sub])
+                with torch.enable_grad():
+                    e_v, e_t, lv, lt = self.forward(take(raw_v) + d_v, take(raw_t) + d_t, take(classes), sub_envs)
+                    objective = bridging_objective(pair_ce(lv, lt, take(labels)), self._consistency(e_v, e_t, lv, lt), alpha)
+                    grad_v, grad_t = torch.autograd.grad(objective.sum(), [d_v, d_t])
             with torch.no_grad():
-                delta_v = torch.where(active, l2_ascent(delta_v.detach(), grad_v, step_v, self.train_radius_v), delta_v.detach())
-                delta_t = torch.where(active, l2_ascent(delta_t.detach(), grad_t, step_t, self.train_radius_t), delta_t.detach())
+                new_v = l2_ascent(d_v.detach(), grad_v, take(step_v), self.train_radius_v)
+                new_t = l2_ascent(d_t.detach(), grad_t, take(step_t), self.train_radius_t)
+                if sub is None:
+                    delta_v, delta_t = new_v, new_t
+                else:
+                    delta_v, delta_t = delta_v.index_copy(0, sub, new_v), delta_t.index_copy(0, sub, new_t)
         return (raw_v + delta_v).detach(), (raw_t + delta_t).detach()
 
     def probe(self, envs: EnvIndex, plans: Sequence[RoundPlan]) -> StackedProbe:
@@ -717,7 +768,12 @@ class StackedEmbeddingWorld:
             tiled_v = probe_v[:, :n].repeat(1, width, 1)
             adv_v, adv_t = self.craft(envs, tiled_v, tile(self.probe_t), tile(self.probe_y), orders, classes)
             with torch.no_grad():
-                aev, aet, alv, alt = self.forward(adv_v, adv_t, classes, envs)
+                # A side an attack leaves untouched is the clean pair's, already embedded above.
+                changed_v = (orders.mode_v > 0) & (orders.steps > 0)
+                changed_t = ((orders.mode_t > 0) & (orders.steps > 0)) | (orders.mode_t == 3)
+                clean = lambda x: x[:, :n].repeat(1, width, 1)  # noqa: E731
+                aev, alv = self._embed_changed(self._image, adv_v, changed_v, clean(e_v), clean(lv), classes, envs)
+                aet, alt = self._embed_changed(self._text, adv_t, changed_t, clean(e_t), clean(lt), classes, envs)
                 adv_consistency = self._consistency(aev, aet, alv, alt).view(size, width, n).cpu().numpy()
                 adv_labels = tile(self.probe_y)
                 adv_image_ok = (alv.argmax(-1) == adv_labels).view(size, width, n)
