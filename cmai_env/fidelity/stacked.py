@@ -469,7 +469,10 @@ class StackedEmbeddingWorld:
         return embeds.scatter(1, rows(e), e), logits.scatter(1, rows(logits), self._logits(e, classes))
 
     # ------------------------------------------------------------------ crafting
-    def craft(self, envs: EnvIndex, raw_v: torch.Tensor, raw_t: torch.Tensor, labels: torch.Tensor, orders: RowAttacks, classes: torch.Tensor):
+    def craft(
+        self, envs: EnvIndex, raw_v: torch.Tensor, raw_t: torch.Tensor, labels: torch.Tensor, orders: RowAttacks, classes: torch.Tensor,
+        clean: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ):
         """Perturbed ``(raw_v, raw_t)`` for (E, R) rows, each row by its own order (:class:`RowAttacks`).
 
         Rows are independent (every objective is a per-row sum), so one batched L2-PGD per side
@@ -484,23 +487,32 @@ class StackedEmbeddingWorld:
         of the image against its own (trusted) caption; for mode 4 the caption is first replaced
         by the rewritten caption of ``c*`` (text mode 3, ``rewrite_raw``) and the image descends
         ``L_consistency + μ·CE(z, c*)`` against it, as ``aware_caption_rewrite`` does in pixels.
+
+        :param clean: ``e_v, e_t, logits_v, logits_t`` of the unperturbed rows under the current
+            adapters when the caller has them (the probe): ``c*`` and the captions' embeddings are
+            then read from them instead of embedding the rows again.
         """
         classes = classes.detach()
-        target_v = None
-        if bool(((orders.mode_v == 2) | (orders.mode_v == 4)).any()):
-            with torch.no_grad():
-                target_v = _nearest_wrong_class(self._image(raw_v, envs), classes, labels)
-        if bool((orders.mode_t == 3).any()):
-            rewrite = torch.as_tensor(orders.mode_t == 3, device=raw_t.device).unsqueeze(-1)
-            raw_t = torch.where(rewrite, self.rewrite_raw[target_v], raw_t)
-        partner = None
-        if bool((orders.mode_v >= 3).any()):
-            with torch.no_grad():
-                e_p = self._text(raw_t, envs)
-                partner = (e_p, self._logits(e_p, classes))
+        target_v = target_t = None
+        rewrite_np = orders.mode_t == 3
+        with torch.no_grad():
+            if bool(((orders.mode_v == 2) | (orders.mode_v == 4)).any()):
+                target_v = _nearest_wrong_class(clean[0] if clean else self._image(raw_v, envs), classes, labels)
+            if clean and bool((orders.mode_t == 2).any()):
+                target_t = _nearest_wrong_class(clean[1], classes, labels)
+            if bool(rewrite_np.any()):
+                rewrite = torch.as_tensor(rewrite_np, device=raw_t.device).unsqueeze(-1)
+                raw_t = torch.where(rewrite, self.rewrite_raw[target_v], raw_t)
+            partner = None
+            if bool((orders.mode_v >= 3).any()):
+                if clean:  # only the rewritten captions differ from the clean ones
+                    partner = self._embed_changed(self._text, raw_t, rewrite_np, clean[1], clean[3], classes, envs)
+                else:
+                    e_p = self._text(raw_t, envs)
+                    partner = (e_p, self._logits(e_p, classes))
         new_v = self._craft_side(envs, raw_v, labels, orders.mode_v, orders, classes, self._image, shared=True, target_class=target_v, partner=partner)
-        text_orders = np.where(orders.mode_t == 3, 0, orders.mode_t)
-        new_t = self._craft_side(envs, raw_t, labels, text_orders, orders, classes, self._text, shared=False)
+        text_orders = np.where(rewrite_np, 0, orders.mode_t)
+        new_t = self._craft_side(envs, raw_t, labels, text_orders, orders, classes, self._text, shared=False, target_class=target_t)
         return new_v, new_t
 
     def _craft_side(
@@ -766,14 +778,14 @@ class StackedEmbeddingWorld:
                     modality[e, k] = ("image", "text", "both").index(attack.modality)
             tile = lambda x: x[:n].repeat(width, *([1] * (x.dim() - 1))).unsqueeze(0).expand(size, *([-1] * x.dim()))  # noqa: E731
             tiled_v = probe_v[:, :n].repeat(1, width, 1)
-            adv_v, adv_t = self.craft(envs, tiled_v, tile(self.probe_t), tile(self.probe_y), orders, classes)
+            # A side an attack leaves untouched is the clean pair's, already embedded above.
+            clean = tuple(x[:, :n].repeat(1, width, 1) for x in (e_v, e_t, lv, lt))
+            adv_v, adv_t = self.craft(envs, tiled_v, tile(self.probe_t), tile(self.probe_y), orders, classes, clean)
             with torch.no_grad():
-                # A side an attack leaves untouched is the clean pair's, already embedded above.
                 changed_v = (orders.mode_v > 0) & (orders.steps > 0)
                 changed_t = ((orders.mode_t > 0) & (orders.steps > 0)) | (orders.mode_t == 3)
-                clean = lambda x: x[:, :n].repeat(1, width, 1)  # noqa: E731
-                aev, alv = self._embed_changed(self._image, adv_v, changed_v, clean(e_v), clean(lv), classes, envs)
-                aet, alt = self._embed_changed(self._text, adv_t, changed_t, clean(e_t), clean(lt), classes, envs)
+                aev, alv = self._embed_changed(self._image, adv_v, changed_v, clean[0], clean[2], classes, envs)
+                aet, alt = self._embed_changed(self._text, adv_t, changed_t, clean[1], clean[3], classes, envs)
                 adv_consistency = self._consistency(aev, aet, alv, alt).view(size, width, n).cpu().numpy()
                 adv_labels = tile(self.probe_y)
                 adv_image_ok = (alv.argmax(-1) == adv_labels).view(size, width, n)
