@@ -3,7 +3,8 @@
 For each scenario, every policy is evaluated under the frozen protocol
 (:mod:`agents.evaluation`, same seeds for all, so differences are paired per seed):
 
-* **Comparison** (one row per policy): ASR; ASR reduction relative to ``static_adversarial``,
+* **Comparison** (one row per policy): the model's ASR and the system's (``system_asr``: flipped
+  and not flagged by the detector, what the reward scores by default); ASR reduction relative to ``static_adversarial``,
   ``proeat_dynamic`` and ``static_consistency`` (``ASR_ref − ASR``, positive = fewer attacks
   succeed, paired over seeds); clean-accuracy degradation vs ``no_defense``
   (``clean_acc(no_defense) − clean_acc``); the three adaptation latencies in rounds; the return.
@@ -183,6 +184,8 @@ def _interval_json(interval: Interval) -> dict:
 
 def _comparison_row(result: EvaluationResult, by_name: dict[str, EvaluationResult], kind: str) -> dict[str, Any]:
     row: dict[str, Any] = {"policy": result.policy, "kind": kind, "asr": _interval_json(result.interval("asr"))}
+    # The end-to-end figure the reward scores by default (flipped and not flagged by the detector).
+    row["system_asr"] = _interval_json(result.interval("system_asr"))
     for ref in ASR_REFERENCES:
         reference = by_name.get(ref)
         row[f"asr_reduction_vs_{ref}"] = (
@@ -210,6 +213,7 @@ def _ablation_rows(results: dict[str, EvaluationResult]) -> list[dict[str, Any]]
                 "variant": variant,
                 "policy": result.policy,
                 "asr": _interval_json(result.interval("asr")),
+                "system_asr": _interval_json(result.interval("system_asr")),
                 "clean_acc": _interval_json(result.interval("clean_acc")),
                 "return": _interval_json(result.interval("return")),
                 "delta_return_vs_full": _interval_json(paired_difference(result.per_seed("return"), full.per_seed("return"))),
@@ -238,7 +242,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"cmai {protocol['cmai_version']}, commit `{protocol['git_commit']}`; fidelity `{protocol['fidelity']}`; "
         f"env overrides `{json.dumps(protocol['env_kwargs'])}`.",
         "Every cell is the mean ± 95% t-interval over seeds (per-seed means of the episodes); "
-        "differences are paired per seed. ASR: mean probe ASR over attacked rounds. "
+        "differences are paired per seed. ASR: the model's mean probe ASR over attacked rounds; system ASR: "
+        "the same for the defended system (flipped and not flagged by the detector, what the reward scores by default). "
         "Latencies in rounds, with (measured/shifts).",
         "",
     ]
@@ -252,15 +257,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "### Comparison",
             "",
-            "| policy | ASR | ASR red. vs static_adversarial | ASR red. vs proeat_dynamic | ASR red. vs static_consistency "
+            "| policy | ASR | system ASR | ASR red. vs static_adversarial | ASR red. vs proeat_dynamic | ASR red. vs static_consistency "
             "| clean acc | clean-acc drop vs no_defense | detection | weight response | recovery | return |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in block["comparison"]:
             label = row["policy"] + (" *(trained)*" if row["kind"] == "trained" else "")
             cells = [
                 label,
                 _fmt(row["asr"]),
+                _fmt(row["system_asr"]),
                 *(_fmt(row[f"asr_reduction_vs_{ref}"]) for ref in ASR_REFERENCES),
                 _fmt(row["clean_acc"]),
                 _fmt(row["clean_acc_drop"]),
@@ -273,13 +279,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [
                 f"Policy `{ablation['policy']}` ({ablation['note']}).",
                 "",
-                "| variant | mean β (task, consist, adv) | ASR | clean acc | return | Δ return vs full | Δ ASR vs full |",
-                "|---|---|---|---|---|---|---|",
+                "| variant | mean β (task, consist, adv) | ASR | system ASR | clean acc | return | Δ return vs full | Δ ASR vs full |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for row in ablation["variants"]:
                 betas = ", ".join(f"{b:.2f}" for b in row["mean_betas"])
                 lines.append(
-                    f"| {row['variant']} | ({betas}) | {_fmt(row['asr'])} | {_fmt(row['clean_acc'])} | {_fmt(row['return'])} "
+                    f"| {row['variant']} | ({betas}) | {_fmt(row['asr'])} | {_fmt(row['system_asr'])} | {_fmt(row['clean_acc'])} | {_fmt(row['return'])} "
                     f"| {_fmt(row['delta_return_vs_full'])} | {_fmt(row['delta_asr_vs_full'])} |"
                 )
             lines.append("")

@@ -251,6 +251,9 @@ def test_cli_benchmark_writes_comparison_and_ablation(tmp_path):
     assert rows["no_defense"]["clean_acc_drop"]["mean"] == 0.0
     for row in rows.values():
         assert math.isfinite(row["asr"]["half_width"]) and math.isfinite(row["return"]["half_width"])
+        # the system's ASR (what the reward scores) beside the model's: never above it (flagged flips are stopped)
+        assert row["system_asr"]["mean"] <= row["asr"]["mean"] + 1e-9
+    assert rows["no_defense"]["system_asr"]["mean"] < rows["no_defense"]["asr"]["mean"]  # the detector catches some flips
     ablation = block["ablation"][0]
     assert ablation["policy"] == "detector_switch"
     assert [v["variant"] for v in ablation["variants"]] == ["full", "no_consist", "no_adv", "fixed_mean"]
@@ -260,6 +263,7 @@ def test_cli_benchmark_writes_comparison_and_ablation(tmp_path):
     assert variants["full"]["delta_return_vs_full"]["mean"] == 0.0
     markdown = (out / "results.md").read_text()
     assert "### Comparison" in markdown and "### Ablation" in markdown and "detector_switch/no_adv" in json.dumps(report)
+    assert "| policy | ASR | system ASR |" in markdown and "| ASR | system ASR | clean acc |" in markdown
     assert (out / "quickstart" / "uniform" / "summary.json").is_file()
 
 
