@@ -425,10 +425,14 @@ class ModalityBridgingTrainer:
             self.task.refresh()
 
     # ------------------------------------------------------------------ inner maximisation
+    #: the inner maximisation, ``(task, batch, ε_v, ε_t, α, steps, a_v, a_t, generator) → CraftedPair``
+    #: (the generative round sets its own, :func:`cmai_env.fidelity.generative.generative_joint_pgd`)
+    crafting: Callable[..., CraftedPair] = staticmethod(joint_pgd)
+
     def craft(self, batch: PairBatch, steps: int | None = None) -> CraftedPair:
         """The joint adversarial pair for ``batch`` against the current θ (``steps`` default: full)."""
         cfg = self.config
-        return joint_pgd(
+        return self.crafting(
             self.task, batch, cfg.eps_v, cfg.eps_t, cfg.alpha, steps if steps is not None else max(cfg.attack_steps, 1),
             cfg.step_size_v, cfg.step_size_t, self.generator,
         )

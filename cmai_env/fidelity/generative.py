@@ -111,6 +111,7 @@ class GenerativeRoundTrainer(ModalityBridgingTrainer):
     """
 
     task: GenerativeTask
+    crafting = staticmethod(generative_joint_pgd)
 
     def __init__(self, task: GenerativeTask, config: TrainerConfig | None = None, generator: torch.Generator | None = None) -> None:
         if not isinstance(task, GenerativeTask):
@@ -120,13 +121,6 @@ class GenerativeRoundTrainer(ModalityBridgingTrainer):
     def _select_parameters(self) -> dict[str, nn.Parameter]:
         self.backbone.defended_parameters()  # splits off the LM's tower (idempotent)
         return {f"lm_visual.{name}": p for name, p in self.backbone.lm_visual.named_parameters()}
-
-    def craft(self, batch: PairBatch, steps: int | None = None) -> CraftedPair:
-        cfg = self.config
-        return generative_joint_pgd(
-            self.task, batch, cfg.eps_v, cfg.eps_t, cfg.alpha, steps if steps is not None else max(cfg.attack_steps, 1),
-            cfg.step_size_v, cfg.step_size_t, self.generator,
-        )
 
     def losses(
         self, batch: PairBatch, crafted: CraftedPair | None = None, observed_adv: PairBatch | None = None
