@@ -248,7 +248,9 @@ def arithmetic_lines(measured: dict, reduced: dict[str, dict], device: str) -> l
         f"  per-environment bookkeeping outside the model: {100 * bookkeeping:.0f}% of the step's CPU "
         f"({1e3 * bookkeeping * measured['cpu'] / measured['rounds']:.2f} ms per round)",
         f"  at that peak these FLOPs allow at most {peak * 1e9 / per_round:,.0f} rounds/s; {TARGET_RATE:,.0f} rounds/s needs "
-        f"<= {budget / 1e6:.1f} MFLOP per round ({per_round / budget:.1f}x less), i.e. <= {budget / per_pass:,.0f} adapter passes "
+        f"<= {budget / 1e6:.1f} MFLOP per round ("
+        + (f"{per_round / budget:.1f}x less" if per_round > budget else f"today's fit {budget / per_round:.1f}x over")
+        + f"), i.e. <= {budget / per_pass:,.0f} adapter passes "
         f"of one pair side ({per_pass / 1e3:.1f} kFLOP each at D = {measured['dim']}, H = {measured['hidden']}, "
         f"{measured['classes']} classes; today ~{per_round / per_pass:,.0f})",
     ]
