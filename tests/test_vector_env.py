@@ -319,3 +319,42 @@ def test_batched_evaluation_equals_the_sequential_protocol():
                 assert b[key] == pytest.approx(a[key], abs=1e-5), key
     assert [r.metrics["return"] for r in records] == pytest.approx([r.metrics["return"] for r in batched_records], abs=1e-5)
     assert [r.seed for r in batched_records] == [0, 0, 1, 1]
+
+
+def test_reused_clean_embeddings_and_cached_class_prompts_equal_recomputing_them():
+    """The probe reads ``c*``, the captions and every untouched side from its clean forward, and the
+    class prompts are embedded once per adapter state: each gives what embedding again gives."""
+    from cmai_env.fidelity.stacked import RowAttacks, StackedEmbeddingWorld
+    from cmai_env.scenario import apply_overrides
+
+    world = StackedEmbeddingWorld(apply_overrides(load_scenario("abrupt_shift"), {"fidelity": "embedding", **DATA}), 2)
+    n = 8
+    entries = [MixtureEntry(name, params, 1.0) for name, params in (
+        ("bridge_image_to_text", {"eps": 8 / 255, "steps": 3}), ("bridge_text_to_image", {"eps": 0.2, "steps": 3}),
+        ("aware_caption_rewrite", {"eps": 8 / 255, "steps": 3}), ("pgd_linf", {"eps": 8 / 255, "steps": 2}))]
+    orders = RowAttacks.empty((2, len(entries) * n))
+    for k, entry in enumerate(entries):
+        orders.fill(0, slice(k * n, (k + 1) * n), world.attack(entry), k)
+        orders.fill(1, slice(k * n, (k + 1) * n), world.attack(entries[(k + 1) % len(entries)]), k)
+    tile = lambda x: x[:n].repeat(len(entries), *([1] * (x.dim() - 1))).unsqueeze(0).expand(2, *([-1] * x.dim()))  # noqa: E731
+    raw_v, raw_t, labels = tile(world.probe_v), tile(world.probe_t), tile(world.probe_y)
+    with torch.no_grad():
+        classes = world.classes(None)
+        assert world.classes(None) is classes  # cached
+        full = world.forward(raw_v, raw_t, classes, None)
+    reused = world.craft(None, raw_v, raw_t, labels, orders, classes, clean=full)
+    again = world.craft(None, raw_v, raw_t, labels, orders, classes)
+    assert not torch.equal(reused[0], raw_v) and not torch.equal(reused[1], raw_t)
+    torch.testing.assert_close(reused, again, rtol=0, atol=1e-6)
+    changed = np.zeros((2, len(entries) * n), dtype=bool)
+    changed[0, :n] = changed[1, 5:n + 9] = True
+    with torch.no_grad():
+        e, logits = world._embed_changed(world._image, reused[0], changed, full[0], full[2], classes, None)
+        e_all = world._image(reused[0], None)
+    torch.testing.assert_close(e[torch.as_tensor(changed)], e_all[torch.as_tensor(changed)], rtol=0, atol=1e-6)
+    torch.testing.assert_close(e[torch.as_tensor(~changed)], full[0][torch.as_tensor(~changed)], rtol=0, atol=0)
+    with torch.no_grad():
+        world.text.params[3][1].add_(0.05)  # a write from outside (env 1's up bias): the cache must see it
+        fresh = world._text(world.class_raw.unsqueeze(0).expand(2, -1, -1), None)
+        cached = world.classes(None)
+    assert cached is not classes and torch.equal(cached, fresh) and not torch.equal(cached[1], classes[1])
