@@ -116,6 +116,9 @@ def test_an_attack_without_generative_version_is_refused_naming_the_phase():
         GenerativePixelFidelity(scenario)
 
 
+# Slow: the README's own `cmai benchmark --scenarios flamingo_shift ...` line runs in every CI
+# (tests/test_readme.py); this adds the results.json checks for CMAI_SLOW=1 runs.
+@pytest.mark.slow
 def test_cmai_benchmark_runs_on_flamingo_shift(tmp_path, monkeypatch):
     from cmai_env.cli.main import main
 
