@@ -58,9 +58,9 @@ from cmai_env.attacks import Attack, PairBatch, make_attack
 from cmai_env.attacks.base import frozen_model
 from cmai_env.fidelity.pixel import PixelFidelity
 from cmai_env.models.flamingo_task import GenerativeTask, _prompt_mask, generative_attack
-from cmai_env.round import bridging_objective, defence_terms, pair_ce
+from cmai_env.round import defence_terms, pair_ce
 from cmai_env.scenario import Scenario
-from cmai_env.training import CraftedPair, ModalityBridgingTrainer, TrainerConfig, joint_ascent
+from cmai_env.training import CraftedPair, ModalityBridgingTrainer, TrainerConfig, bridging_objective, joint_ascent
 
 __all__ = ["GenerativePixelFidelity", "GenerativeRoundTrainer", "generative_joint_pgd"]
 
@@ -96,7 +96,7 @@ def generative_joint_pgd(
             out = dataclasses.replace(
                 clean, image_embeds=e_v, image_logits=lm, text_logits=lm, clip_logits=backbone.zero_shot_logits(e_v, task.class_embeds)
             )
-            return bridging_objective(pair_ce(lm, lm, labels), task.consistency(out), alpha)
+            return bridging_objective(task, out, labels, alpha)
 
         real = _prompt_mask(batch, include_special=False)
         x, delta_t = joint_ascent(objective, batch.images.detach(), e0, real, eps_v, eps_t, steps, step_size_v, step_size_t, generator)
