@@ -10,13 +10,15 @@ For each scenario, on the embedding fidelity's batched vector environment:
    Unlike a greedy per-phase oracle it sees the value of preparing before an attack arrives.
 3. **Held-out evaluation**: task-only β = (1, 0, 0), the best fixed β and the best schedule are
    replayed on separate *evaluation* seeds (environment seeds ``100000 + s``, the frozen protocol's),
-   so the search's selection bias does not inflate the gap. Printed: mean return, the model's ASR
-   and the end-to-end ``system_asr`` (model + detector; both over attacked rounds) and clean
-   accuracy with 95% t-intervals, and the paired gap schedule − best fixed with its
-   95% CI and its share of schedule − task-only.
+   so the search's selection bias does not inflate the gap. The schedule is also replayed one
+   round late ("reactive"): a gate reading the stream learns of a phase only from its first round.
+   Printed: mean return, the model's ASR and the end-to-end ``system_asr`` (model + detector; both
+   over attacked rounds) and clean accuracy with 95% t-intervals, and the paired gaps schedule −
+   best fixed and reactive − best fixed with their 95% CIs, and the former's share of
+   schedule − task-only.
 
-The gap is the most a gate that knows the schedule could win over the best fixed weighting; a gate
-that reads the stream can win part of it. Scenarios with random schedules (``randomized_training``)
+The gap is the most a gate that knows the schedule could win over the best fixed weighting; the
+reactive gap is what a gate that reads the stream and plays the schedule's β can win. Scenarios with random schedules (``randomized_training``)
 have no fixed phase timeline to search over and are skipped.
 
     python benchmarks/adaptivity_gap.py [--scenarios abrupt_shift periodic] [--search-seeds 0 1 2 3 4] [--eval-seeds 0 1 2 3 4]
@@ -75,8 +77,12 @@ def phase_timeline(scenario: str, overrides: dict) -> tuple[list[str], list[str]
     return names, per_round
 
 
-def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset: int, overrides: dict) -> Episodes:
-    """One episode per (schedule, seed) on the batched environment; arrays are ``(schedules, seeds)``."""
+def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset: int, overrides: dict, lag: int = 0) -> Episodes:
+    """One episode per (schedule, seed) on the batched environment; arrays are ``(schedules, seeds)``.
+
+    ``lag`` rounds: round ``t`` plays the β of the phase of round ``t − lag`` (the first phase's before
+    that), which is what a gate reading the stream's past rounds can do; 0 plays the true phase.
+    """
     names, phase_at = phase_timeline(scenario, overrides)
     jobs = list(itertools.product(range(len(schedules)), seeds))
     returns = np.zeros(len(jobs))
@@ -93,7 +99,7 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
         attacked_system = [[] for _ in batch]
         accs = [[] for _ in batch]
         for t in range(len(phase_at)):
-            phase = names.index(phase_at[t])
+            phase = names.index(phase_at[max(t - lag, 0)])
             actions = np.stack([action_from_betas(DISCRETE_BETAS[schedules[k][phase]]) for k, _ in batch]).astype(np.float32)
             _, rewards, terminated, truncated, infos = envs.step(actions)
             total += rewards
@@ -145,23 +151,29 @@ def report(scenario: str, search_seeds: list[int], eval_seeds: list[int], overri
     best_fixed, schedule, played = search(scenario, search_seeds, overrides)
     task_only = tuple([TASK_ONLY] * len(names))
     held_out = play(scenario, [task_only, best_fixed, schedule], eval_seeds, EVAL_SEED_OFFSET, overrides)
-    played += 3 * len(eval_seeds)
+    # The same schedule one round late: a gate that reads the stream sees a phase only after its first
+    # round, so this is what such a gate can reach, not just a gate told the timeline.
+    reactive = play(scenario, [schedule], eval_seeds, EVAL_SEED_OFFSET, overrides, lag=1)
+    played += 4 * len(eval_seeds)
     gap = paired_difference(held_out.returns[2].tolist(), held_out.returns[1].tolist())
     span = paired_difference(held_out.returns[2].tolist(), held_out.returns[0].tolist())
+    labelled = [("task-only", task_only, held_out, 0), ("best fixed", best_fixed, held_out, 1), ("best schedule", schedule, held_out, 2),
+                ("reactive", schedule, reactive, 0)]
     return {
         "scenario": scenario,
         "phases": names,
         "rows": {
             label: {
-                "betas": _betas(s, names),
-                "return": t_interval(held_out.returns[k].tolist()),
-                "asr": t_interval(held_out.asr[k].tolist(), bounds=bounds_for("asr")),
-                "system_asr": t_interval(held_out.system_asr[k].tolist(), bounds=bounds_for("system_asr")),
-                "clean_acc": t_interval(held_out.clean_acc[k].tolist(), bounds=bounds_for("clean_acc")),
+                "betas": _betas(s, names) + (" one round late" if label == "reactive" else ""),
+                "return": t_interval(episodes.returns[k].tolist()),
+                "asr": t_interval(episodes.asr[k].tolist(), bounds=bounds_for("asr")),
+                "system_asr": t_interval(episodes.system_asr[k].tolist(), bounds=bounds_for("system_asr")),
+                "clean_acc": t_interval(episodes.clean_acc[k].tolist(), bounds=bounds_for("clean_acc")),
             }
-            for k, (label, s) in enumerate((("task-only", task_only), ("best fixed", best_fixed), ("best schedule", schedule)))
+            for label, s, episodes, k in labelled
         },
         "gap": gap,
+        "reactive_gap": paired_difference(reactive.returns[0].tolist(), held_out.returns[1].tolist()),
         "gap_share": None if not span.mean else gap.mean / span.mean,
         "asr_ratio": float(held_out.asr[2].mean() / held_out.asr[0].mean()) if held_out.asr[0].mean() > 0 else None,
         "system_asr_ratio": (
@@ -185,6 +197,9 @@ def print_report(result: dict) -> None:
     low = "—" if gap.low is None else f"{gap.low:+.3f}"
     print(f"gap schedule − best fixed: {gap.format(3)} (95% CI low {low}); share of schedule − task-only: {share}; "
           f"ASR schedule / task-only: {ratio}; system ASR schedule / task-only: {system_ratio}")
+    reactive = result["reactive_gap"]
+    reactive_low = "—" if reactive.low is None else f"{reactive.low:+.3f}"
+    print(f"gap reactive (schedule one round late) − best fixed: {reactive.format(3)} (95% CI low {reactive_low})")
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ def test_search_and_report_on_a_tiny_scenario():
     assert played >= 10 * 2
     assert np.all((scores.system_asr >= 0) & (scores.system_asr <= scores.asr + 1e-12))
     result = gap.report("quickstart", [0], [0, 1], TINY)
-    assert set(result["rows"]) == {"task-only", "best fixed", "best schedule"}
+    assert set(result["rows"]) == {"task-only", "best fixed", "best schedule", "reactive"}
+    assert result["reactive_gap"].n == 2
     for row in result["rows"].values():
         assert 0.0 <= row["system_asr"].mean <= 1.0 and 0.0 <= row["clean_acc"].mean <= 1.0
 
