@@ -22,6 +22,12 @@ For each scenario, every policy is evaluated under the frozen protocol
   largest, :func:`cmai_env.env.action_from_betas`); in the discrete env the nearest grid β
   is used (if the remaining weights sum to 0, they become equal).
 
+* **Against the best fixed β** (``--fixed-grid``): every β of the simplex grid (step ⅓,
+  :data:`cmai_env.env.DISCRETE_BETAS`) held for whole episodes joins the comparison as
+  ``fixed(β)``; the one with the highest mean return on these same seeds is the best fixed β
+  (chosen on the evaluation seeds, so it is favoured, not the trained policy), and each trained
+  policy (every policy given with ``--policies``) gets its paired return difference against it and
+  against ``proeat_dynamic``.
 * **Aggregates** (:mod:`agents.aggregate`, rliable): IQM and mean with stratified-bootstrap 95%
   intervals per policy and scenario (and over scenarios for rates), the probability of
   improvement of each trained policy over each baseline, and performance profiles
@@ -42,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 import cmai_env
-from agents.baselines import available_baselines, decode_action, encode_betas, make_baseline
+from agents.baselines import FixedWeightsPolicy, available_baselines, decode_action, encode_betas, make_baseline
 from agents.env_pool import EnvPool
 from agents.evaluation import EvaluationResult, evaluate_policy
 from agents.policy_resolution import policy_action_mode, policy_env_kwargs, resolve_policy
@@ -52,6 +58,7 @@ from agents.aggregate import HIGHER_IS_BETTER as AGGREGATE_DIRECTIONS
 from agents.aggregate import aggregate, plot_profiles
 from agents.aggregate import render_markdown as render_aggregate
 from agents.stats import Interval, bounds_for, paired_difference
+from cmai_env.env import DISCRETE_BETAS
 
 if TYPE_CHECKING:
     from agents.policies import GatingPolicy
@@ -164,6 +171,8 @@ class BenchmarkArgs:
     :param env_kwargs: scenario overrides for every evaluation.
     :param plots: write per-evaluation PNGs (and the rliable performance profiles).
     :param bootstrap_reps: resamples of the rliable stratified bootstrap (:mod:`agents.aggregate`).
+    :param fixed_grid: also evaluate every β of the simplex grid held fixed and compare each
+        trained policy with the best of them.
     """
 
     scenarios: Sequence[str]
@@ -176,6 +185,7 @@ class BenchmarkArgs:
     env_kwargs: dict[str, Any] | None = None
     plots: bool = True
     bootstrap_reps: int = 1000
+    fixed_grid: bool = False
 
 
 def _interval_json(interval: Interval) -> dict:
@@ -201,6 +211,28 @@ def _comparison_row(result: EvaluationResult, by_name: dict[str, EvaluationResul
     row["return"] = _interval_json(result.interval("return"))
     row["mean_betas"] = result.mean_betas().round(4).tolist()
     return row
+
+
+def fixed_grid_policies() -> list[FixedWeightsPolicy]:
+    """One fixed-β policy per point of the simplex grid (``DISCRETE_BETAS``), named ``fixed(β)``."""
+    return [FixedWeightsPolicy("fixed(" + ",".join(f"{b:.2f}" for b in betas) + ")", tuple(betas)) for betas in DISCRETE_BETAS]
+
+
+def _versus_best_fixed(by_name: dict[str, EvaluationResult], kinds: dict[str, str], given: Sequence[str]) -> dict[str, Any]:
+    """The grid's best fixed β by mean return, and each given policy's paired return gap to it."""
+    grid = [name for name, kind in kinds.items() if kind == "fixed_grid"]
+    best = max(grid, key=lambda name: by_name[name].interval("return").mean)
+    rows = []
+    for name in given:
+        returns = by_name[name].per_seed("return")
+        rows.append(
+            {
+                "policy": name,
+                "delta_return_vs_best_fixed": _interval_json(paired_difference(returns, by_name[best].per_seed("return"))),
+                "delta_return_vs_proeat_dynamic": _interval_json(paired_difference(returns, by_name["proeat_dynamic"].per_seed("return"))),
+            }
+        )
+    return {"best_fixed": best, "best_fixed_return": _interval_json(by_name[best].interval("return")), "rows": rows}
 
 
 def _ablation_rows(results: dict[str, EvaluationResult]) -> list[dict[str, Any]]:
@@ -262,7 +294,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in block["comparison"]:
-            label = row["policy"] + (" *(trained)*" if row["kind"] == "trained" else "")
+            label = row["policy"] + {"trained": " *(trained)*", "fixed_grid": " *(grid)*"}.get(row["kind"], "")
             cells = [
                 label,
                 _fmt(row["asr"]),
@@ -274,6 +306,20 @@ def render_markdown(report: dict[str, Any]) -> str:
                 _fmt(row["return"]),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        versus = block.get("versus_best_fixed")
+        if versus is not None:
+            lines += [
+                "",
+                "### Against the best fixed β",
+                "",
+                f"Best fixed β of the grid on these seeds: `{versus['best_fixed']}`, return {_fmt(versus['best_fixed_return'])} "
+                "(chosen on the evaluation seeds themselves, which favours it). Paired over seeds:",
+                "",
+                "| policy | Δ return vs best fixed β | Δ return vs proeat_dynamic |",
+                "|---|---|---|",
+            ]
+            for row in versus["rows"]:
+                lines.append(f"| {row['policy']} | {_fmt(row['delta_return_vs_best_fixed'])} | {_fmt(row['delta_return_vs_proeat_dynamic'])} |")
         lines += ["", "### Ablation", ""]
         for ablation in block["ablation"]:
             lines += [
@@ -341,7 +387,8 @@ def run_benchmark(args: BenchmarkArgs, log: Callable[[str], None] | None = None)
         with EnvPool() as pool:
             name, block, by_name, kinds = _benchmark_scenario(scenario, args, baseline_names, trained, fidelity, env_kwargs, pool, log)
         report["scenarios"][name] = block
-        scores[name] = {policy: {m: r.per_seed(m) for m in AGGREGATE_METRICS} for policy, r in by_name.items()}
+        # The grid's fixed β's have their own table ("Against the best fixed β"), not the aggregates.
+        scores[name] = {policy: {m: r.per_seed(m) for m in AGGREGATE_METRICS} for policy, r in by_name.items() if kinds[policy] != "fixed_grid"}
 
     # rliable: IQM/mean with stratified-bootstrap CIs, P(improvement) of each trained policy over
     # each baseline, performance profiles (beside the t-interval tables above).
@@ -392,6 +439,10 @@ def _benchmark_scenario(
         kinds[name] = "baseline"
         if name == "no_defense":
             reference = by_name[name].reference_clean_acc or True
+    if args.fixed_grid:
+        for policy in fixed_grid_policies():
+            by_name[policy.name] = evaluate(policy, reference)
+            kinds[policy.name] = "fixed_grid"
     given: list[tuple["GatingPolicy", str]] = []
     for policy in trained:
         if policy.name in by_name and kinds.get(policy.name) == "baseline":
@@ -427,6 +478,8 @@ def _benchmark_scenario(
         "comparison": [_comparison_row(by_name[name], by_name, kinds[name]) for name in by_name],
         "ablation": ablations,
     }
+    if args.fixed_grid:
+        block["versus_best_fixed"] = _versus_best_fixed(by_name, kinds, [policy.name for policy, _ in given])
     return scenario_name, block, by_name, kinds
 
 

@@ -121,6 +121,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 env_kwargs=parse_assignments(args.env_kwargs, ":", "--env-kwargs"),
                 plots=not args.no_plots,
                 bootstrap_reps=args.bootstrap_reps,
+                fixed_grid=args.fixed_grid,
             ),
             log=_log(args.quiet),
         )
@@ -319,6 +320,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     benchmark.add_argument("--out", required=True, help="output folder")
     benchmark.add_argument("--policies", nargs="*", default=[], help="trained run folders (or baseline:NAME) to compare and ablate")
     benchmark.add_argument("--baselines", nargs="*", default=None, help="subset of baselines (default: all)")
+    benchmark.add_argument("--fixed-grid", action="store_true",
+                           help="also run every β of the simplex grid (step 1/3) held fixed, and compare each trained policy with the best of them")
     benchmark.add_argument("--bootstrap-reps", type=int, default=1000, help="rliable stratified-bootstrap resamples for IQM/mean/P(improvement) CIs (default: 1000)")
     _add_common(benchmark)
     benchmark.set_defaults(func=cmd_benchmark)

@@ -267,6 +267,31 @@ def test_cli_benchmark_writes_comparison_and_ablation(tmp_path):
     assert (out / "quickstart" / "uniform" / "summary.json").is_file()
 
 
+def test_cli_benchmark_fixed_grid_finds_the_best_fixed_beta_and_pairs_the_given_policy_with_it(tmp_path):
+    out = tmp_path / "grid"
+    code = main(["benchmark", "--scenarios", "quickstart", "--seeds", "0", "1", "--fidelity", "embedding", "--out", str(out),
+                 "--baselines", "no_defense", "--policies", "baseline:uniform", "--fixed-grid", "--env-kwargs", *TINY,
+                 "--no-plots", "--quiet", "--bootstrap-reps", "100"])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    block = report["scenarios"]["quickstart"]
+    grid = {row["policy"]: row for row in block["comparison"] if row["kind"] == "fixed_grid"}
+    assert len(grid) == 10 and "fixed(0.00,1.00,0.00)" in grid
+    versus = block["versus_best_fixed"]
+    assert versus["best_fixed"] == max(grid, key=lambda name: grid[name]["return"]["mean"])
+    rows = {row["policy"]: row for row in block["comparison"]}
+    [row] = versus["rows"]
+    # uniform is the grid's (1/3, 1/3, 1/3): its gap to that grid point is 0 on every seed
+    assert row["policy"] == "uniform"
+    expected = rows["uniform"]["return"]["mean"] - rows[versus["best_fixed"]]["return"]["mean"]
+    assert row["delta_return_vs_best_fixed"]["mean"] == pytest.approx(expected)
+    assert row["delta_return_vs_best_fixed"]["mean"] <= 1e-9  # the best of the grid includes uniform's β
+    assert row["delta_return_vs_proeat_dynamic"]["mean"] == pytest.approx(rows["uniform"]["return"]["mean"] - rows["proeat_dynamic"]["return"]["mean"])
+    assert rows["fixed(0.33,0.33,0.33)"]["return"]["mean"] == pytest.approx(rows["uniform"]["return"]["mean"])
+    assert "### Against the best fixed β" in (out / "results.md").read_text()
+    assert not any(name.startswith("fixed(") for name in report["aggregate"]["per_scenario"]["quickstart"])  # grid: own table only
+
+
 # ------------------------------------------------------------------------------ quickstart
 def test_cli_quickstart_trains_evaluates_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "qs"
