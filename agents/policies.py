@@ -45,6 +45,7 @@ drives all of them with the same loop::
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -449,6 +450,16 @@ class SB3GatingPolicy:
 
     def observe(self, info: dict) -> None:
         return None
+
+    def __deepcopy__(self, memo: dict) -> "SB3GatingPolicy":
+        """A copy for another environment (batched evaluation makes one per seed): it shares the
+        model and the normalisation statistics, which acting only reads, and starts its own
+        recurrent state. Copying the model itself would fail for gSDE policies, whose exploration
+        matrix is a non-leaf tensor that ``copy.deepcopy`` refuses."""
+        twin = copy.copy(self)
+        twin.reset()
+        memo[id(self)] = twin
+        return twin
 
     def betas(self, action: np.ndarray) -> np.ndarray:
         """β = [β_task, β_consist, β_adv] that the environment derives from ``action``."""

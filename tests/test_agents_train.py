@@ -6,6 +6,7 @@ round 4 (so latencies get measured), small batches and 64-128 timesteps.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -245,6 +246,26 @@ def small_run(tmp_path: Path, algo: str, *extra: str) -> Path:
     for name in ("quickstart.zip", "best_model.zip", "evaluations.npz", "run.json", "quickstart/config.yml"):
         assert (run_dir / name).is_file(), name
     return run_dir
+
+
+def test_gsde_policy_evaluates_on_the_batched_env(tmp_path):
+    """A PPO gate trained with gSDE (shift_evasion's shipped entry) evaluates all its seeds in one
+    batch: the per-seed copies share the model, whose exploration matrix deepcopy refuses."""
+    rc = cli("train", "--algo", "ppo", "--scenario", "quickstart", "--timesteps", "64", "--seed", "0", "--n-envs", "2",
+             "--out", str(tmp_path / "runs"), "--env-kwargs", *SMALL_ENV, "fidelity:embedding",
+             "--set", "n_steps=32", "batch_size=32", "use_sde=true", "sde_sample_freq=-1", "--eval-freq", "0", *QUIET)
+    assert rc == 0
+    run_dir = only_run(tmp_path / "runs", "ppo")
+    policy = load_policy(run_dir)
+    assert policy.model.use_sde and not policy.model.policy.action_dist.exploration_mat.is_leaf
+    twin = copy.deepcopy(policy)
+    assert twin.model is policy.model and twin is not policy
+    obs = rollout_observations(policy, 4)
+    np.testing.assert_array_equal(twin.predict(obs[-1])[0], policy.predict(obs[-1])[0])
+    assert cli("evaluate", "--policy", str(run_dir), "--scenario", "quickstart", "--seeds", "0", "1",
+               "--out", str(tmp_path / "eval"), "--env-kwargs", *SMALL_ENV, "--no-plots", "--quiet") == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["metadata"]["seeds"] == [0, 1] and summary["metadata"]["fidelity"] == "embedding"
 
 
 def test_dqn_trains_on_the_discrete_grid(tmp_path):
