@@ -18,8 +18,9 @@ For each scenario, on the embedding fidelity's batched vector environment:
    schedule − task-only.
 
 The gap is the most a gate that knows the schedule could win over the best fixed weighting; the
-reactive gap is what a gate that reads the stream and plays the schedule's β can win. Scenarios with random schedules (``randomized_training``)
-have no fixed phase timeline to search over and are skipped.
+reactive gap is what a gate that reads the stream and plays the schedule's β can win. Scenarios
+with random schedules (``randomized_training``) have no fixed phase timeline to search over and
+are skipped.
 
     python benchmarks/adaptivity_gap.py [--scenarios abrupt_shift periodic] [--search-seeds 0 1 2 3 4] [--eval-seeds 0 1 2 3 4]
 """
