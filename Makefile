@@ -23,9 +23,14 @@ $(VENV)/.installed: $(ROOT)pyproject.toml
 run: venv
 	$(VENV)/bin/cmai quickstart $(QUICKSTART_ARGS)
 
-# The whole test suite (slow end-to-end tests included only when CMAI_SLOW=1).
+# The whole test suite (slow end-to-end tests included only when CMAI_SLOW=1), on TEST_WORKERS
+# pytest-xdist processes (one per core of the 2-core CI machine; tests pin torch to one thread).
+# `--dist loadfile` keeps each file on one worker, in order (the README test's commands build on
+# each other in one folder); `--no-loadscope-reorder` hands files out in collection order, where
+# tests/conftest.py puts the longest file first.
+TEST_WORKERS ?= 2
 test: venv
-	cd $(ROOT) && $(PY) -m pytest -q -ra
+	cd $(ROOT) && $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: venv
 	$(PY) $(ROOT)benchmarks/attacks.py

@@ -66,7 +66,12 @@ class ReferenceCache:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             record = {"clean_acc": value, "seed": int(seed), "episodes": int(episodes), "spec": spec.fingerprint()}
-            self._path(spec, seed, episodes).write_text(json.dumps(record))
+            path = self._path(spec, seed, episodes)
+            # Written beside and renamed into place: processes sharing the cache (parallel test
+            # workers, a sweep's evaluations) never read a half-written file.
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps(record))
+            os.replace(partial, path)
         except OSError:
             pass
 
