@@ -527,6 +527,21 @@ def test_shipped_hyperparams_use_the_gating_network():
         assert kwargs["net_arch"] == [] or kwargs["net_arch"]["pi"] == [], algo
 
 
+def test_every_scenario_entry_names_a_shipped_scenario_and_validates():
+    """A typo in an entry's name would silently train that scenario on ``default``."""
+    from agents.train import HYPERPARAMS_DIR
+    from cmai_env import scenarios_available
+
+    shipped = scenarios_available()
+    for path in sorted(HYPERPARAMS_DIR.glob("*.yml")):
+        algo = path.stem
+        for name in yaml.safe_load(path.read_text()):
+            assert name == "default" or name in shipped, f"{path.name}: entry {name!r} is no shipped scenario"
+            hyperparams = load_hyperparams(algo, name)
+            validate_hyperparams(algo, hyperparams)
+            resolve_policy_kwargs(hyperparams["policy_kwargs"])
+
+
 def test_gating_extractor_reads_selected_fields():
     import gymnasium as gym
 

@@ -36,10 +36,11 @@ def test_every_algorithm_converts_to_an_env_id_keyed_table(algo: str) -> None:
 
 def test_scenario_entry_and_gating_translation() -> None:
     ppo = zoo_hyperparams("ppo", "abrupt_shift")["cmai_env/CMAI-v0"]
-    assert ppo["n_steps"] == 256 and ppo["n_timesteps"] == 50000  # abrupt_shift's entry over default
+    # abrupt_shift's entry over default, its policy_kwargs merged over default's gating network
+    assert (ppo["n_steps"], ppo["n_timesteps"], ppo["n_envs"], ppo["gamma"], ppo["use_sde"]) == (64, 150000, 32, 0.95, True)
     assert zoo_hyperparams("ppo", "quickstart")["cmai_env/CMAI-v0"]["n_steps"] == 128
     kwargs = _eval_like_zoo(ppo["policy_kwargs"])
-    assert kwargs == {"net_arch": {"pi": [64, 64], "vf": [64]}, "log_std_init": -0.5, "activation_fn": nn.Tanh}
+    assert kwargs == {"net_arch": {"pi": [64, 64], "vf": [64]}, "log_std_init": -2.5, "activation_fn": nn.Tanh}
     with pytest.raises(ValueError, match="softsign"):
         policy_kwargs_expression({"gating": {"hidden_sizes": [8], "activation": "softsign"}})
 
