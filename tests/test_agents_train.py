@@ -518,28 +518,22 @@ def test_parse_assignments_reads_yaml_values():
     assert parse_assignments(["defense.lr:0.001", "episode_rounds:20"], ":", "--env-kwargs") == {"defense.lr": 0.001, "episode_rounds": 20}
 
 
-def test_shipped_hyperparams_use_the_gating_network():
-    for algo in ("ppo", "a2c", "sac", "td3", "dqn", "recurrent_ppo"):
-        hyperparams = load_hyperparams(algo, "quickstart")
-        validate_hyperparams(algo, hyperparams)
-        kwargs = resolve_policy_kwargs(hyperparams["policy_kwargs"])
-        assert kwargs["features_extractor_class"] is GatingExtractor, algo
-        assert kwargs["net_arch"] == [] or kwargs["net_arch"]["pi"] == [], algo
-
-
-def test_every_scenario_entry_names_a_shipped_scenario_and_validates():
+def test_every_shipped_entry_names_a_shipped_scenario_validates_and_uses_the_gating_network():
     """A typo in an entry's name would silently train that scenario on ``default``."""
     from agents.train import HYPERPARAMS_DIR
     from cmai_env import scenarios_available
+    from cmai_env.keyvalue import load_yaml
 
     shipped = scenarios_available()
-    for path in sorted(HYPERPARAMS_DIR.glob("*.yml")):
-        algo = path.stem
-        for name in yaml.safe_load(path.read_text()):
+    for algo in ("ppo", "a2c", "sac", "td3", "dqn", "recurrent_ppo"):
+        path = HYPERPARAMS_DIR / f"{algo}.yml"
+        for name in load_yaml(path):
             assert name == "default" or name in shipped, f"{path.name}: entry {name!r} is no shipped scenario"
             hyperparams = load_hyperparams(algo, name)
             validate_hyperparams(algo, hyperparams)
-            resolve_policy_kwargs(hyperparams["policy_kwargs"])
+            kwargs = resolve_policy_kwargs(hyperparams["policy_kwargs"])
+            assert kwargs["features_extractor_class"] is GatingExtractor, (algo, name)
+            assert kwargs["net_arch"] == [] or kwargs["net_arch"]["pi"] == [], (algo, name)
 
 
 def test_gating_extractor_reads_selected_fields():
