@@ -70,12 +70,32 @@ def print_summary(result: EvaluationResult) -> None:
     _console().print(table)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
+    return value
+
+
+def _set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU threads in this process (``None`` keeps torch's default)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from agents.evaluation import evaluate_policy
     from agents.policy_resolution import resolve_policy
     from cmai_env.keyvalue import parse_assignments
     from agents.output_dir import claim_output_dir
 
+    _set_threads(args.threads)
     policy = resolve_policy(args.policy, device=args.device)
     env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     if args.device != "cpu":
@@ -108,6 +128,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from cmai_env.keyvalue import parse_assignments
     from agents.output_dir import claim_output_dir
 
+    _set_threads(args.threads)
     with claim_output_dir(args.out, ("results.json", "results.md"), overwrite=args.overwrite):
         report = run_benchmark(
             BenchmarkArgs(
@@ -293,6 +314,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out (default: refuse, so nothing is lost)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines or tables")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads of this process (default: torch's, one per core); 1 when several runs share the cores")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -336,6 +336,8 @@ def prepare(args: TrainArgs) -> PreparedRun:
             raise ValueError(f"{name} must be >= 0 (0 disables it), got {value}")
     if args.eval_episodes < 1:
         raise ValueError(f"eval_episodes must be at least 1, got {args.eval_episodes}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"threads must be at least 1, got {args.threads}")
     hyperparams["n_timesteps"] = int(timesteps)
     hyperparams["n_envs"] = n_envs
     hyperparams.setdefault("policy", "MlpPolicy")
@@ -459,9 +461,13 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
         resumed = read_run(args.resume)
         if resumed.record.get("status") == "finished":
             raise ValueError(f"{args.resume} already finished ({resumed.record.get('timesteps_done')} steps); nothing to resume")
-        args = dataclasses.replace(resume_args(args.resume), progress=args.progress, verbose=args.verbose)
+        args = dataclasses.replace(resume_args(args.resume), progress=args.progress, verbose=args.verbose, threads=args.threads)
     # 1. Validate everything before writing anything.
     plan = prepare(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     hp = plan.hyperparams
     # On-policy algorithms change the policy once per rollout (n_steps × n_envs steps): evaluating or
     # checkpointing more often than that repeats work on the same policy (and swamps tiny budgets).
@@ -535,10 +541,10 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
 
     # 4. Learn, then save the final model and the normalisation statistics it expects. Ctrl-C
     #    saves what was learnt so far.
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         manager.learn(model)
-        wall_time = time.perf_counter() - start
+        wall_time, cpu_time = time.perf_counter() - start, time.process_time() - cpu_start
         manager.save_trained_model(model)
     except KeyboardInterrupt:
         manager.save_trained_model(model)
@@ -560,6 +566,7 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
         status="finished",
         finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         wall_time_s=round(wall_time + float(record.get("wall_time_s") or 0.0), 3),
+        cpu_time_s=round(cpu_time + float(record.get("cpu_time_s") or 0.0), 3),
         setup_time_s=round(setup_time, 3),
         timesteps_done=int(model.num_timesteps),
         tensorboard_dir=None if args.tensorboard is None else model.logger.get_dir(),
@@ -567,6 +574,13 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
     )
     _write_record(run_dir, record)
     return TrainingResult(run_dir=run_dir, model=model, env=env, record=record)
+
+
+def _threads() -> int:
+    """torch's CPU threads in this process (set by ``--threads``, else torch's default)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _new_record(args: TrainArgs, plan: PreparedRun, scenario_name: str) -> dict[str, Any]:
@@ -588,6 +602,7 @@ def _new_record(args: TrainArgs, plan: PreparedRun, scenario_name: str) -> dict[
         "n_envs": plan.n_envs,
         "fidelity": plan.env_kwargs.get("fidelity"),
         "device": args.device,
+        "threads": _threads(),
         "normalize": bool(plan.hyperparams.get("normalize", False)),
         "model": f"{scenario_name}.zip",
         "versions": _versions(),

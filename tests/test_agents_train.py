@@ -82,11 +82,12 @@ def rollout_observations(policy: SB3GatingPolicy, n: int = 8) -> list[np.ndarray
 def ppo_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("runs")
     tb = root / "tb"
+    torch.set_num_threads(2)  # --threads 1 below must set it back (the module runs on one thread)
     rc = cli(
         "train", "--algo", "ppo", "--scenario", "quickstart", "--timesteps", "128", "--seed", "3", "--n-envs", "1",
         "--out", str(root), "--tensorboard", str(tb), "--env-kwargs", *SMALL_ENV,
         "--set", "n_steps=64", "batch_size=32", "learning_rate=1e-3", "--set", "policy_kwargs.gating.hidden_sizes=[32,32]",
-        "--eval-freq", "64", "--eval-episodes", "1", "--checkpoint-freq", "64", *QUIET,
+        "--eval-freq", "64", "--eval-episodes", "1", "--checkpoint-freq", "64", "--threads", "1", *QUIET,
     )
     assert rc == 0
     return only_run(root, "ppo"), tb
@@ -102,7 +103,8 @@ def test_train_writes_the_zoo_run_folder(ppo_run):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["algo"] == "ppo" and record["env_id"] == CONTINUOUS_ENV_ID and record["status"] == "finished"
     assert record["seed"] == 3 and record["timesteps"] == 128 and record["timesteps_done"] == 128
-    assert record["versions"]["cmai"] and record["wall_time_s"] > 0
+    assert record["versions"]["cmai"] and record["wall_time_s"] > 0 and record["cpu_time_s"] > 0
+    assert record["threads"] == 1 == torch.get_num_threads()  # --threads 1 (the fixture had set 2)
     # The scenario copy is byte-identical to the shipped file and its hash is recorded.
     copy = (run_dir / "quickstart/scenario.yml").read_bytes()
     shipped = Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.yaml"
@@ -491,6 +493,7 @@ def test_tune_writes_best_hyperparams(tmp_path, monkeypatch):
         (["--hyperparams", "nowhere.yml"], "nowhere.yml"),
         (["--set", "policy_kwargs.gating.activation=sigmoid"], "'sigmoid'"),
         (["--set", "learning_rate=lin_fast"], "lin_fast"),
+        (["--threads", "0"], "threads must be at least 1, got 0"),
     ],
 )
 def test_bad_inputs_exit_2_naming_the_value(tmp_path, capsys, argv, needle):

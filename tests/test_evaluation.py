@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import cmai_env
 from agents.evaluation import (
@@ -237,10 +238,11 @@ def test_bad_benchmark_policy_exits_1(tmp_path, capsys):
 # ------------------------------------------------------------------------------ benchmark
 def test_cli_benchmark_writes_comparison_and_ablation(tmp_path):
     out = tmp_path / "bench"
+    torch.set_num_threads(2)  # --threads 1 below must set it back to the suite's one thread
     code = main(["benchmark", "--scenarios", "quickstart", "--seeds", "0", "1", "--fidelity", "embedding", "--out", str(out),
                  "--baselines", "no_defense", "uniform", "--policies", "baseline:detector_switch", "--env-kwargs", *TINY,
-                 "--no-plots", "--quiet"])
-    assert code == 0
+                 "--no-plots", "--quiet", "--threads", "1"])
+    assert code == 0 and torch.get_num_threads() == 1
     report = json.loads((out / "results.json").read_text())
     block = report["scenarios"]["quickstart"]
     names = [row["policy"] for row in block["comparison"]]
