@@ -1,0 +1,161 @@
+"""Does a learned gate beat every fixed weighting? Train the shipped PPO entries, then compare.
+
+Issue 10's point 6, reproduced by one command. For each scenario (default: those with their own
+entry in ``agents/hyperparams/ppo.yml``), in parallel over ``--jobs`` processes of one torch
+thread each:
+
+1. ``cmai train --algo ppo --scenario S --seed K --threads 1`` with the shipped hyperparameters
+   (what a user types), for each training seed K;
+2. ``cmai benchmark --scenarios S --policies RUN --fixed-grid`` on the evaluation seeds: every
+   baseline, every β of the simplex grid (step 1/3) held fixed, and the gating ablation;
+3. with ``--schedule-gap``, ``benchmarks/adaptivity_gap.py``'s best per-phase schedule on the
+   same evaluation seeds, to say what share of the schedule's gap the gate captures:
+   (gate − the search's best fixed β) / (schedule − that β), both replayed on those seeds.
+
+Printed per scenario and training seed: the learning's CPU minutes, the gate's return, the best
+fixed β of the grid (picked on the evaluation seeds themselves, which favours it) and the
+paired 95% CIs of gate − best fixed β and gate − ``proeat_dynamic``, the gate's and task-only's
+system ASR, its clean-accuracy drop against ``no_defense``, what its own mean β held fixed
+loses (whether the *adapting* pays, not a better constant), and whether point 6 holds: both CIs
+above 0 within 20 CPU-minutes of training (and ≥ 50% of the schedule gap when it is measured).
+
+    python benchmarks/learned_gate.py [--scenarios periodic abrupt_shift] [--train-seeds 0 1] [--eval-seeds 0 1 2 3 4]
+
+A full run trains ~15 CPU-minutes per scenario and seed; ``--timesteps`` and ``--env-kwargs``
+shrink it (the test suite does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: Point 6's thresholds: training budget, share of the schedule gap.
+CPU_MINUTES_BUDGET = 20.0
+SCHEDULE_SHARE = 0.5
+
+
+def scenarios_with_entries() -> list[str]:
+    """Scenarios that have their own entry in the shipped ``ppo.yml`` (not ``default``, not ``quickstart``)."""
+    from agents.train import HYPERPARAMS_DIR
+    from cmai_env.keyvalue import load_yaml
+
+    return [name for name in load_yaml(HYPERPARAMS_DIR / "ppo.yml") if name not in ("default", "quickstart")]
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one gate and benchmark it (one process, one thread); the summary row for the table."""
+    import torch
+
+    torch.set_num_threads(1)
+    from agents.benchmark import BenchmarkArgs, run_benchmark
+    from agents.train import train
+    from agents.train_args import TrainArgs
+    from cmai_env.scenario import load_scenario
+
+    scenario, seed, out = job["scenario"], job["seed"], Path(job["out"])
+    run_dir = train(TrainArgs(algo="ppo", scenario=scenario, seed=seed, timesteps=job["timesteps"], out=out / "runs",
+                              env_kwargs=dict(job["env_kwargs"]), threads=1, progress=False, verbose=0))
+    record = json.loads((run_dir / "run.json").read_text())
+    report = run_benchmark(BenchmarkArgs(scenarios=[scenario], out=out / f"benchmark_{scenario}_seed{seed}", seeds=job["eval_seeds"],
+                                         policies=[str(run_dir)], env_kwargs=dict(job["env_kwargs"]), plots=False, fixed_grid=True))
+    block = report["scenarios"][scenario]
+    rows = {row["policy"]: row for row in block["comparison"]}
+    versus = block["versus_best_fixed"]
+    gate_row = versus["rows"][0]
+    gate = rows[gate_row["policy"]]
+    variants = {v["variant"]: v for v in block["ablation"][0]["variants"]}
+    row = {
+        "scenario": scenario, "seed": seed, "run": str(run_dir), "cpu_minutes": record["cpu_time_s"] / 60,
+        "return": gate["return"], "best_fixed": versus["best_fixed"], "best_fixed_return": versus["best_fixed_return"],
+        "vs_best_fixed": gate_row["delta_return_vs_best_fixed"], "vs_proeat_dynamic": gate_row["delta_return_vs_proeat_dynamic"],
+        "system_asr": gate["system_asr"], "task_only_system_asr": rows["no_defense"]["system_asr"],
+        "clean_acc_drop": gate["clean_acc_drop"], "mean_betas": gate["mean_betas"],
+        "fixed_mean_delta": variants["fixed_mean"]["delta_return_vs_full"],
+    }
+    if job["schedule_gap"] and load_scenario(scenario).schedule != "random":  # a random schedule has no timeline to search
+        import adaptivity_gap
+
+        gap = adaptivity_gap.report(scenario, job["search_seeds"], job["eval_seeds"], dict(job["env_kwargs"]))
+        row["schedule_gap"] = gap["gap"].mean
+        row["schedule_best_fixed_return"] = gap["rows"]["best fixed"]["return"].mean
+    return row
+
+
+def schedule_share(row: dict[str, Any]) -> float | None:
+    """(gate − the schedule search's best fixed β) / (schedule − that β), on the evaluation seeds; ``None``: not measured."""
+    if row.get("schedule_gap") is None or row["schedule_gap"] <= 0:
+        return None
+    return (row["return"]["mean"] - row["schedule_best_fixed_return"]) / row["schedule_gap"]
+
+
+def point6_holds(row: dict[str, Any]) -> bool:
+    """Both paired CIs above 0 within the CPU budget (and ≥ half the schedule gap when measured)."""
+    above = all(row[key]["ci95"][0] > 0 for key in ("vs_best_fixed", "vs_proeat_dynamic"))
+    share = schedule_share(row)
+    captured = "schedule_gap" not in row or (share is not None and share >= SCHEDULE_SHARE)
+    return above and captured and row["cpu_minutes"] <= CPU_MINUTES_BUDGET
+
+
+def _ci(entry: dict[str, Any]) -> str:
+    return f"{entry['mean']:+.3f} ± {entry['half_width']:.3f}"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = (f"{'scenario':18} {'seed':>4} {'CPU-min':>7} {'gate return':>17} {'best fixed β':24} {'gate − best fixed':>18} "
+              f"{'gate − proeat_dyn':>18} {'system ASR gate / task-only':>27} {'clean drop':>10} {'own mean β fixed':>17} {'share':>6}  point 6")
+    print(header)
+    for row in rows:
+        share = "—" if schedule_share(row) is None else f"{schedule_share(row):.0%}"
+        best = f"{row['best_fixed']} {row['best_fixed_return']['mean']:.3f}"
+        print(f"{row['scenario']:18} {row['seed']:>4} {row['cpu_minutes']:7.1f} {row['return']['mean']:9.3f} ± {row['return']['half_width']:5.3f} "
+              f"{best:24} {_ci(row['vs_best_fixed']):>18} {_ci(row['vs_proeat_dynamic']):>18} "
+              f"{row['system_asr']['mean']:12.3f} / {row['task_only_system_asr']['mean']:.3f}{'':7} {row['clean_acc_drop']['mean']:10.3f} "
+              f"{_ci(row['fixed_mean_delta']):>17} {share:>6}  {'holds' if point6_holds(row) else 'no'}")
+
+
+def main() -> None:
+    from cmai_env.keyvalue import parse_assignments
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=None, help="default: every scenario with its own ppo.yml entry")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the schedule search's seeds (--schedule-gap)")
+    parser.add_argument("--schedule-gap", action="store_true", help="also search the best per-phase schedule (~4 CPU-min per scenario)")
+    parser.add_argument("--timesteps", type=int, default=None, help="training steps (default: each entry's n_timesteps)")
+    parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides for training and evaluation")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes, one torch thread each (default: one per core)")
+    parser.add_argument("--out", default="runs/learned_gate", help="run folders and benchmark reports (default: runs/learned_gate)")
+    args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be ≥ 1, got {args.jobs}")
+    env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
+    scenarios = args.scenarios or scenarios_with_entries()
+    jobs = [{"scenario": s, "seed": k, "out": str(Path(args.out)), "timesteps": args.timesteps, "env_kwargs": env_kwargs,
+             "eval_seeds": list(args.eval_seeds), "search_seeds": list(args.search_seeds), "schedule_gap": args.schedule_gap}
+            for s in scenarios for k in args.train_seeds]
+    print(f"learned gate vs fixed β: {len(jobs)} training(s) ({', '.join(scenarios)}; seeds {args.train_seeds}), "
+          f"evaluation seeds {args.eval_seeds}, {args.jobs} process(es) of one thread", flush=True)
+    started = time.perf_counter()
+    if args.jobs == 1 or len(jobs) == 1:
+        rows = [run_one(job) for job in jobs]
+    else:
+        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+            rows = pool.map(run_one, jobs, chunksize=1)
+    print_table(rows)
+    held = sorted({r["scenario"] for r in rows if point6_holds(r)})
+    print(f"\npoint 6 holds for {sum(point6_holds(r) for r in rows)}/{len(rows)} trainings; scenarios: {', '.join(held) or 'none'} "
+          f"({time.perf_counter() - started:.0f} s wall)")
+
+
+if __name__ == "__main__":
+    main()

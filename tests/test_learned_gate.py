@@ -1,0 +1,64 @@
+"""benchmarks/learned_gate.py: trains a shipped entry, benchmarks it against the fixed grid, judges point 6."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_gate.py"
+#: periodic shrunk to one 6-round cycle on small batches (its entry's 32 envs × 64 steps still make one rollout).
+TINY = {"episode_rounds": 6, "repeat": 1, "phases.0.rounds": 2, "phases.1.rounds": 2, "phases.2.rounds": 2,
+        "batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32}
+
+
+@pytest.fixture(scope="module")
+def learned_gate():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports adaptivity_gap beside it
+    spec = importlib.util.spec_from_file_location("learned_gate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _interval(mean: float, low: float) -> dict:
+    return {"mean": mean, "half_width": mean - low, "ci95": [low, 2 * mean - low]}
+
+
+def test_default_scenarios_are_the_shipped_entries(learned_gate):
+    names = learned_gate.scenarios_with_entries()
+    assert {"shift_evasion", "abrupt_shift", "detector_evasion", "periodic"} <= set(names)
+    assert "default" not in names and "quickstart" not in names
+
+
+def test_point6_needs_both_cis_above_zero_the_budget_and_half_the_schedule_gap(learned_gate):
+    row = {"vs_best_fixed": _interval(3.0, 1.0), "vs_proeat_dynamic": _interval(9.0, 7.0), "cpu_minutes": 15.0,
+           "return": {"mean": 50.0}}
+    assert learned_gate.point6_holds(row)  # no schedule gap measured: the CIs and budget decide
+    assert not learned_gate.point6_holds({**row, "vs_best_fixed": _interval(3.0, -0.5)})
+    assert not learned_gate.point6_holds({**row, "cpu_minutes": 21.0})
+    measured = {**row, "schedule_gap": 4.0, "schedule_best_fixed_return": 47.5}
+    assert learned_gate.schedule_share(measured) == pytest.approx(0.625) and learned_gate.point6_holds(measured)
+    assert not learned_gate.point6_holds({**measured, "schedule_best_fixed_return": 49.0})  # 25% of the gap
+    assert learned_gate.schedule_share({**measured, "schedule_gap": 0.0}) is None
+    assert not learned_gate.point6_holds({**measured, "schedule_gap": 0.0})
+
+
+def test_run_one_trains_the_shipped_entry_and_reads_the_benchmark(learned_gate, tmp_path, capsys):
+    job = {"scenario": "periodic", "seed": 0, "out": str(tmp_path), "timesteps": 64, "env_kwargs": TINY,
+           "eval_seeds": [0, 1], "search_seeds": [0], "schedule_gap": False}
+    row = learned_gate.run_one(job)
+    record = json.loads((Path(row["run"]) / "run.json").read_text())
+    assert record["threads"] == 1 and record["n_envs"] == 32  # the shipped periodic entry, one thread
+    assert row["cpu_minutes"] == pytest.approx(record["cpu_time_s"] / 60) and row["cpu_minutes"] > 0
+    assert row["best_fixed"].startswith("fixed(")
+    assert row["return"]["mean"] - row["best_fixed_return"]["mean"] == pytest.approx(row["vs_best_fixed"]["mean"])
+    for key in ("system_asr", "task_only_system_asr"):
+        assert 0.0 <= row[key]["mean"] <= 1.0
+    assert len(row["mean_betas"]) == 3 and "fixed_mean_delta" in row
+    learned_gate.print_table([row])
+    printed = capsys.readouterr().out
+    assert "periodic" in printed and row["best_fixed"] in printed
