@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from cmai_env.cli.common import positive_int
+
 if TYPE_CHECKING:  # the heavy modules (gymnasium, torch, scipy) load only when a command runs
     from agents.results import EvaluationResult
     from agents.stats import Interval
@@ -68,17 +70,6 @@ def print_summary(result: EvaluationResult) -> None:
         interval = result.interval(name)
         table.add_row(f"latency/{name} ({entry['measured']}/{entry['shifts']} shifts)", _fmt(interval, 1 if name.endswith("ms") else 2), str(interval.n))
     _console().print(table)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
-    return value
 
 
 def _set_threads(threads: int | None) -> None:

@@ -64,6 +64,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
@@ -465,8 +466,6 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
     # 1. Validate everything before writing anything.
     plan = prepare(args)
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
     hp = plan.hyperparams
     # On-policy algorithms change the policy once per rollout (n_steps × n_envs steps): evaluating or
@@ -576,13 +575,6 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
     return TrainingResult(run_dir=run_dir, model=model, env=env, record=record)
 
 
-def _threads() -> int:
-    """torch's CPU threads in this process (set by ``--threads``, else torch's default)."""
-    import torch
-
-    return torch.get_num_threads()
-
-
 def _new_record(args: TrainArgs, plan: PreparedRun, scenario_name: str) -> dict[str, Any]:
     """``run.json`` of a new run (status ``running``)."""
     return {
@@ -602,7 +594,7 @@ def _new_record(args: TrainArgs, plan: PreparedRun, scenario_name: str) -> dict[
         "n_envs": plan.n_envs,
         "fidelity": plan.env_kwargs.get("fidelity"),
         "device": args.device,
-        "threads": _threads(),
+        "threads": torch.get_num_threads(),  # set by --threads, else torch's default
         "normalize": bool(plan.hyperparams.get("normalize", False)),
         "model": f"{scenario_name}.zip",
         "versions": _versions(),

@@ -28,7 +28,6 @@ shrink it (the test suite does).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -53,18 +52,17 @@ def scenarios_with_entries() -> list[str]:
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train one gate and benchmark it (one process, one thread); the summary row for the table."""
-    import torch
-
-    torch.set_num_threads(1)
     from agents.benchmark import BenchmarkArgs, run_benchmark
+    from agents.policies import read_run
     from agents.train import train
     from agents.train_args import TrainArgs
     from cmai_env.scenario import load_scenario
 
     scenario, seed, out = job["scenario"], job["seed"], Path(job["out"])
+    # threads=1 pins this process to one torch thread for the training and everything after it
     run_dir = train(TrainArgs(algo="ppo", scenario=scenario, seed=seed, timesteps=job["timesteps"], out=out / "runs",
                               env_kwargs=dict(job["env_kwargs"]), threads=1, progress=False, verbose=0))
-    record = json.loads((run_dir / "run.json").read_text())
+    record = read_run(run_dir).record
     report = run_benchmark(BenchmarkArgs(scenarios=[scenario], out=out / f"benchmark_{scenario}_seed{seed}", seeds=job["eval_seeds"],
                                          policies=[str(run_dir)], env_kwargs=dict(job["env_kwargs"]), plots=False, fixed_grid=True))
     block = report["scenarios"][scenario]
@@ -123,6 +121,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
+    from cmai_env.cli.common import positive_int
     from cmai_env.keyvalue import parse_assignments
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -133,11 +132,9 @@ def main() -> None:
     parser.add_argument("--schedule-gap", action="store_true", help="also search the best per-phase schedule (~4 CPU-min per scenario)")
     parser.add_argument("--timesteps", type=int, default=None, help="training steps (default: each entry's n_timesteps)")
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides for training and evaluation")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes, one torch thread each (default: one per core)")
+    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel processes, one torch thread each (default: one per core)")
     parser.add_argument("--out", default="runs/learned_gate", help="run folders and benchmark reports (default: runs/learned_gate)")
     args = parser.parse_args()
-    if args.jobs < 1:
-        parser.error(f"--jobs must be ≥ 1, got {args.jobs}")
     env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     scenarios = args.scenarios or scenarios_with_entries()
     jobs = [{"scenario": s, "seed": k, "out": str(Path(args.out)), "timesteps": args.timesteps, "env_kwargs": env_kwargs,

@@ -16,6 +16,17 @@ def parse_budget(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number or fraction like 8/255, got {text!r}") from exc
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1 (``--threads``, ``--jobs``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
+    return value
+
+
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="cmai-tiny", help="architecture name (default: cmai-tiny)")
     parser.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint path (default: embedded weights)")
