@@ -387,6 +387,13 @@ def test_cli_rejects_bad_weights(capsys):
     assert "β_consist=nan" in capsys.readouterr().err
 
 
+def test_cli_rejects_zero_threads(capsys):
+    # Like cmai train/evaluate/benchmark: 0 threads is refused with the flag named, not clamped to 1.
+    with pytest.raises(SystemExit):
+        main(["adv-train", "--threads", "0"])
+    assert "--threads: expected an integer ≥ 1, got '0'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- fit
 def test_fit_epochs_and_cosine_schedule_reset(task, data):
     trainer = trainer_for(task, defended="projection", attack_steps=1, lr=1e-3)

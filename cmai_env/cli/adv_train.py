@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from cmai_env.cli.common import add_backbone_args, emit, parse_budget
+from cmai_env.cli.common import add_backbone_args, emit, parse_budget, positive_int
 
 #: attack name → parameters of the before/after evaluation: image PGD, a text attack, and the
 #: two cross-modal bridges.
@@ -123,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=parse_weights, default=(1.0, 0.1, 1.0), help="β_task,β_consist,β_adv (default: 1,0.1,1)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64; FARE: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, PGD starts and shuffling (default: 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument(
         "--robust-eval", choices=[*ROBUST_EVALS, "none"], default="apgd",
         help="AutoAttack-grade evaluation reported beside PGD-10 as 'autoattack': its white-box APGD-CE → APGD-T part "
@@ -192,7 +192,7 @@ def run_adv_train(args: argparse.Namespace) -> int:
     if args.budget_minutes < 0:
         raise ValueError(f"--budget-minutes must be ≥ 0, got {args.budget_minutes}")
     if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
     if getattr(backbone, "generative", False):
