@@ -124,6 +124,8 @@ class TuneArgs:
     :param fidelity: environment fidelity, ``embedding`` or ``pixel``.
     :param device: torch device (cpu, cuda).
     :param timeout: stop starting new trials after this many seconds; ``None``: no limit.
+    :param threads: torch CPU threads of this process; ``None``: torch's default (one per core).
+        Pass 1 when the study shares the cores with other runs (see ``cmai train --threads``).
     :param verbose: 0 quiet, 1 one line per trial.
     """
 
@@ -144,6 +146,7 @@ class TuneArgs:
     fidelity: str = field(default="embedding", metadata={"choices": FIDELITIES})
     device: str = "cpu"
     timeout: float | None = None
+    threads: int | None = None
     verbose: int = 1
 
 

@@ -455,13 +455,17 @@ def test_options_are_generated_from_the_argument_dataclasses():
 def test_tune_writes_best_hyperparams(tmp_path, monkeypatch):
     from rl_zoo3.exp_manager import ExperimentManager
 
+    threads_set: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n, _set=torch.set_num_threads: threads_set.append(n) or _set(n))
+
     trials = []
     objective = ExperimentManager.objective
     monkeypatch.setattr(ExperimentManager, "objective", lambda self, trial: trials.append(trial.number) or objective(self, trial))
     out = tmp_path / "tune"
     rc = cli("tune", "--algo", "ppo", "--scenario", "quickstart", "--trials", "2", "--timesteps", "128", "--seed", "0",
-             "--out", str(out), "--env-kwargs", *SMALL_ENV, "--n-evaluations", "2", "--verbose", "0")
+             "--out", str(out), "--env-kwargs", *SMALL_ENV, "--n-evaluations", "2", "--verbose", "0", "--threads", "1")
     assert rc == 0
+    assert threads_set[:1] == [1]  # --threads reached torch before the study started
     best = yaml.safe_load((out / "best_hyperparams.yml").read_text())
     assert set(best) == {"quickstart"}
     hyperparams = load_hyperparams("ppo", "quickstart", out / "best_hyperparams.yml")
@@ -512,6 +516,12 @@ def test_hyperparameters_the_algorithm_rejects_leave_no_run_folder(tmp_path, cap
 def test_tune_rejects_unknown_algo(tmp_path, capsys):
     assert cli("tune", "--algo", "nope", "--out", str(tmp_path)) == 1
     assert "'nope'" in capsys.readouterr().err
+
+
+def test_tune_rejects_zero_threads(tmp_path, capsys):
+    assert cli("tune", "--threads", "0", "--out", str(tmp_path / "tune")) == 1
+    assert "threads must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "tune").exists()  # refused before anything was written
 
 
 # ------------------------------------------------------------------------------ units
