@@ -408,7 +408,7 @@ def test_cli_list_and_show(capsys):
     yaml_part, _, timeline = out.partition("# expanded timeline")
     assert yaml.safe_load(yaml_part)["name"] == "gradual_drift"
     assert validate_scenario(yaml.safe_load(yaml_part)) == load_scenario("gradual_drift"), "show prints a loadable scenario"
-    assert "56 rounds" in timeline and timeline.count("*") >= 3 and "~6 rounds" in timeline
+    assert "64 rounds" in timeline and timeline.count("*") >= 3 and "~6 rounds" in timeline
 
 
 def test_readme_scenario_example_validates(tmp_path):
