@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from cmai_env.cli.common import positive_int
+from cmai_env.cli.common import positive_int, set_torch_threads
 
 if TYPE_CHECKING:  # the heavy modules (gymnasium, torch, scipy) load only when a command runs
     from agents.results import EvaluationResult
@@ -72,21 +72,13 @@ def print_summary(result: EvaluationResult) -> None:
     _console().print(table)
 
 
-def _set_threads(threads: int | None) -> None:
-    """``--threads``: torch's CPU threads in this process (``None`` keeps torch's default)."""
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from agents.evaluation import evaluate_policy
     from agents.policy_resolution import resolve_policy
     from cmai_env.keyvalue import parse_assignments
     from agents.output_dir import claim_output_dir
 
-    _set_threads(args.threads)
+    set_torch_threads(args.threads)
     policy = resolve_policy(args.policy, device=args.device)
     env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     if args.device != "cpu":
@@ -119,7 +111,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from cmai_env.keyvalue import parse_assignments
     from agents.output_dir import claim_output_dir
 
-    _set_threads(args.threads)
+    set_torch_threads(args.threads)
     with claim_output_dir(args.out, ("results.json", "results.md"), overwrite=args.overwrite):
         report = run_benchmark(
             BenchmarkArgs(

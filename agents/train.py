@@ -76,6 +76,7 @@ from agents.callbacks import CMAIMetricsCallback, FinalEvalCallback
 from agents.protocol import EVAL_SEED_OFFSET
 from agents.train_args import FIDELITIES, TrainArgs  # noqa: F401 (TrainArgs is part of this module's API)
 from agents.policies import ENV_ID_FOR_ALGO, RUN_FILE, RunInfo, normalization_for, algo_class, read_run, resolve_policy_kwargs
+from cmai_env.cli.common import set_torch_threads, validate_threads
 from cmai_env.keyvalue import load_yaml, load_yaml_mapping, parse_assignments, parse_value, set_dotted  # noqa: F401 (re-exported)
 from agents.safe_load import file_sha256, read_model_data, read_model_metadata, save_normalization, write_model_metadata
 
@@ -337,8 +338,7 @@ def prepare(args: TrainArgs) -> PreparedRun:
             raise ValueError(f"{name} must be >= 0 (0 disables it), got {value}")
     if args.eval_episodes < 1:
         raise ValueError(f"eval_episodes must be at least 1, got {args.eval_episodes}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"threads must be at least 1, got {args.threads}")
+    validate_threads(args.threads)
     hyperparams["n_timesteps"] = int(timesteps)
     hyperparams["n_envs"] = n_envs
     hyperparams.setdefault("policy", "MlpPolicy")
@@ -465,8 +465,7 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
         args = dataclasses.replace(resume_args(args.resume), progress=args.progress, verbose=args.verbose, threads=args.threads)
     # 1. Validate everything before writing anything.
     plan = prepare(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     hp = plan.hyperparams
     # On-policy algorithms change the policy once per rollout (n_steps × n_envs steps): evaluating or
     # checkpointing more often than that repeats work on the same policy (and swamps tiny budgets).

@@ -36,13 +36,13 @@ from unittest import mock
 
 import numpy as np
 import optuna
-import torch
 import yaml
 from stable_baselines3.common.utils import set_random_seed
 
 from agents.train_args import TuneArgs
 from agents.policies import ENV_ID_FOR_ALGO, algo_class, resolve_policy_kwargs
 from agents.train import load_hyperparams, parse_assignments, resolve_scenario, set_dotted, validate_hyperparams
+from cmai_env.cli.common import set_torch_threads
 
 
 def sample_hyperparams(trial: optuna.Trial, algo: str, n_envs: int = 1) -> dict[str, Any]:
@@ -125,10 +125,7 @@ def tune(args: TuneArgs) -> Path:
     for name in ("trials", "timesteps", "n_evaluations", "eval_episodes", "n_envs"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(args, name)}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     env_kwargs.setdefault("fidelity", args.fidelity)
     scenario = resolve_scenario(args.scenario, env_kwargs)

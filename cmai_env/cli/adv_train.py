@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from cmai_env.cli.common import add_backbone_args, emit, parse_budget, positive_int
+from cmai_env.cli.common import add_backbone_args, emit, parse_budget, positive_int, set_torch_threads
 
 #: attack name → parameters of the before/after evaluation: image PGD, a text attack, and the
 #: two cross-modal bridges.
@@ -191,8 +191,7 @@ def run_adv_train(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be ≥ 1, got {value}")
     if args.budget_minutes < 0:
         raise ValueError(f"--budget-minutes must be ≥ 0, got {args.budget_minutes}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     torch.manual_seed(args.seed)
     backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
     if getattr(backbone, "generative", False):
