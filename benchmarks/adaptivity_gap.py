@@ -18,9 +18,11 @@ For each scenario, on the embedding fidelity's batched vector environment:
    schedule − task-only.
 
 The gap is the most a gate that knows the schedule could win over the best fixed weighting; the
-reactive gap is what a gate that reads the stream and plays the schedule's β can win. Scenarios
-with random schedules (``randomized_training``) have no fixed phase timeline to search over and
-are skipped.
+reactive gap is what a gate that reads the stream and plays the schedule's β can win. A schedule
+holds one β per phase *name*, and every environment plays it on its own timeline, so a random
+schedule (``randomized_training``: a new phase order and new lengths per seed) is measured too:
+there the schedule is the best policy that knows the current phase, and a fixed timeline would
+not exist to prepare for.
 
     python benchmarks/adaptivity_gap.py [--scenarios abrupt_shift periodic] [--search-seeds 0 1 2 3 4] [--eval-seeds 0 1 2 3 4]
 """
@@ -40,8 +42,7 @@ import cmai_env  # noqa: F401  (registers the environments)
 from agents.protocol import CONTINUOUS_ENV_ID, EVAL_SEED_OFFSET
 from agents.stats import bounds_for, paired_difference, t_interval
 from cmai_env.env import DISCRETE_BETAS, action_from_betas
-from cmai_env.scenario import apply_overrides, load_scenario, scenarios_available
-from cmai_env.stream import AttackStream
+from cmai_env.scenario import Scenario, apply_overrides, load_scenario, scenarios_available
 
 ENV_ID = CONTINUOUS_ENV_ID
 #: Environment seed of search seed ``s`` (evaluation seeds use the frozen protocol's ``EVAL_SEED_OFFSET``).
@@ -63,19 +64,20 @@ class Episodes:
     clean_acc: np.ndarray
 
 
-def phase_timeline(scenario: str, overrides: dict) -> tuple[list[str], list[str]]:
-    """(distinct phase names in order of first appearance, the phase name of every round of an episode)."""
+def load_spec(scenario: str, overrides: dict) -> Scenario:
+    """The scenario with ``overrides`` applied."""
     spec = load_scenario(scenario)
-    if overrides:
-        spec = apply_overrides(spec, overrides)
-    timeline = AttackStream(spec, np.random.default_rng(0)).timeline  # fixed for sequential and periodic schedules
-    names: list[str] = []
-    for _, _, phase in timeline:
-        if phase not in names:
-            names.append(phase)
-    # Rounds past the schedule's end stay in its last phase (``episode_rounds`` longer than the schedule).
-    per_round = [next((p for s, e, p in timeline if s <= t < e), timeline[-1][2]) for t in range(spec.episode_length())]
-    return names, per_round
+    return apply_overrides(spec, overrides) if overrides else spec
+
+
+def phase_names(scenario: str, overrides: dict) -> list[str]:
+    """The scenario's distinct phase names in declaration order: a schedule holds one β per name."""
+    return list(dict.fromkeys(phase.name for phase in load_spec(scenario, overrides).phases))
+
+
+def phase_per_round(timeline: list[tuple[int, int, str]], n_rounds: int) -> list[str]:
+    """The phase name of every round of an episode; rounds past the timeline's end stay in its last phase."""
+    return [next((p for s, e, p in timeline if s <= t < e), timeline[-1][2]) for t in range(n_rounds)]
 
 
 def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset: int, overrides: dict, lag: int = 0) -> Episodes:
@@ -83,8 +85,9 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
 
     ``lag`` rounds: round ``t`` plays the β of the phase of round ``t − lag`` (the first phase's before
     that), which is what a gate reading the stream's past rounds can do; 0 plays the true phase.
+    Each environment follows its own timeline (:meth:`CMAIVectorEnv.timelines` after ``reset``).
     """
-    names, phase_at = phase_timeline(scenario, overrides)
+    names, n_rounds = phase_names(scenario, overrides), load_spec(scenario, overrides).episode_length()
     jobs = list(itertools.product(range(len(schedules)), seeds))
     returns = np.zeros(len(jobs))
     asr = np.zeros(len(jobs))
@@ -95,13 +98,15 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
         envs = gym.make_vec(ENV_ID, num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
                             fidelity="embedding", **overrides)
         envs.reset(seed=[seed_offset + seed for _, seed in batch])
+        # Each environment's own timeline: a random schedule draws one per seed; the others share one.
+        phase_at = [[names.index(p) for p in phase_per_round(timeline, n_rounds)] for timeline in envs.unwrapped.timelines()]
         total = np.zeros(len(batch))
         attacked_asr = [[] for _ in batch]
         attacked_system = [[] for _ in batch]
         accs = [[] for _ in batch]
-        for t in range(len(phase_at)):
-            phase = names.index(phase_at[max(t - lag, 0)])
-            actions = np.stack([action_from_betas(DISCRETE_BETAS[schedules[k][phase]]) for k, _ in batch]).astype(np.float32)
+        for t in range(n_rounds):
+            actions = np.stack([action_from_betas(DISCRETE_BETAS[schedules[k][phase_at[i][max(t - lag, 0)]]])
+                                for i, (k, _) in enumerate(batch)]).astype(np.float32)
             _, rewards, terminated, truncated, infos = envs.step(actions)
             total += rewards
             for i in range(len(batch)):
@@ -120,7 +125,7 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
 
 def search(scenario: str, seeds: list[int], overrides: dict, passes: int = 2) -> tuple[Schedule, Schedule, int]:
     """(best fixed schedule, best searched schedule, episodes played) on the search seeds."""
-    n_phases = len(phase_timeline(scenario, overrides)[0])
+    n_phases = len(phase_names(scenario, overrides))
     fixed = [tuple([b] * n_phases) for b in range(len(DISCRETE_BETAS))]
     scores = play(scenario, fixed, seeds, SEARCH_SEED_OFFSET, overrides).returns.mean(axis=1)
     played = len(fixed) * len(seeds)
@@ -148,7 +153,7 @@ def _betas(schedule: Schedule, names: list[str]) -> str:
 
 def report(scenario: str, search_seeds: list[int], eval_seeds: list[int], overrides: dict) -> dict:
     started = time.perf_counter()
-    names = phase_timeline(scenario, overrides)[0]
+    names = phase_names(scenario, overrides)
     best_fixed, schedule, played = search(scenario, search_seeds, overrides)
     task_only = tuple([TASK_ONLY] * len(names))
     held_out = play(scenario, [task_only, best_fixed, schedule], eval_seeds, EVAL_SEED_OFFSET, overrides)
@@ -204,9 +209,9 @@ def print_report(result: dict) -> None:
 
 
 def main() -> None:
-    deterministic = [n for n in scenarios_available(include_evaluation_only=False, fidelity="embedding") if load_scenario(n).schedule != "random"]
+    shipped = scenarios_available(include_evaluation_only=False, fidelity="embedding")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", nargs="+", default=deterministic, help=f"default: {' '.join(deterministic)}")
+    parser.add_argument("--scenarios", nargs="+", default=shipped, help=f"default: {' '.join(shipped)}")
     parser.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides, e.g. episode_rounds:40")
@@ -219,9 +224,6 @@ def main() -> None:
     print(f"adaptivity gap, embedding fidelity, search seeds {args.search_seeds}, evaluation seeds {args.eval_seeds} "
           f"(mean ± 95% t-interval half-width; [low, high] where a rate's range clips it)")
     for scenario in args.scenarios:
-        if load_scenario(scenario).schedule == "random":
-            print(f"\n== {scenario}: skipped (random schedule: no fixed phase timeline to search)")
-            continue
         print_report(report(scenario, args.search_seeds, args.eval_seeds, overrides))
 
 

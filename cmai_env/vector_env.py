@@ -161,6 +161,14 @@ class CMAIVectorEnv(VectorEnv):
         self.last_timing: dict[str, float] = {}
         self.closed = False
 
+    def timelines(self) -> list[list[tuple[int, int, str]]]:
+        """Each environment's phase timeline for its current episode: ``(start, end, phase name)`` segments.
+
+        A random schedule draws a new timeline at every reset, so an analysis that plays a β per
+        phase (``benchmarks/adaptivity_gap.py``) reads each environment's here after ``reset``.
+        """
+        return [slot.stream.timeline for slot in self.slots]
+
     # ------------------------------------------------------------------ actions
     def betas_for(self, actions: Any) -> np.ndarray:
         """Validate a batch of actions and turn it into (N, 3) loss weights β (as :meth:`CMAIEnv.betas_for`)."""

@@ -47,3 +47,25 @@ def test_defence_per_phase_report_on_a_tiny_scenario():
             assert best["clean_cost"] <= module.CLEAN_ALLOWANCE + 1e-9
             assert best["drop"].mean == pytest.approx(phase["task_system_asr"].mean - best["system_asr"])
     assert result["met"] == any(p["best"] is not None and p["best"]["drop"].mean >= module.TARGET_DROP for p in result["phases"])
+
+
+def test_each_environment_plays_its_own_random_timeline():
+    # randomized_training draws a phase order per seed: a schedule (one β per phase name) must follow
+    # each environment's own timeline, which the vector env exposes after reset.
+    import gymnasium as gym
+
+    from cmai_env.env import action_from_betas
+
+    gap = load_benchmark()
+    tiny = {"episode_rounds": 8, "randomization.rounds": [2, 3], "batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32}
+    envs = gym.make_vec(gap.ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", scenario="randomized_training",
+                        fidelity="embedding", **tiny)
+    envs.reset(seed=[1, 2])
+    per_round = [gap.phase_per_round(timeline, 8) for timeline in envs.unwrapped.timelines()]
+    assert per_round[0] != per_round[1]
+    actions = np.stack([action_from_betas((1.0, 0.0, 0.0))] * 2).astype(np.float32)
+    for t in range(8):
+        infos = envs.step(actions)[4]
+        assert [str(phase) for phase in infos["phase"]] == [per_round[0][t], per_round[1][t]]
+    envs.close()
+    assert gap.phase_names("randomized_training", tiny) == ["image_pgd", "image_l2", "text", "bridge", "quiet"]
