@@ -70,9 +70,9 @@ def load_spec(scenario: str, overrides: dict) -> Scenario:
     return apply_overrides(spec, overrides) if overrides else spec
 
 
-def phase_names(scenario: str, overrides: dict) -> list[str]:
+def phase_names(spec: Scenario) -> list[str]:
     """The scenario's distinct phase names in declaration order: a schedule holds one β per name."""
-    return list(dict.fromkeys(phase.name for phase in load_spec(scenario, overrides).phases))
+    return list(dict.fromkeys(phase.name for phase in spec.phases))
 
 
 def phase_per_round(timeline: list[tuple[int, int, str]], n_rounds: int) -> list[str]:
@@ -87,7 +87,8 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
     that), which is what a gate reading the stream's past rounds can do; 0 plays the true phase.
     Each environment follows its own timeline (:meth:`CMAIVectorEnv.timelines` after ``reset``).
     """
-    names, n_rounds = phase_names(scenario, overrides), load_spec(scenario, overrides).episode_length()
+    spec = load_spec(scenario, overrides)
+    names, n_rounds = phase_names(spec), spec.episode_length()
     jobs = list(itertools.product(range(len(schedules)), seeds))
     returns = np.zeros(len(jobs))
     asr = np.zeros(len(jobs))
@@ -125,7 +126,7 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
 
 def search(scenario: str, seeds: list[int], overrides: dict, passes: int = 2) -> tuple[Schedule, Schedule, int]:
     """(best fixed schedule, best searched schedule, episodes played) on the search seeds."""
-    n_phases = len(phase_names(scenario, overrides))
+    n_phases = len(phase_names(load_spec(scenario, overrides)))
     fixed = [tuple([b] * n_phases) for b in range(len(DISCRETE_BETAS))]
     scores = play(scenario, fixed, seeds, SEARCH_SEED_OFFSET, overrides).returns.mean(axis=1)
     played = len(fixed) * len(seeds)
@@ -153,7 +154,7 @@ def _betas(schedule: Schedule, names: list[str]) -> str:
 
 def report(scenario: str, search_seeds: list[int], eval_seeds: list[int], overrides: dict) -> dict:
     started = time.perf_counter()
-    names = phase_names(scenario, overrides)
+    names = phase_names(load_spec(scenario, overrides))
     best_fixed, schedule, played = search(scenario, search_seeds, overrides)
     task_only = tuple([TASK_ONLY] * len(names))
     held_out = play(scenario, [task_only, best_fixed, schedule], eval_seeds, EVAL_SEED_OFFSET, overrides)

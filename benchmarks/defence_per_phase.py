@@ -26,14 +26,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adaptivity_gap import ENV_ID, MAX_BATCH  # noqa: E402
+from adaptivity_gap import ENV_ID, MAX_BATCH, load_spec, phase_names  # noqa: E402
 
 import cmai_env  # noqa: E402,F401  (registers the environments)
 from agents.protocol import EVAL_SEED_OFFSET  # noqa: E402
 from agents.stats import bounds_for, paired_difference, t_interval  # noqa: E402
 from cmai_env.env import DISCRETE_BETAS, action_from_betas  # noqa: E402
 from cmai_env.keyvalue import parse_assignments  # noqa: E402
-from cmai_env.scenario import apply_overrides, load_scenario, scenarios_available  # noqa: E402
+from cmai_env.scenario import load_scenario, scenarios_available  # noqa: E402
 
 #: Point 4's thresholds: system-ASR drop to reach, clean-accuracy cost allowed.
 TARGET_DROP = 0.3
@@ -43,8 +43,8 @@ TASK_ONLY = 0  # DISCRETE_BETAS[0] == (1, 0, 0)
 
 def play_fixed(scenario: str, seeds: list[int], overrides: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``(phase names, system ASR, clean accuracy)``; arrays ``(β, seed, phase)``, NaN where a phase had no attacked round."""
-    spec = apply_overrides(load_scenario(scenario), overrides) if overrides else load_scenario(scenario)
-    names = list(dict.fromkeys(phase.name for phase in spec.phases))  # each round's phase is read from its info
+    spec = load_spec(scenario, overrides)
+    names = phase_names(spec)  # each round's phase is read from its info
     jobs = [(b, s) for b in range(len(DISCRETE_BETAS)) for s in seeds]
     system = np.full((len(jobs), len(names)), np.nan)
     clean = np.zeros((len(jobs), len(names)))

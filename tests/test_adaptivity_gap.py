@@ -68,4 +68,4 @@ def test_each_environment_plays_its_own_random_timeline():
         infos = envs.step(actions)[4]
         assert [str(phase) for phase in infos["phase"]] == [per_round[0][t], per_round[1][t]]
     envs.close()
-    assert gap.phase_names("randomized_training", tiny) == ["image_pgd", "image_l2", "text", "bridge", "quiet"]
+    assert gap.phase_names(gap.load_spec("randomized_training", tiny)) == ["image_pgd", "image_l2", "text", "bridge", "quiet"]
