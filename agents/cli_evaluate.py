@@ -209,6 +209,7 @@ def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
                 "return": result.interval("return").as_dict(),
                 "return_minus_uniform": paired_difference(result.per_seed("return"), uniform_returns).as_dict(),
                 "asr": result.interval("asr").as_dict(),
+                "system_asr": result.interval("system_asr").as_dict(),
                 "clean_acc": result.interval("clean_acc").as_dict(),
             }
         )
@@ -246,12 +247,13 @@ def _quickstart_markdown(report: dict[str, Any]) -> str:
         f"Evaluated on `{meta['scenario']}` (`{meta['env_id']}`, sha256 `{meta['scenario_hash'][:16]}…`), seeds "
         f"{meta['seeds']}, one episode each; mean ± 95% t-interval half-width over seeds, differences paired per seed.",
         "",
-        "| policy | return | return − uniform | ASR | clean acc |",
-        "|---|---|---|---|---|",
+        "| policy | return | return − uniform | ASR | system ASR | clean acc |",
+        "|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         lines.append(
-            f"| {row['policy']} | {_cell(row['return'])} | {_cell(row['return_minus_uniform'])} | {_cell(row['asr'])} | {_cell(row['clean_acc'])} |"
+            f"| {row['policy']} | {_cell(row['return'])} | {_cell(row['return_minus_uniform'])} | {_cell(row['asr'])} "
+            f"| {_cell(row['system_asr'])} | {_cell(row['clean_acc'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -261,10 +263,11 @@ def print_quickstart(report: dict[str, Any]) -> None:
 
     meta = report["metadata"]
     table = Table(title=f"quickstart: PPO ({report['timesteps']} steps) vs baselines, seeds {meta['seeds']}")
-    for column in ("policy", "return ± 95% CI", "return − uniform ± 95% CI", "ASR", "clean acc"):
+    for column in ("policy", "return ± 95% CI", "return − uniform ± 95% CI", "ASR", "system ASR", "clean acc"):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for row in report["rows"]:
-        table.add_row(row["policy"], _cell(row["return"]), _cell(row["return_minus_uniform"]), _cell(row["asr"]), _cell(row["clean_acc"]))
+        table.add_row(row["policy"], _cell(row["return"]), _cell(row["return_minus_uniform"]), _cell(row["asr"]),
+                      _cell(row["system_asr"]), _cell(row["clean_acc"]))
     _console().print(table)
 
 

@@ -130,13 +130,17 @@ class DefenseSpec(_Model):
     """What the trainer may update and how it crafts ``L_adv``'s examples.
 
     ``defended`` applies to the pixel fidelity; the embedding fidelity always trains residual
-    adapters on its cached embeddings (with this ``lr``, budgets and steps).
+    adapters on its cached embeddings (with :attr:`adapter_lr`, these budgets and steps).
     """
 
     defended: Literal["adapter", "projection", "last_blocks", "all"] = "adapter"
     #: number of transformer blocks updated when ``defended`` is ``last_blocks``
     last_blocks: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    #: learning rate of the embedding fidelity's residual adapters (None: ``lr``). Small adapters
+    #: on cached embeddings stand a far higher rate than a whole pixel model (``defended: all``)
+    #: does; this lets one scenario give each world its own (``quickstart``: 1e-3 pixel, 1e-2 here).
+    embedding_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     #: ℓ∞ image budget ``ε_v`` of the adversarial-training examples
     eps_v: Budget = 4 / 255
     #: L2 per-token budget ``ε_t`` of the text adversarial-training examples
@@ -145,6 +149,15 @@ class DefenseSpec(_Model):
     #: PGD steps crafting ``L_adv``'s examples (0: no adversarial term)
     attack_steps: int = Field(3, ge=0)
     updates_per_round: int = Field(1, ge=1)
+
+    @property
+    def adapter_lr(self) -> float:
+        """The embedding fidelity's adapter learning rate: ``embedding_lr``, else ``lr``."""
+        return self.lr if self.embedding_lr is None else self.embedding_lr
+
+    def trainer_fields(self) -> dict[str, Any]:
+        """The fields the pixel-fidelity trainer takes (:class:`cmai_env.training.TrainerConfig`)."""
+        return self.model_dump(exclude={"embedding_lr"})
 
 
 class DetectorSpec(_Model):
@@ -439,6 +452,10 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
             issues.append((("defense", key), getattr(scenario.defense, key),
                            f"not used with the generative backbone {name!r}: its round always defends the language model's "
                            f"own copy of the vision tower (FARE's choice); remove defense.{key}"))
+    if scenario.defense.embedding_lr is not None:
+        issues.append((("defense", "embedding_lr"), scenario.defense.embedding_lr,
+                       f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (defense.lr "
+                       "sets its rate); remove defense.embedding_lr"))
     return issues
 
 

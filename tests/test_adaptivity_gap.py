@@ -38,8 +38,10 @@ def test_defence_per_phase_report_on_a_tiny_scenario():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     names, system, clean = module.play_fixed("quickstart", [0], TINY)
-    assert names == ["text_bridge", "image_pgd"] and system.shape == clean.shape == (10, 1, 2)
-    assert np.all((clean >= 0) & (clean <= 1)) and np.all(np.isnan(system) | ((system >= 0) & (system <= 1)))
+    assert names == ["text_bridge", "image_pgd", "noisy_text"] and system.shape == clean.shape == (10, 1, 3)
+    assert np.isnan(system[:, :, 2]).all()  # six rounds end the episode before its third phase
+    assert np.all(np.isnan(clean[:, :, 2])) and np.all((clean[:, :, :2] >= 0) & (clean[:, :, :2] <= 1))
+    assert np.all(np.isnan(system) | ((system >= 0) & (system <= 1)))
     result = module.report("quickstart", [0], TINY)
     for phase in result["phases"]:
         best = phase["best"]

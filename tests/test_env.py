@@ -272,16 +272,17 @@ def test_overrides_are_validated():
 @pytest.mark.slow
 @pytest.mark.ci_slow
 def test_decision_matters_on_quickstart():
-    """Fixed task-only vs fixed adversarial-favouring weights end an episode ≥ 0.2 ASR apart."""
+    """Fixed task-only vs fixed adversarial-favouring weights end the image-PGD phase ≥ 0.2 ASR apart."""
     final = {}
     for name, betas in {"task_only": [1.0, 0.0, 0.0], "adv_favouring": [0.1, 0.1, 0.8]}.items():
         env = gym.make("cmai_env/CMAI-v0", scenario="quickstart").unwrapped
         env.reset(seed=0)
         action = action_from_betas(np.array(betas))
-        truncated, asrs = False, []
-        while not truncated:
-            _, _, _, truncated, info = env.step(action)
-            if info["attacks"]:
+        asrs, phase = [], None
+        while phase != "noisy_text":  # the PGD phase's last round has been played
+            _, _, _, _, info = env.step(action)
+            phase = info["phase"]
+            if info["attacks"] and phase == "image_pgd":
                 asrs.append(info["asr"])
         final[name] = float(np.mean(asrs[-3:]))
     assert final["task_only"] - final["adv_favouring"] >= 0.2, final
@@ -322,10 +323,13 @@ def test_system_metrics_arithmetic():
 
 
 def test_consistency_training_tightens_the_detector():
-    """β_consist trains clean pairs' L_consistency down, so τ (a clean-score quantile) tightens and TPR holds."""
+    """β_consist trains clean pairs' L_consistency down, so τ (a clean-score quantile) tightens and TPR holds
+    (over quickstart's phases on clean images; its last phase's noisy images move τ by themselves)."""
     env = gym.make("cmai_env/CMAI-v0", scenario="quickstart", fidelity="embedding").unwrapped
     env.reset(seed=0)
     infos = [env.step(action_from_betas(np.array([0.0, 1.0, 0.0])))[4] for _ in range(env.episode_rounds)]
+    infos = [i for i in infos if i["phase"] != "noisy_text"]
+    assert len(infos) == 24
     start, end = infos[0]["detector_threshold"], np.mean([i["detector_threshold"] for i in infos[-5:]])
     assert end < 0.9 * start, f"τ {start:.3f} → {end:.3f}"
     assert np.mean([i["detector_tpr"] for i in infos if i["attacks"]]) >= 0.9

@@ -305,5 +305,6 @@ def test_cli_quickstart_trains_evaluates_and_writes_the_table(tmp_path, capsys):
     assert uniform["return_minus_uniform"]["mean"] == 0.0
     for row in report["rows"]:
         assert math.isfinite(row["return"]["half_width"])
-    assert "return − uniform" in (out / "quickstart.md").read_text()
+        assert 0.0 <= row["system_asr"]["mean"] <= 1.0  # the reward's ASR, beside the model's
+    assert "return − uniform" in (out / "quickstart.md").read_text() and "| system ASR |" in (out / "quickstart.md").read_text()
     assert "ppo" in capsys.readouterr().out

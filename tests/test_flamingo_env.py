@@ -108,6 +108,8 @@ def test_embedding_fidelity_refuses_a_generative_backbone_with_the_reason():
 def test_defended_set_of_a_contrastive_model_is_refused_on_the_generative_one():
     with pytest.raises(ScenarioError, match=r"defense.defended = 'all'.*language model's own copy of the vision tower"):
         apply_overrides(load_scenario("flamingo_shift"), {"defense.defended": "all"})
+    with pytest.raises(ScenarioError, match=r"defense.embedding_lr = 0.01.*pixel fidelity only"):
+        apply_overrides(load_scenario("flamingo_shift"), {"defense.embedding_lr": 0.01})
 
 
 def test_an_attack_without_generative_version_is_refused_naming_the_phase():

@@ -81,7 +81,22 @@ def test_shipped_scenario_loads_and_is_cheap(name):
 def test_quickstart_is_small():
     scenario = load_scenario("quickstart")
     assert scenario.batch_size == 32 and scenario.dataset.probe_n == 128 and scenario.defense.attack_steps == 3
-    assert len(scenario.phases) == 2 and scenario.total_rounds() == 24
+    assert len(scenario.phases) == 3 and scenario.total_rounds() == 36
+    # its caption phase on noisy images is where attacks pass the detector (issue 10, point 4)
+    noisy = scenario.phases[-1]
+    assert noisy.corruption is not None and noisy.attacks[0].name == "text_embedding_pgd"
+
+
+def test_embedding_lr_sets_the_adapters_rate_and_leaves_the_pixel_model_on_lr():
+    """quickstart defends the whole pixel model at lr 1e-3 and the embedding adapters at 1e-2;
+    without ``embedding_lr`` both worlds take ``lr``."""
+    scenario = load_scenario("quickstart")
+    assert scenario.defense.lr == 1e-3 and scenario.defense.adapter_lr == 1e-2
+    assert "embedding_lr" not in scenario.defense.trainer_fields() and scenario.defense.trainer_fields()["lr"] == 1e-3
+    plain = apply_overrides(scenario, {"defense.embedding_lr": None})
+    assert plain.defense.adapter_lr == 1e-3
+    with pytest.raises(ScenarioError, match=r"defense.embedding_lr.*-0.1"):
+        apply_overrides(scenario, {"defense.embedding_lr": -0.1})
 
 
 def test_held_out_attacks_never_reach_training():
@@ -376,7 +391,7 @@ def test_cross_field_rules():
 def test_overrides_are_dotted_and_validated():
     base = load_scenario("quickstart")
     small = apply_overrides(base, {"batch_size": 16, "dataset.train_n": 128, "phases.0.rounds": 3, "episode_rounds": None})
-    assert (small.batch_size, small.dataset.train_n, small.total_rounds()) == (16, 128, 15)
+    assert (small.batch_size, small.dataset.train_n, small.total_rounds()) == (16, 128, 3 + 12 + 12)
     assert base.batch_size == 32, "the original is untouched"
     with pytest.raises(ScenarioError, match=r"batch_size = -3"):
         apply_overrides(base, {"batch_size": -3})

@@ -243,6 +243,14 @@ def test_tensors_reach_numpy_through_cpu_only():
     assert {t.device for t in tensors} == {torch.device("cpu")}
 
 
+def test_adapters_learn_at_the_scenarios_embedding_lr():
+    """The batched world's optimiser takes ``defense.adapter_lr`` (quickstart: embedding_lr 1e-2, lr 1e-3)."""
+    vec = CMAIVectorEnv(2, "quickstart", fidelity="embedding", **SMALL)
+    assert vec.world.optimizer.lr == 1e-2
+    vec = CMAIVectorEnv(2, "quickstart", fidelity="embedding", **{**SMALL, "defense.embedding_lr": None})
+    assert vec.world.optimizer.lr == 1e-3
+
+
 def test_batch_infos_matches_gymnasium_layout_and_round_trips():
     infos = [{"a": 1.5, "b": {"c": 2}, "n": None}, None, {"a": 2.5, "b": {"c": 3, "d": np.ones(2)}, "n": 4.0}]
     batched = batch_infos(infos, 3)

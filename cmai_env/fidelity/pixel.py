@@ -54,7 +54,7 @@ class PixelFidelity(Fidelity):
         self._views: dict[tuple[str, int] | None, tuple[PairBatch, PairBatch]] = {None: (self.pool_batch, self.probe_batch)}
         for key in scenario.corruptions_used():
             self._views[key] = (_corrupted(self.pool_batch, key, spec.seed, "train"), _corrupted(self.probe_batch, key, spec.seed, "val"))
-        self.trainer = self._make_trainer(TrainerConfig(**scenario.defense.model_dump()))
+        self.trainer = self._make_trainer(TrainerConfig(**scenario.defense.trainer_fields()))
         self._initial = self.trainer.snapshot()
         self._attacks: dict[tuple, Attack] = {}
 

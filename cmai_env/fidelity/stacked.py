@@ -383,7 +383,7 @@ class StackedEmbeddingWorld:
         generator = torch.Generator().manual_seed(spec.seed)
         self.image = StackedAdapters(ResidualAdapter(dim, ADAPTER_HIDDEN, generator), n_envs, self.device)
         self.text = StackedAdapters(ResidualAdapter(dim, ADAPTER_HIDDEN, generator), n_envs, self.device)
-        self.optimizer = StackedAdamW(self.image.params + self.text.params, n_envs, scenario.defense.lr)
+        self.optimizer = StackedAdamW(self.image.params + self.text.params, n_envs, scenario.defense.adapter_lr)
         # Training budgets map to radii the way attack budgets do: relative to the default budget
         # of the image (pgd_linf) and text (text_embedding_pgd) attacks.
         defense = scenario.defense
