@@ -96,7 +96,8 @@ def defence_terms(
     consistent, hiding them from the detector: over ``abrupt_shift`` at embedding fidelity τ
     rose from 0.37 to 0.45 and detector TPR fell from 0.96 to 0.87 (a run of 2026-11-26 before
     this change, on the abrupt_shift of that day). On clean pairs only, ``benchmarks/detector_weights.py``
-    prints τ 0.36 → 0.29 at TPR 1.00 for β = (0, 1, 0) over ``quickstart``. Adversarial pairs are ``L_adv``'s job.
+    printed τ 0.36 → 0.29 at TPR 1.00 for β = (0, 1, 0) over the ``quickstart`` of before 2026-11-27
+    (clean images, adapters at lr 1e-3). Adversarial pairs are ``L_adv``'s job.
 
     :param clean_ce: ``CE_v + CE_t`` of the clean pairs, ``(..., R)``.
     :param clean_consistency: their ``L_consistency``, ``(..., R)``.
