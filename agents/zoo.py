@@ -271,6 +271,12 @@ class CMAIExperimentManager(ExperimentManager):
         # training env that run_training hands back, and restarts the step count of a continued
         # run (checkpoints named from 0 again, the whole budget trained again).
         remaining = self.n_timesteps - (int(model.num_timesteps) if self.continue_training else 0)
+        if self.tensorboard_log is None:
+            # Without TensorBoard, SB3's default logger still creates an empty folder per run in
+            # the temp dir (tempdir/SB3-<time>); this one prints what it printed and writes nothing.
+            from stable_baselines3.common.logger import configure
+
+            model.set_logger(configure(self.save_path, ["stdout"] if self.verbose >= 1 else []))
         if remaining > 0:
             model.learn(remaining, callback=self.callbacks, progress_bar=self.show_progress,
                         tb_log_name=self.cmai_algo, reset_num_timesteps=not self.continue_training)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,20 @@ def test_load_policy_from_checkpoints_and_standalone_archives(ppo_run, tmp_path)
     np.testing.assert_array_equal(policy.predict(obs)[0], load_policy(run_dir).predict(obs)[0])
     with pytest.raises(FileNotFoundError, match="no_such_run"):
         load_policy(tmp_path / "no_such_run")
+
+
+def test_training_without_tensorboard_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+    """SB3's default logger makes an empty tempdir/SB3-<time> folder per run; CMAI's runs do not."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    rc = cli(
+        "train", "--algo", "ppo", "--scenario", "quickstart", "--timesteps", "32", "--seed", "0", "--n-envs", "1",
+        "--out", str(tmp_path / "runs"), "--env-kwargs", *SMALL_ENV, "--set", "n_steps=32", "batch_size=16",
+        "--eval-freq", "0", "--checkpoint-freq", "0", "--threads", "1", "--no-progress", "--verbose", "1",
+    )
+    assert rc == 0 and (only_run(tmp_path / "runs", "ppo") / "quickstart.zip").is_file()
+    assert [p.name for p in temp.iterdir() if p.name.startswith("SB3-")] == []
 
 
 def test_tensorboard_has_every_documented_tag(ppo_run):
