@@ -5,7 +5,7 @@ ROOT := $(dir $(abspath $(lastword $(MAKEFILE_LIST))))
 PYTHON ?= python3
 VENV ?= $(ROOT).venv
 PY := $(VENV)/bin/python
-# Extra `cmai quickstart` flags, e.g. QUICKSTART_ARGS="--timesteps 256 --seeds 0 1" for a quick look.
+# Extra `cmai quickstart` flags, e.g. QUICKSTART_ARGS="--timesteps 512 --n-envs 4 --seeds 0 1" for a quick look.
 QUICKSTART_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 

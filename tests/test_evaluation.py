@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import cmai_env
 from agents.evaluation import (
@@ -297,10 +299,12 @@ def test_cli_benchmark_fixed_grid_finds_the_best_fixed_beta_and_pairs_the_given_
 # ------------------------------------------------------------------------------ quickstart
 def test_cli_quickstart_trains_evaluates_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "qs"
-    code = main(["quickstart", "--timesteps", "64", "--seeds", "0", "1", "--out", str(out), "--env-kwargs", *TINY, "--quiet"])
+    code = main(["quickstart", "--timesteps", "64", "--seeds", "0", "1", "--n-envs", "4", "--out", str(out), "--env-kwargs", *TINY, "--quiet"])
     assert code == 0
     report = json.loads((out / "quickstart.json").read_text())
     assert [row["policy"] for row in report["rows"]] == ["ppo", "uniform", "no_defense"]
+    trained = yaml.safe_load((Path(report["run_dir"]) / "quickstart" / "config.yml").read_text())
+    assert trained["use_sde"] is True and trained["n_envs"] == 4  # abrupt_shift's recipe, on --n-envs envs
     uniform = next(row for row in report["rows"] if row["policy"] == "uniform")
     assert uniform["return_minus_uniform"]["mean"] == 0.0
     for row in report["rows"]:

@@ -43,7 +43,7 @@ SHRINK: dict[str, list[str]] = {
     "-n": ["64"],
 }
 #: ``make run`` with the same shrinking (``cmai quickstart``'s budget flags).
-QUICKSTART_ARGS = "--timesteps 64 --seeds 0"
+QUICKSTART_ARGS = "--timesteps 64 --seeds 0 --n-envs 4"
 SCENARIO_FILE = "my_scenario.yaml"
 #: Wall-clock limit of one command (seconds).
 COMMAND_TIMEOUT = 600
