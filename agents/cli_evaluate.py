@@ -181,13 +181,14 @@ def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
     out = Path(args.out)
     started = time.perf_counter()
     recipe = {key: value for key, value in load_hyperparams("ppo", QUICKSTART_RECIPE).items() if key != "n_timesteps"}
+    recipe_envs = recipe.pop("n_envs")  # an argument of its own, never a --set override
     run_dir = train(
         TrainArgs(
             algo="ppo",
             scenario="quickstart",
             timesteps=args.timesteps,
             seed=args.train_seed,
-            n_envs=recipe.pop("n_envs") if args.n_envs is None else args.n_envs,
+            n_envs=recipe_envs if args.n_envs is None else args.n_envs,
             set=recipe,
             out=out / "train",
             fidelity=args.fidelity,
