@@ -38,7 +38,7 @@ from typing import Any, Callable, Literal, Mapping
 Modality = Literal["image", "text", "both"]
 Knowledge = Literal["white-box", "black-box"]
 #: How the embedding fidelity plays an attack (see :class:`EmbeddingCounterpart`).
-EmbeddingFamily = Literal["image", "text", "universal", "bridge_image", "bridge_text", "both", "aware_image", "aware_rewrite"]
+EmbeddingFamily = Literal["image", "image_l2", "text", "universal", "bridge_image", "bridge_text", "both", "aware_image", "aware_rewrite"]
 #: a parameter's value type
 Kind = Literal["float", "int", "bool", "str"]
 #: a parameter's allowed range: ``nonneg`` (a number ≥ 0), ``positive_int`` (1, 2, …),
@@ -105,7 +105,8 @@ class EmbeddingCounterpart:
     """An attack's stand-in in the ``embedding`` fidelity, on the cached input embeddings.
 
     :param family: what it perturbs and how (L2-PGD within radius ``r``):
-        ``image`` (e_v, up the image's zero-shot CE), ``text`` (e_t, up the caption's CE),
+        ``image`` (e_v, up the image's zero-shot CE; ``image_l2`` the same crafting with its own
+        radius law, for ℓ2 pixel budgets), ``text`` (e_t, up the caption's CE),
         ``universal`` (one δ shared by the attack's pairs of a round, on e_v), ``bridge_image`` /
         ``bridge_text`` (e_v / e_t pulled toward the nearest wrong class prompt), ``both`` (e_t
         and e_v, each up its own CE), ``aware_image`` / ``aware_rewrite`` (detector-aware e_v
@@ -124,7 +125,7 @@ class EmbeddingCounterpart:
     @property
     def modality(self) -> Modality:
         """Which prediction the attack flips: ``image``, ``text`` or ``both``."""
-        image = ("image", "universal", "bridge_image", "aware_image", "aware_rewrite")
+        image = ("image", "image_l2", "universal", "bridge_image", "aware_image", "aware_rewrite")
         return "image" if self.family in image else "text" if self.family in ("text", "bridge_text") else "both"
 
 
@@ -347,7 +348,7 @@ def _declarations() -> dict[str, AttackDeclaration]:
         AttackDeclaration(
             "pgd_l2", "cmai_env.attacks.image:PGDL2", "image", "PGD-ℓ2 on the image's zero-shot CE (untargeted)",
             (_p("eps", 0.5, "nonneg"), _p("steps", 10, "positive_int"), _p("step_size", 0.1, "nonneg"), _p("random_start", True)),
-            embedding=EmbeddingCounterpart("image", budget="eps"),
+            embedding=EmbeddingCounterpart("image_l2", budget="eps"),
         ),
         AttackDeclaration(
             "text_embedding_pgd", "cmai_env.attacks.text:TextEmbeddingPGD", "text",

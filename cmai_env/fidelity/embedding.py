@@ -17,7 +17,8 @@ the undefended model's ASR and detector TPR match the pixel attacks';
 ==============================================  ================================================
 registered attacks                              embedding-space counterpart (family)
 ==============================================  ================================================
-fgsm, pgd_linf, pgd_l2                           ``image``: untargeted L2-PGD on e_v (image CE)
+fgsm, pgd_linf, autoattack and its parts         ``image``: untargeted L2-PGD on e_v (image CE)
+pgd_l2                                           ``image_l2``: the same, with a radius law of its own
 universal                                        ``universal``: one shared δ per round on e_v
 text_embedding_pgd, token_substitution           ``text``: untargeted L2-PGD on e_t (caption CE)
 bridge_image_to_text                             ``bridge_image``: e_v toward the nearest wrong class prompt

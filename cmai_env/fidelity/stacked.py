@@ -62,11 +62,15 @@ RADIUS = 0.5
 #: ASR jumps from ≈0 to ≈1 between r ≈ 0.25 and 0.5, so the radius grows slowly with the budget.
 #: Largest |Δ| per family: bridge_image 0.09, both 0.09, aware_image 0.10, bridge_text 0.10,
 #: universal 0.11, text 0.14, aware_rewrite 0.34 (its pixel TPR stays ≈0.5, the embedding one falls
-#: from 0.93 to 0.24), image 0.43 (pgd_l2 at small budgets is far weaker than pgd_linf/fgsm, and they
-#: share one family; at this law pgd_linf and fgsm are within 0.15). The old single RADIUS: 4/30 cells
-#: within ±0.10, this table: 13/30.
+#: from 0.93 to 0.24), image 0.15 (pgd_linf and fgsm), image_l2 0.21 (pgd_l2: at ℓ2 0.125 the pixel
+#: attack flips 16% of pairs while the detector flags only 57%; an embedding step that flips as many
+#: is flagged ~90% of the time). The old single RADIUS: 4/30 cells within ±0.10, this table: 13/30.
+#: Until 2026-11-27 pgd_l2 was played in the ``image`` family, whose law fits pgd_linf; at small ℓ2
+#: budgets that made it far stronger than the pixel attack (ASR +0.32 and +0.41 at 0.125 and 0.25,
+#: largest |Δ| 0.43). ``image`` kept its law, so no scenario without pgd_l2 changed.
 FAMILY_RADIUS_LAW: dict[str, tuple[float, float]] = {
     "image": (0.65, 0.375),
+    "image_l2": (1.0, 1.5),
     "text": (0.425, 1.0),
     "universal": (0.95, 2.0),
     "bridge_image": (0.55, 0.125),
@@ -88,6 +92,7 @@ WEIGHT_DECAY = 1e-2
 # text mode 3: the caption is replaced by the rewritten caption of c* (no ascent).
 _MODES = {
     "image": (1, 0),
+    "image_l2": (1, 0),
     "universal": (1, 0),
     "text": (0, 1),
     "bridge_image": (2, 0),
