@@ -43,15 +43,16 @@ def batch(backbone, data):
     return PairBatch.from_dataset(backbone, data)
 
 
-#: Test files that take longest (the README test: about ten minutes), collected first, so that with
-#: ``make test``'s parallel workers (``--dist loadfile`` hands out files in collection order) they
-#: start at once instead of after the short files.
-LONGEST_FIRST = ("test_readme.py",)
+#: Test files that take longest (the README test: about ten minutes; its self-contained commands,
+#: about four), collected first, so that with ``make test``'s parallel workers (``--dist loadfile``
+#: hands out files in collection order) they start at once instead of after the short files.
+LONGEST_FIRST = ("test_readme.py", "test_readme_self_contained.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Put :data:`LONGEST_FIRST` files first; skip ``slow`` tests unless ``CMAI_SLOW=1`` (``ci_slow`` ones always run)."""
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: order within files kept
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within files kept
     if os.environ.get("CMAI_SLOW") == "1":
         return
     skip_slow = pytest.mark.skip(reason="slow end-to-end test: set CMAI_SLOW=1 to run it")

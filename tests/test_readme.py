@@ -12,6 +12,12 @@ only change is one documented substitution: budget flags are shrunk to tiny valu
   block validates.
 
 A command fails the test when it exits non-zero or prints a Python traceback.
+
+The README's long, self-contained commands (:data:`SELF_CONTAINED`: ``cmai tune``, ``cmai sweep``,
+``cmai adv-train``, which read nothing another step wrote and write an ``--out`` folder no other
+step reads) run in ``tests/test_readme_self_contained.py``, in a fresh folder of their own, so that
+``make test``'s second worker takes them while the first runs the rest here in order. Every step
+runs in exactly one of the two files (:func:`test_every_step_runs_in_exactly_one_file`).
 """
 
 from __future__ import annotations
@@ -100,6 +106,18 @@ def readme_steps() -> list[tuple[str, str]]:
 
 
 STEPS = readme_steps()
+#: Command prefixes of the steps that run in ``test_readme_self_contained.py`` (module docstring).
+SELF_CONTAINED = ("cmai tune ", "cmai sweep ", "cmai adv-train ")
+
+
+def is_self_contained(step: tuple[str, str]) -> bool:
+    """Whether ``step`` is one of :data:`SELF_CONTAINED`'s commands."""
+    kind, text = step
+    return kind == "bash" and text.startswith(SELF_CONTAINED)
+
+
+#: The steps this file runs, in README order.
+CHAIN = [step for step in STEPS if not is_self_contained(step)]
 
 
 def _step_id(step: tuple[str, str]) -> str:
@@ -163,8 +181,23 @@ def test_shrink_only_touches_budget_flags():
     assert shrink("cmai scenarios list") == "cmai scenarios list"
 
 
-@pytest.mark.parametrize("step", STEPS, ids=[_step_id(s) for s in STEPS])
+def test_every_step_runs_in_exactly_one_file():
+    alone = [step for step in STEPS if is_self_contained(step)]
+    assert len(alone) == len(SELF_CONTAINED) and len(alone) + len(CHAIN) == len(STEPS)
+    for kind, text in alone:
+        argv = shlex.split(text)
+        out = argv[argv.index("--out") + 1]
+        # no other step reads (or writes) the folder a self-contained step writes
+        assert not [other for _, other in STEPS if other != text and out in other], out
+
+
+@pytest.mark.parametrize("step", CHAIN, ids=[_step_id(s) for s in CHAIN])
 def test_readme_step_runs(step, workdir):
+    run_step(step, workdir)
+
+
+def run_step(step: tuple[str, str], workdir: Path) -> None:
+    """Run one README step in ``workdir`` (module docstring: what is substituted, what fails)."""
     kind, text = step
     if kind == "yaml":
         (workdir / SCENARIO_FILE).write_text(text)
