@@ -83,6 +83,19 @@ def test_quick_run_prints_both_fidelities(capsys):
     assert "within ±0.10 on both ASR and TPR" in out
 
 
+def test_displacement_compares_pixel_travel_with_the_embedding_radius(capsys):
+    benchmark = load_benchmark()
+    benchmark.main(["--quick", "--attacks", "pgd_linf,text_embedding_pgd", "--displacement"])
+    out = capsys.readouterr().out.split("how far each image-side attack moves")[1]
+    assert "L_adv's training examples" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("pgd_linf ")]
+    assert len(rows) == 1 and not [line for line in out.splitlines() if line.startswith("text_embedding_pgd ")]
+    # attack budget | median p90 | radius ratio
+    median, p90, radius, ratio = (float(rows[0][i]) for i in (3, 4, 6, 7))
+    assert 0.0 < median <= p90 <= 2.0 and radius == pytest.approx(embedding_radius("image", 1.0), abs=1e-3)
+    assert ratio == pytest.approx(median / radius, abs=0.01)
+
+
 def test_calibration_grid_finds_a_planted_scale():
     """The grid search recovers the (scale, γ) that produced its "pixel" targets."""
     benchmark = load_benchmark()
