@@ -32,7 +32,9 @@ parameter varies, as a scenario entry would vary it.
 table at the chosen scales. ``--rank`` plays every baseline of :mod:`agents.baselines` for whole
 episodes at both fidelities and prints the Spearman rank correlation of their mean returns (pixel
 episodes: ~15 CPU-s each on quickstart); with ``--radius`` it also plays the embedding fidelity at
-that law (``--radius 0.5``: the old single radius) against the same pixel returns. ``--quick`` is a smoke run (one budget of three attacks, 32 probe pairs).
+that law (``--radius 0.5``: the old single radius) against the same pixel returns. ``--quick`` is a smoke run (one budget of three attacks, 32 probe pairs). ``--train-radius-scale K``
+with ``--rank`` also plays the embedding fidelity with ``L_adv``'s training examples at K × their
+radii (see ``--displacement``).
 
 ``--displacement`` also prints, per image-side cell, how far the pixel attack moves the unit image
 embedding (median and 90th percentile of ``‖e_v(x + δ) − e_v(x)‖₂``) beside the radius the embedding
@@ -368,11 +370,41 @@ def radius_law(law: tuple[float, float] | None):
         stacked.FAMILY_RADIUS_LAW.update(saved)
 
 
-def rank_correlation(scenario: str, seeds: Sequence[int], episodes: int, other_law: tuple[float, float] | None = None) -> None:
+@contextlib.contextmanager
+def training_radius_scale(factor: float | None):
+    """Within the block, embedding worlds craft ``L_adv``'s examples at ``factor`` × their radii.
+
+    A diagnostic (``--train-radius-scale``), so it wraps the world's constructor here rather than
+    adding a knob to the environment: ``--displacement`` shows pixel attacks travelling 1.3–1.9×
+    farther than the embedding radii, and this plays the embedding fidelity with training examples
+    that travel as far.
+    """
+    if factor is None:
+        yield
+        return
+    original = stacked.StackedEmbeddingWorld.__init__
+
+    def scaled(world, *args, **kwargs):
+        original(world, *args, **kwargs)
+        world.train_radius_v *= factor
+        world.train_radius_t *= factor
+
+    stacked.StackedEmbeddingWorld.__init__ = scaled
+    try:
+        yield
+    finally:
+        stacked.StackedEmbeddingWorld.__init__ = original
+
+
+def rank_correlation(
+    scenario: str, seeds: Sequence[int], episodes: int, other_law: tuple[float, float] | None = None, train_scale: float | None = None
+) -> None:
     """Mean return of every baseline at both fidelities and the Spearman correlation between them.
 
     :param other_law: also play the embedding fidelity with this ``(scale, γ)`` for every family
         (e.g. the old ``(0.5, 1)``) and print its correlation with the same pixel returns.
+    :param train_scale: also play the embedding fidelity with ``L_adv``'s training radii × this
+        (:func:`training_radius_scale`) and print its correlation with the same pixel returns.
     """
     from scipy.stats import spearmanr
 
@@ -383,12 +415,15 @@ def rank_correlation(scenario: str, seeds: Sequence[int], episodes: int, other_l
     runs = [("pixel", "pixel", None), ("embedding", "embedding", None)]
     if other_law is not None:
         runs.append((f"embedding r={other_law[0]:g}·b^{other_law[1]:g}", "embedding", other_law))
+    if train_scale is not None:
+        runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", None))
     returns: dict[str, list[float]] = {}
     for label, fidelity, law in runs:
         returns[label] = []
+        scale = train_scale if label.startswith("embedding L_adv") else None
         for name in names:
             tic = time.process_time()
-            with radius_law(law):
+            with radius_law(law), training_radius_scale(scale):
                 result = evaluate_policy(
                     make_baseline(name), scenario, seeds=list(seeds), episodes=episodes, fidelity=fidelity,
                     reference=False, use_disk_cache=False, plots=False,
@@ -419,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-seed", type=int, default=None, help="dataset seed instead of the scenario's (out-of-sample pairs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the pixel attacks' random starts")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 attacks, one budget, 32 probe pairs")
+    parser.add_argument("--train-radius-scale", type=float, default=None,
+                        help="with --rank: also play the embedding fidelity with L_adv's training radii × this")
     parser.add_argument("--displacement", action="store_true", help="also how far pixel attacks move the image embedding vs the embedding radius")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -433,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         cases = tuple(c for c in cases if c.attack in ("pgd_linf", "text_embedding_pgd", "aware_caption_rewrite")) or cases[:1]
         args.probe_n, budgets = 32, 1
+    if args.train_radius_scale is not None and not (0 < args.train_radius_scale < float("inf")):
+        parser.error(f"--train-radius-scale must be a positive number, got {args.train_radius_scale}")
     if args.probe_n < 4 or args.steps < 1:
         parser.error(f"--probe-n must be ≥ 4 and --steps ≥ 1, got {args.probe_n} and {args.steps}")
 
@@ -469,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.rank:
         seeds = [int(s) for s in args.rank_seeds.split(",")]
         for scenario in args.rank_scenarios.split(","):
-            rank_correlation(scenario, seeds, 1, None if args.radius is None else (args.radius, args.exponent))
+            rank_correlation(scenario, seeds, 1, None if args.radius is None else (args.radius, args.exponent), args.train_radius_scale)
         print(f"{time.process_time() - start_cpu:.0f} CPU-s in all")
 
 

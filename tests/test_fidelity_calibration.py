@@ -12,7 +12,7 @@ import pytest
 from cmai_env.attacks.specs import DECLARATIONS
 from cmai_env.fidelity import stacked
 from cmai_env.fidelity.stacked import FAMILY_RADIUS_LAW, EmbeddingAttack, embedding_radius
-from cmai_env.scenario import AttackSpec
+from cmai_env.scenario import AttackSpec, apply_overrides, load_scenario
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_calibration.py"
 
@@ -94,6 +94,19 @@ def test_displacement_compares_pixel_travel_with_the_embedding_radius(capsys):
     median, p90, radius, ratio = (float(rows[0][i]) for i in (3, 4, 6, 7))
     assert 0.0 < median <= p90 <= 2.0 and radius == pytest.approx(embedding_radius("image", 1.0), abs=1e-3)
     assert ratio == pytest.approx(median / radius, abs=0.01)
+
+
+def test_training_radius_scale_scales_l_adv_radii_and_restores_them():
+    benchmark = load_benchmark()
+    scenario = apply_overrides(load_scenario("quickstart"), {"fidelity": "embedding", "dataset.train_n": 64, "dataset.probe_n": 16})
+    plain = stacked.StackedEmbeddingWorld(scenario, 1)
+    with benchmark.training_radius_scale(2.0):
+        scaled = stacked.StackedEmbeddingWorld(scenario, 1)
+    after = stacked.StackedEmbeddingWorld(scenario, 1)
+    assert scaled.train_radius_v == pytest.approx(2 * plain.train_radius_v) and scaled.train_radius_t == pytest.approx(2 * plain.train_radius_t)
+    assert (after.train_radius_v, after.train_radius_t) == (plain.train_radius_v, plain.train_radius_t)
+    with pytest.raises(SystemExit):
+        benchmark.main(["--quick", "--train-radius-scale", "0"])
 
 
 def test_calibration_grid_finds_a_planted_scale():
