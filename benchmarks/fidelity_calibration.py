@@ -222,12 +222,11 @@ def embedding_attack(name: str, params: dict, law: tuple[float, float] | None) -
 IMAGE_FAMILIES = ("image", "image_l2", "bridge_image", "aware_image", "aware_rewrite")
 
 
-def pixel_displacement(setup: Setup, name: str, params: dict, seed: int) -> tuple[float, float]:
-    """Median and 90th percentile of the L2 distance the pixel attack moves the unit image embedding."""
+def pixel_displacement(setup: Setup, clean: torch.Tensor, name: str, params: dict, seed: int) -> tuple[float, float]:
+    """Median and 90th percentile of the L2 distance the pixel attack moves the unit image embedding
+    (``clean``: the attacked pairs' clean image embeddings)."""
     attack = make_attack(name, **params)
     backbone = setup.task.backbone
-    with torch.no_grad():
-        clean = backbone.encode_image(setup.attacked.images)
     adversarial = attack(setup.task, setup.attacked, torch.Generator().manual_seed(seed)).batch
     with torch.no_grad():
         moved = (backbone.encode_image(adversarial.images) - clean).norm(dim=-1)
@@ -241,10 +240,12 @@ def print_displacement(setup: Setup, cells: Sequence[Cell], seed: int) -> None:
     print(f"\nhow far each image-side attack moves the unit image embedding (L2), pixel vs the embedding radius; "
           f"L_adv's training examples (eps_v {fmt_budget(eps_v)}): embedding radius {world.train_radius_v:.3f}")
     print(f"{'attack':<22} {'budget':>7} | {'pixel median':>12} {'p90':>6} | {'emb radius':>10} {'ratio':>6}")
+    with torch.no_grad():
+        clean = setup.task.backbone.encode_image(setup.attacked.images)
     for c in cells:
         if c.family not in IMAGE_FAMILIES:
             continue
-        median, p90 = pixel_displacement(setup, c.attack, c.params, seed)
+        median, p90 = pixel_displacement(setup, clean, c.attack, c.params, seed)
         print(f"{c.attack:<22} {fmt_budget(c.budget):>7} | {median:>12.3f} {p90:>6.3f} | {c.radius:>10.3f} {median / max(c.radius, 1e-12):>6.2f}")
 
 
@@ -412,15 +413,15 @@ def rank_correlation(
     from agents.evaluation import evaluate_policy
 
     names = available_baselines()
-    runs = [("pixel", "pixel", None), ("embedding", "embedding", None)]
+    # (label, fidelity, radius law, L_adv training-radius scale)
+    runs = [("pixel", "pixel", None, None), ("embedding", "embedding", None, None)]
     if other_law is not None:
-        runs.append((f"embedding r={other_law[0]:g}·b^{other_law[1]:g}", "embedding", other_law))
+        runs.append((f"embedding r={other_law[0]:g}·b^{other_law[1]:g}", "embedding", other_law, None))
     if train_scale is not None:
-        runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", None))
+        runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", None, train_scale))
     returns: dict[str, list[float]] = {}
-    for label, fidelity, law in runs:
+    for label, fidelity, law, scale in runs:
         returns[label] = []
-        scale = train_scale if label.startswith("embedding L_adv") else None
         for name in names:
             tic = time.process_time()
             with radius_law(law), training_radius_scale(scale):
