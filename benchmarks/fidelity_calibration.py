@@ -33,8 +33,11 @@ table at the chosen scales. ``--rank`` plays every baseline of :mod:`agents.base
 episodes at both fidelities and prints the Spearman rank correlation of their mean returns (pixel
 episodes: ~15 CPU-s each on quickstart); with ``--radius`` it also plays the embedding fidelity at
 that law (``--radius 0.5``: the old single radius) against the same pixel returns. ``--quick`` is a smoke run (one budget of three attacks, 32 probe pairs). ``--train-radius-scale K``
-with ``--rank`` also plays the embedding fidelity with ``L_adv``'s training examples at K × their
-radii (see ``--displacement``).
+with ``--rank`` also plays the embedding fidelity with ``defense.embedding_train_radius_scale: K``
+(``L_adv``'s training examples K × farther out; see ``--displacement``). ``--like-for-like`` with
+``--rank`` also plays pixel defending what the embedding fidelity defends (its residual adapters
+at ``defense.adapter_lr``) where the scenario's pixel defence differs (``quickstart``: the whole
+model at 1e-3), and correlates every embedding run with both pixel runs.
 
 ``--displacement`` also prints, per image-side cell, how far the pixel attack moves the unit image
 embedding (median and 90th percentile of ``‖e_v(x + δ) − e_v(x)‖₂``) beside the radius the embedding
@@ -371,41 +374,40 @@ def radius_law(law: tuple[float, float] | None):
         stacked.FAMILY_RADIUS_LAW.update(saved)
 
 
-@contextlib.contextmanager
-def training_radius_scale(factor: float | None):
-    """Within the block, embedding worlds craft ``L_adv``'s examples at ``factor`` × their radii.
+def pixel_defence_like_embedding(scenario: str) -> dict[str, object] | None:
+    """Overrides that make the pixel fidelity defend what the embedding fidelity does, or ``None``.
 
-    A diagnostic (``--train-radius-scale``), so it wraps the world's constructor here rather than
-    adding a knob to the environment: ``--displacement`` shows pixel attacks travelling 1.3–1.9×
-    farther than the embedding radii, and this plays the embedding fidelity with training examples
-    that travel as far.
+    The embedding fidelity always trains residual adapters at ``defense.adapter_lr``;
+    ``defense.defended`` and ``lr`` apply to the pixel fidelity only (``quickstart`` defends the
+    whole pixel model at 1e-3). Ranking the baselines of two different defences measures that
+    difference, not the proxy, so ``--like-for-like`` also plays pixel with these overrides.
     """
-    if factor is None:
-        yield
-        return
-    original = stacked.StackedEmbeddingWorld.__init__
+    from cmai_env.scenario import load_scenario
 
-    def scaled(world, *args, **kwargs):
-        original(world, *args, **kwargs)
-        world.train_radius_v *= factor
-        world.train_radius_t *= factor
-
-    stacked.StackedEmbeddingWorld.__init__ = scaled
-    try:
-        yield
-    finally:
-        stacked.StackedEmbeddingWorld.__init__ = original
+    defense = load_scenario(scenario).defense
+    if defense.defended == "adapter" and defense.lr == defense.adapter_lr:
+        return None
+    return {"defense.defended": "adapter", "defense.lr": defense.adapter_lr}
 
 
 def rank_correlation(
-    scenario: str, seeds: Sequence[int], episodes: int, other_law: tuple[float, float] | None = None, train_scale: float | None = None
-) -> None:
+    scenario: str,
+    seeds: Sequence[int],
+    episodes: int,
+    other_law: tuple[float, float] | None = None,
+    train_scale: float | None = None,
+    like_for_like: bool = False,
+) -> dict[str, list[float]]:
     """Mean return of every baseline at both fidelities and the Spearman correlation between them.
 
     :param other_law: also play the embedding fidelity with this ``(scale, γ)`` for every family
         (e.g. the old ``(0.5, 1)``) and print its correlation with the same pixel returns.
-    :param train_scale: also play the embedding fidelity with ``L_adv``'s training radii × this
-        (:func:`training_radius_scale`) and print its correlation with the same pixel returns.
+    :param train_scale: also play the embedding fidelity with ``defense.embedding_train_radius_scale``
+        set to this (``L_adv``'s examples that many times farther out).
+    :param like_for_like: where the scenario's pixel defence is not the embedding fidelity's
+        (:func:`pixel_defence_like_embedding`), also play pixel defending the adapters at the
+        embedding's rate, and correlate every embedding run with both pixel runs.
+    :returns: ``{run label: mean return per baseline}`` in :func:`available_baselines` order.
     """
     from scipy.stats import spearmanr
 
@@ -413,29 +415,35 @@ def rank_correlation(
     from agents.evaluation import evaluate_policy
 
     names = available_baselines()
-    # (label, fidelity, radius law, L_adv training-radius scale)
-    runs = [("pixel", "pixel", None, None), ("embedding", "embedding", None, None)]
+    # (label, fidelity, radius law, scenario overrides)
+    runs: list[tuple[str, str, tuple[float, float] | None, dict[str, object]]] = [("pixel", "pixel", None, {})]
+    same_defence = pixel_defence_like_embedding(scenario) if like_for_like else None
+    if same_defence is not None:
+        runs.append(("pixel, adapters", "pixel", None, same_defence))
+    runs.append(("embedding", "embedding", None, {}))
     if other_law is not None:
-        runs.append((f"embedding r={other_law[0]:g}·b^{other_law[1]:g}", "embedding", other_law, None))
+        runs.append((f"embedding r={other_law[0]:g}·b^{other_law[1]:g}", "embedding", other_law, {}))
     if train_scale is not None:
-        runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", None, train_scale))
+        runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", None, {"defense.embedding_train_radius_scale": train_scale}))
     returns: dict[str, list[float]] = {}
-    for label, fidelity, law, scale in runs:
+    for label, fidelity, law, overrides in runs:
         returns[label] = []
         for name in names:
             tic = time.process_time()
-            with radius_law(law), training_radius_scale(scale):
+            with radius_law(law):
                 result = evaluate_policy(
                     make_baseline(name), scenario, seeds=list(seeds), episodes=episodes, fidelity=fidelity,
-                    reference=False, use_disk_cache=False, plots=False,
+                    env_kwargs=overrides or None, reference=False, use_disk_cache=False, plots=False,
                 )
             mean_return = float(np.mean(result.per_seed("return")))
             returns[label].append(mean_return)
             print(f"  {scenario:<14} {label:<24} {name:<20} return {mean_return:8.3f}  ({time.process_time() - tic:.0f} CPU-s)", flush=True)
+    pixel_labels = [label for label in returns if label.startswith("pixel")]
     for label in returns:
-        if label != "pixel":
-            rho = spearmanr(returns[label], returns["pixel"]).statistic
-            print(f"{scenario}: Spearman ρ of the {len(names)} baselines' mean returns over seeds {list(seeds)}, {label} vs pixel: {rho:.3f}")
+        for reference in pixel_labels if not label.startswith("pixel") else ():
+            rho = spearmanr(returns[label], returns[reference]).statistic
+            print(f"{scenario}: Spearman ρ of the {len(names)} baselines' mean returns over seeds {list(seeds)}, {label} vs {reference}: {rho:.3f}")
+    return returns
 
 
 # ---------------------------------------------------------------------------- main
@@ -456,7 +464,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the pixel attacks' random starts")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 attacks, one budget, 32 probe pairs")
     parser.add_argument("--train-radius-scale", type=float, default=None,
-                        help="with --rank: also play the embedding fidelity with L_adv's training radii × this")
+                        help="with --rank: also play the embedding fidelity with defense.embedding_train_radius_scale set to this")
+    parser.add_argument("--like-for-like", action="store_true",
+                        help="with --rank: where a scenario's pixel defence differs from the embedding fidelity's adapters, also play pixel defending them")
     parser.add_argument("--displacement", action="store_true", help="also how far pixel attacks move the image embedding vs the embedding radius")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -471,8 +481,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         cases = tuple(c for c in cases if c.attack in ("pgd_linf", "text_embedding_pgd", "aware_caption_rewrite")) or cases[:1]
         args.probe_n, budgets = 32, 1
-    if args.train_radius_scale is not None and not (0 < args.train_radius_scale < float("inf")):
-        parser.error(f"--train-radius-scale must be a positive number, got {args.train_radius_scale}")
+    if args.train_radius_scale is not None and not (0 < args.train_radius_scale <= 4):
+        parser.error(f"--train-radius-scale must be in (0, 4] (defense.embedding_train_radius_scale), got {args.train_radius_scale}")
     if args.probe_n < 4 or args.steps < 1:
         parser.error(f"--probe-n must be ≥ 4 and --steps ≥ 1, got {args.probe_n} and {args.steps}")
 
@@ -509,7 +519,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.rank:
         seeds = [int(s) for s in args.rank_seeds.split(",")]
         for scenario in args.rank_scenarios.split(","):
-            rank_correlation(scenario, seeds, 1, None if args.radius is None else (args.radius, args.exponent), args.train_radius_scale)
+            rank_correlation(
+                scenario, seeds, 1, None if args.radius is None else (args.radius, args.exponent), args.train_radius_scale, args.like_for_like
+            )
         print(f"{time.process_time() - start_cpu:.0f} CPU-s in all")
 
 

@@ -65,7 +65,7 @@ DEFENDED_SETS: tuple[str, ...] = ("adapter", "projection", "last_blocks", "all")
 class TrainerConfig:
     """What the trainer updates and how it crafts ``L_adv``'s examples.
 
-    The first eight fields match :class:`cmai_env.scenario.DefenseSpec`'s but ``embedding_lr`` (a scenario's ``defense``
+    The first eight fields match :class:`cmai_env.scenario.DefenseSpec`'s but the embedding fidelity's own two (a scenario's ``defense``
     block builds one with ``TrainerConfig(**spec.trainer_fields())``).
 
     :param defended: parameters θ the optimizer updates; everything else is frozen:

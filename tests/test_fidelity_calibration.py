@@ -12,7 +12,7 @@ import pytest
 from cmai_env.attacks.specs import DECLARATIONS
 from cmai_env.fidelity import stacked
 from cmai_env.fidelity.stacked import FAMILY_RADIUS_LAW, EmbeddingAttack, embedding_radius
-from cmai_env.scenario import AttackSpec, apply_overrides, load_scenario
+from cmai_env.scenario import AttackSpec, ScenarioError, apply_overrides, load_scenario
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_calibration.py"
 
@@ -96,17 +96,20 @@ def test_displacement_compares_pixel_travel_with_the_embedding_radius(capsys):
     assert ratio == pytest.approx(median / radius, abs=0.01)
 
 
-def test_training_radius_scale_scales_l_adv_radii_and_restores_them():
+def test_embedding_train_radius_scale_moves_l_adv_examples_out():
+    """``defense.embedding_train_radius_scale`` multiplies both training radii; bad values are refused."""
     benchmark = load_benchmark()
-    scenario = apply_overrides(load_scenario("quickstart"), {"fidelity": "embedding", "dataset.train_n": 64, "dataset.probe_n": 16})
-    plain = stacked.StackedEmbeddingWorld(scenario, 1)
-    with benchmark.training_radius_scale(2.0):
-        scaled = stacked.StackedEmbeddingWorld(scenario, 1)
-    after = stacked.StackedEmbeddingWorld(scenario, 1)
+    small = {"fidelity": "embedding", "dataset.train_n": 64, "dataset.probe_n": 16}
+    plain = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), small), 1)
+    scaled = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), {**small, "defense.embedding_train_radius_scale": 2.0}), 1)
     assert scaled.train_radius_v == pytest.approx(2 * plain.train_radius_v) and scaled.train_radius_t == pytest.approx(2 * plain.train_radius_t)
-    assert (after.train_radius_v, after.train_radius_t) == (plain.train_radius_v, plain.train_radius_t)
+    with pytest.raises(ScenarioError, match="embedding_train_radius_scale"):
+        apply_overrides(load_scenario("quickstart"), {"defense.embedding_train_radius_scale": 5})
     with pytest.raises(SystemExit):
         benchmark.main(["--quick", "--train-radius-scale", "0"])
+    # quickstart defends the whole pixel model at 1e-3: the like-for-like run defends the adapters.
+    assert benchmark.pixel_defence_like_embedding("quickstart") == {"defense.defended": "adapter", "defense.lr": 1e-2}
+    assert benchmark.pixel_defence_like_embedding("abrupt_shift") is None
 
 
 def test_calibration_grid_finds_a_planted_scale():

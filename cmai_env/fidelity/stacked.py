@@ -390,10 +390,12 @@ class StackedEmbeddingWorld:
         self.text = StackedAdapters(ResidualAdapter(dim, ADAPTER_HIDDEN, generator), n_envs, self.device)
         self.optimizer = StackedAdamW(self.image.params + self.text.params, n_envs, scenario.defense.adapter_lr)
         # Training budgets map to radii the way attack budgets do: relative to the default budget
-        # of the image (pgd_linf) and text (text_embedding_pgd) attacks.
+        # of the image (pgd_linf) and text (text_embedding_pgd) attacks, times the scenario's
+        # embedding_train_radius_scale (DefenseSpec: how much farther pixel attacks travel).
         defense = scenario.defense
-        self.train_radius_v = embedding_radius("image", defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"]))
-        self.train_radius_t = embedding_radius("text", defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"]))
+        scale = defense.embedding_train_radius_scale
+        self.train_radius_v = scale * embedding_radius("image", defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"]))
+        self.train_radius_t = scale * embedding_radius("text", defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"]))
         self._attacks: dict[tuple, EmbeddingAttack] = {}
         self._classes: tuple[tuple[int, ...], torch.Tensor] | None = None  # see classes()
         for phase in scenario.phases:  # unplayable attacks fail at construction, not mid-episode
