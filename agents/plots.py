@@ -2,9 +2,9 @@
 
 * ``episode_seed<S>.png``: the first episode of each seed: ASR, clean accuracy, consistency
   score and detector TPR over rounds (top), β over rounds (bottom);
-* ``mean_over_seeds.png``: the same curves averaged over every evaluated episode, when all
-  episodes share one phase timeline (scenarios with randomised schedules skip it, since their
-  rounds do not line up).
+* ``mean_over_seeds.png``: the same curves averaged over every evaluated episode, when there
+  are several and all share one phase timeline (scenarios with randomised schedules skip it,
+  since their rounds do not line up; one episode's mean would be ``episode_seed<S>.png`` again).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def plot_evaluation(result: "EvaluationResult", out: str | Path) -> dict[str, Pa
         files[f"episode_seed{seed}"] = path
     timelines = {tuple(e.timeline) for e in result.episodes}
     lengths = {e.n_rounds for e in result.episodes}
-    if len(timelines) == 1 and len(lengths) == 1:
+    if len(result.episodes) > 1 and len(timelines) == 1 and len(lengths) == 1:
         n_rounds = lengths.pop()
         stacked = [
             _curves([r for r in result.rows if r["seed"] == e.seed and r["episode"] == e.episode]) for e in result.episodes

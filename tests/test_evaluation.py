@@ -136,6 +136,11 @@ def test_cli_evaluate_writes_rounds_summary_and_plots(tmp_path):
     per_seed = [sum(float(r["reward"]) for r in rows if r["seed"] == s) for s in ("0", "1")]
     assert summary["metrics"]["return"]["values"] == pytest.approx(per_seed)
     assert (out / "episode_seed0.png").stat().st_size > 0 and (out / "mean_over_seeds.png").is_file()
+    # One episode: its mean would be the same figure again, so only episode_seed0.png is drawn.
+    single = tmp_path / "eval-one"
+    assert main(["evaluate", "--policy", "baseline:uniform", "--scenario", "quickstart", "--seeds", "0", "--fidelity", "embedding",
+                 "--out", str(single), "--env-kwargs", *TINY, "--quiet"]) == 0
+    assert sorted(p.name for p in single.glob("*.png")) == ["episode_seed0.png"]
     # TensorBoard: one event folder per seed/episode with the documented cmai/... tags
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
