@@ -129,3 +129,43 @@ def test_calibration_grid_finds_a_planted_scale():
     chosen = benchmark.calibrate(cells, FakeProbe(), benchmark.EXPONENTS)
     scale, exponent, worst, _ = chosen["image"]
     assert (scale, exponent) == (0.6, 0.5) and math.isclose(worst, 0.0, abs_tol=1e-9)
+
+
+def test_rank_correlation_plays_each_run_with_its_overrides(monkeypatch, capsys):
+    """--rank's wiring: which fidelity and overrides each run gets, and ρ against both pixel runs."""
+    import agents.baselines
+    import agents.evaluation
+
+    benchmark = load_benchmark()
+    names = ["no_defense", "uniform", "static_adversarial"]
+    monkeypatch.setattr(agents.baselines, "available_baselines", lambda: list(names))
+    calls = []
+
+    class FakeResult:
+        def __init__(self, value):
+            self.value = value
+
+        def per_seed(self, metric):
+            return [self.value]
+
+    def fake_evaluate(policy, scenario, *, seeds, episodes, fidelity, env_kwargs, **_):
+        calls.append((fidelity, env_kwargs))
+        # pixel ranks no_defense > uniform > static_adversarial; scale-1 embedding the reverse
+        base = {"no_defense": 3.0, "uniform": 2.0, "static_adversarial": 1.0}[policy.name]
+        flip = fidelity == "embedding" and not env_kwargs
+        return FakeResult(-base if flip else base)
+
+    monkeypatch.setattr(agents.evaluation, "evaluate_policy", fake_evaluate)
+    returns = benchmark.rank_correlation("quickstart", [0], 1, train_scale=2.0, like_for_like=True)
+    assert list(returns) == ["pixel", "pixel, adapters", "embedding", "embedding L_adv r×2"]
+    kwargs = [calls[i * len(names)] for i in range(4)]
+    assert kwargs == [
+        ("pixel", None),
+        ("pixel", {"defense.defended": "adapter", "defense.lr": 1e-2}),
+        ("embedding", None),
+        ("embedding", {"defense.embedding_train_radius_scale": 2.0}),
+    ]
+    out = capsys.readouterr().out
+    assert "embedding vs pixel: -1.000" in out and "embedding vs pixel, adapters: -1.000" in out
+    assert "embedding L_adv r×2 vs pixel: 1.000" in out and "embedding L_adv r×2 vs pixel, adapters: 1.000" in out
+    assert "pixel, adapters vs pixel" not in out
