@@ -2,7 +2,8 @@
 
     python benchmarks/fidelity_calibration.py [--probe-n 256] [--steps 3] [--attacks pgd_linf,...]
         [--radius R [--exponent G]] [--calibrate] [--rank] [--rank-scenarios quickstart,abrupt_shift]
-        [--rank-seeds 0,1,2] [--data-seed S] [--quick]
+        [--rank-seeds 0,1,2] [--train-radius-scale K] [--like-for-like] [--data-seed S] [--quick]
+        [--displacement]
 
 On the ``quickstart`` scenario's data (shapes, ``cmai-tiny``), for every attack in ``CASES`` and
 each of its budgets, the UNDEFENDED model (the pretrained backbone; at the embedding fidelity its
@@ -426,6 +427,7 @@ def rank_correlation(
     if train_scale is not None:
         runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", None, {"defense.embedding_train_radius_scale": train_scale}))
     returns: dict[str, list[float]] = {}
+    pixel_labels = [label for label, fidelity, _, _ in runs if fidelity == "pixel"]
     for label, fidelity, law, overrides in runs:
         returns[label] = []
         for name in names:
@@ -438,9 +440,8 @@ def rank_correlation(
             mean_return = float(np.mean(result.per_seed("return")))
             returns[label].append(mean_return)
             print(f"  {scenario:<14} {label:<24} {name:<20} return {mean_return:8.3f}  ({time.process_time() - tic:.0f} CPU-s)", flush=True)
-    pixel_labels = [label for label in returns if label.startswith("pixel")]
     for label in returns:
-        for reference in pixel_labels if not label.startswith("pixel") else ():
+        for reference in pixel_labels if label not in pixel_labels else ():
             rho = spearmanr(returns[label], returns[reference]).statistic
             print(f"{scenario}: Spearman ρ of the {len(names)} baselines' mean returns over seeds {list(seeds)}, {label} vs {reference}: {rho:.3f}")
     return returns
@@ -481,8 +482,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         cases = tuple(c for c in cases if c.attack in ("pgd_linf", "text_embedding_pgd", "aware_caption_rewrite")) or cases[:1]
         args.probe_n, budgets = 32, 1
-    if args.train_radius_scale is not None and not (0 < args.train_radius_scale <= 4):
-        parser.error(f"--train-radius-scale must be in (0, 4] (defense.embedding_train_radius_scale), got {args.train_radius_scale}")
+    if args.train_radius_scale is not None:
+        from pydantic import ValidationError
+
+        from cmai_env.scenario import DefenseSpec
+
+        try:  # the field's own bounds, not a copy of them
+            DefenseSpec(embedding_train_radius_scale=args.train_radius_scale)
+        except ValidationError as error:
+            parser.error(f"--train-radius-scale {args.train_radius_scale}: {error.errors()[0]['msg']} (defense.embedding_train_radius_scale)")
     if args.probe_n < 4 or args.steps < 1:
         parser.error(f"--probe-n must be ≥ 4 and --steps ≥ 1, got {args.probe_n} and {args.steps}")
 
