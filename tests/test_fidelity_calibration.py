@@ -100,11 +100,10 @@ def test_embedding_train_radius_scale_moves_l_adv_examples_out():
     """``defense.embedding_train_radius_scale`` multiplies both training radii; bad values are refused."""
     benchmark = load_benchmark()
     small = {"fidelity": "embedding", "dataset.train_n": 64, "dataset.probe_n": 16}
-    plain = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), {**small, "defense.embedding_train_radius_scale": 1.0}), 1)
-    shipped = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), small), 1)
-    scaled = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), {**small, "defense.embedding_train_radius_scale": 3.0}), 1)
     # quickstart ships scale 2 (its YAML); an override replaces it
-    assert shipped.train_radius_v == pytest.approx(2 * plain.train_radius_v) and shipped.train_radius_t == pytest.approx(2 * plain.train_radius_t)
+    assert load_scenario("quickstart").defense.embedding_train_radius_scale == 2
+    plain = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), {**small, "defense.embedding_train_radius_scale": 1.0}), 1)
+    scaled = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), {**small, "defense.embedding_train_radius_scale": 3.0}), 1)
     assert scaled.train_radius_v == pytest.approx(3 * plain.train_radius_v) and scaled.train_radius_t == pytest.approx(3 * plain.train_radius_t)
     with pytest.raises(ScenarioError, match="embedding_train_radius_scale"):
         apply_overrides(load_scenario("quickstart"), {"defense.embedding_train_radius_scale": 5})
