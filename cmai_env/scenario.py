@@ -154,7 +154,8 @@ class DefenseSpec(_Model):
     #: TPR). Pixel attacks move the unit image embedding 1.3–1.9× that radius for the same success
     #: (``benchmarks/fidelity_calibration.py --displacement``), so pixel adversarial training trains
     #: on points farther out. 2 makes the baselines rank as at pixel fidelity (README, issue 10's
-    #: point 3); ``quickstart``, ``periodic``, ``detector_evasion`` and ``gradual_drift`` ship it.
+    #: point 3); ``quickstart``, ``abrupt_shift``, ``periodic``, ``detector_evasion`` and
+    #: ``gradual_drift`` ship it.
     #: The default 1 keeps the radii the other shipped scenarios were designed and measured at.
     #: At most 4: a unit embedding is never more than 2 away from any other.
     embedding_train_radius_scale: float = Field(1.0, gt=0, le=4, allow_inf_nan=False)

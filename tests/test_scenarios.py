@@ -195,24 +195,26 @@ def test_non_editable_install_finds_the_scenarios(tmp_path):
 # ----------------------------------------------------------------------------- streams
 def test_sequential_timeline_and_shifts():
     s = stream("abrupt_shift")
-    assert len(s) == 60
-    assert s.timeline == [(0, 20, "image_pgd"), (20, 40, "text"), (40, 60, "cross_modal")]
-    assert s.shift_rounds == [20, 40]
-    assert [s.plan(t).phase_index for t in (0, 19, 20, 59)] == [0, 0, 1, 2]
-    assert {e.name for e in s.plan(25).mixture} == {"text_embedding_pgd", "token_substitution"}
-    assert {e.name: e.weight for e in s.plan(25).mixture} == pytest.approx({"text_embedding_pgd": 0.6, "token_substitution": 0.4})
-    assert s.plan(25).corruption == ("gaussian_noise", 4) and s.plan(19).corruption is None and s.plan(40).corruption is None
+    assert len(s) == 66
+    assert s.timeline == [(0, 6, "quiet"), (6, 26, "image_pgd"), (26, 46, "text"), (46, 66, "cross_modal")]
+    assert s.shift_rounds == [6, 26, 46]
+    assert [s.plan(t).phase_index for t in (0, 5, 6, 25, 26, 65)] == [0, 0, 1, 1, 2, 3]
+    assert s.plan(0).mixture == () and s.plan(0).adversarial_share == 0.0
+    assert {e.name for e in s.plan(30).mixture} == {"text_embedding_pgd", "token_substitution"}
+    assert {e.name: e.weight for e in s.plan(30).mixture} == pytest.approx({"text_embedding_pgd": 0.6, "token_substitution": 0.4})
+    assert s.plan(0).corruption == ("gaussian_noise", 4) and s.plan(30).corruption == ("gaussian_noise", 4)
+    assert s.plan(25).corruption is None and s.plan(46).corruption is None
     assert stream("stationary_pgd").shift_rounds == []
     with pytest.raises(IndexError):
-        s.plan(60)
+        s.plan(66)
 
 
 def test_episode_rounds_truncates_or_extends_the_last_phase():
     base = load_scenario("abrupt_shift")
-    short = stream(apply_overrides(base, {"episode_rounds": 25}))
-    assert len(short) == 25 and short.timeline == [(0, 20, "image_pgd"), (20, 25, "text")]
-    long = stream(apply_overrides(base, {"episode_rounds": 70}))
-    assert len(long) == 70 and long.timeline[-1] == (40, 70, "cross_modal")
+    short = stream(apply_overrides(base, {"episode_rounds": 31}))
+    assert len(short) == 31 and short.timeline == [(0, 6, "quiet"), (6, 26, "image_pgd"), (26, 31, "text")]
+    long = stream(apply_overrides(base, {"episode_rounds": 76}))
+    assert len(long) == 76 and long.timeline[-1] == (46, 76, "cross_modal")
 
 
 def test_periodic_repeats_the_phases():

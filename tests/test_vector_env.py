@@ -18,7 +18,7 @@ from cmai_env.scenario import load_scenario
 from cmai_env.stream import MixtureEntry
 from cmai_env.vector_env import CMAIVectorEnv, batch_infos, unbatch_info
 
-# Smaller data than the shipped scenario, the full abrupt_shift schedule (3 phases × 20 rounds).
+# Smaller data than the shipped scenario; the tests through abrupt_shift play its full schedule.
 DATA = {"batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32}
 SMALL = {"batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32, "episode_rounds": 4}
 ROOT = Path(cmai_env.__file__).resolve().parent
@@ -92,7 +92,7 @@ def test_four_batched_envs_equal_four_single_envs_through_abrupt_shift(device):
 
     check_reset(7)
     episode = singles[0].unwrapped.episode_rounds
-    assert episode == 60
+    assert episode == 66  # 6 quiet rounds, then 3 phases × 20
     needs_reset = [False] * n
     attacks_seen = set()
     plan = [("step", 7), ("reset", 100), ("step", episode + 3)]
