@@ -12,7 +12,7 @@ import pytest
 from cmai_env.attacks.specs import DECLARATIONS
 from cmai_env.fidelity import stacked
 from cmai_env.fidelity.stacked import FAMILY_RADIUS_LAW, EmbeddingAttack, embedding_radius
-from cmai_env.scenario import AttackSpec, ScenarioError, apply_overrides, load_scenario
+from cmai_env.scenario import AttackSpec, DefenseSpec, ScenarioError, apply_overrides, load_scenario, scenarios_available
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_calibration.py"
 
@@ -100,6 +100,10 @@ def test_embedding_train_radius_scale_moves_l_adv_examples_out():
     """``defense.embedding_train_radius_scale`` multiplies both training radii; bad values are refused."""
     benchmark = load_benchmark()
     small = {"fidelity": "embedding", "dataset.train_n": 64, "dataset.probe_n": 16}
+    # 2 is the default since 2026-12-06; the shipped scenarios designed and measured at 1 pin it
+    assert DefenseSpec().embedding_train_radius_scale == 2
+    pinned = {name for name in scenarios_available() if load_scenario(name).defense.embedding_train_radius_scale == 1}
+    assert pinned == {"shift_evasion", "mixed_modalities", "randomized_training", "stationary_pgd", "unseen_attacks"}
     # quickstart ships scale 2 (its YAML); an override replaces it
     assert load_scenario("quickstart").defense.embedding_train_radius_scale == 2
     plain = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), {**small, "defense.embedding_train_radius_scale": 1.0}), 1)
