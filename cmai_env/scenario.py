@@ -155,8 +155,8 @@ class DefenseSpec(_Model):
     #: (``benchmarks/fidelity_calibration.py --displacement``), so pixel adversarial training trains
     #: on points farther out. The default 2 makes the baselines rank as at pixel fidelity (README,
     #: issue 10's point 3: Spearman ρ 0.900 on ``abrupt_shift`` and on ``quickstart`` against its
-    #: pixel run defending the same adapters; 0.850 and −0.033 at 1). ``shift_evasion``, ``mixed_modalities``, ``randomized_training``,
-    #: ``stationary_pgd`` and ``unseen_attacks`` pin 1, the scale they were designed and measured at.
+    #: pixel run defending the same adapters; 0.850 and −0.033 at 1). ``shift_evasion``, ``mixed_modalities``,
+    #: ``randomized_training`` and ``stationary_pgd`` pin 1, the scale they were designed and measured at.
     #: At most 4: a unit embedding is never more than 2 away from any other.
     embedding_train_radius_scale: float = Field(2.0, gt=0, le=4, allow_inf_nan=False)
 
