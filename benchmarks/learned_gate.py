@@ -19,7 +19,15 @@ system ASR, its clean-accuracy drop against ``no_defense``, what its own mean β
 loses (whether the *adapting* pays, not a better constant), and whether point 6 holds: both CIs
 above 0 within 20 CPU-minutes of training (and ≥ 50% of the schedule gap when it is measured).
 
-    python benchmarks/learned_gate.py [--scenarios periodic abrupt_shift] [--train-seeds 0 1] [--eval-seeds 0 1 2 3 4]
+Then point 6's held-out clause: every trained gate is evaluated on ``unseen_attacks`` (attacks no
+training scenario contains; ``--held-out``, run as shipped unless ``--held-out-env-kwargs``) in one
+``cmai benchmark --fixed-grid`` beside every baseline. Printed per gate: its system ASR against the
+best *static* weighting's (the lowest system ASR among the baselines that hold one β, and every β
+of the grid), its clean-accuracy drop against ``no_defense``, its weight-response latency, and
+whether the clause holds: system ASR ≤ 0.7× the best static one's, clean drop ≤ 0.02, latency
+under 100 ms.
+
+    python benchmarks/learned_gate.py [--scenarios periodic abrupt_shift] [--train-seeds 0 1] [--eval-seeds 0 1 2 3 4] [--held-out none]
 
 A full run trains ~15 CPU-minutes per scenario and seed; ``--timesteps`` and ``--env-kwargs``
 shrink it (the test suite does).
@@ -40,6 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 #: Point 6's thresholds: training budget, share of the schedule gap.
 CPU_MINUTES_BUDGET = 20.0
 SCHEDULE_SHARE = 0.5
+#: Point 6's held-out clause: system ASR at most this multiple of the best static weighting's, at
+#: most this clean-accuracy drop against ``no_defense``, weight response under this many ms.
+HELD_OUT_SYSTEM_ASR_RATIO = 0.7
+HELD_OUT_CLEAN_DROP = 0.02
+HELD_OUT_LATENCY_MS = 100.0
 
 
 def scenarios_with_entries() -> list[str]:
@@ -119,6 +132,57 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{_ci(row['fixed_mean_delta']):>17} {share:>6}  {'holds' if point6_holds(row) else 'no'}")
 
 
+def is_static(row: dict[str, Any]) -> bool:
+    """Whether a ``cmai benchmark`` comparison row holds one β all episode: a grid β or a fixed-weights baseline."""
+    from agents.baselines import FixedWeightsPolicy, available_baselines, make_baseline
+
+    if row["kind"] == "fixed_grid":
+        return True
+    return row["kind"] == "baseline" and row["policy"] in available_baselines() and isinstance(make_baseline(row["policy"]), FixedWeightsPolicy)
+
+
+def held_out_rows(runs: list[str], scenario: str, eval_seeds: list[int], env_kwargs: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Point 6's held-out clause: every gate in ``runs`` against the best static weighting on ``scenario``.
+
+    One ``cmai benchmark --fixed-grid`` with every gate (each at its training fidelity) beside every
+    baseline; the best static weighting is the one with the lowest mean system ASR (:func:`is_static`).
+    """
+    from agents.benchmark import BenchmarkArgs, run_benchmark
+
+    report = run_benchmark(BenchmarkArgs(scenarios=[scenario], out=out / f"held_out_{Path(scenario).stem}", seeds=eval_seeds,
+                                         policies=list(runs), env_kwargs=dict(env_kwargs), plots=False, fixed_grid=True))
+    (block,) = report["scenarios"].values()
+    comparison = block["comparison"]
+    best = min((row for row in comparison if is_static(row)), key=lambda row: row["system_asr"]["mean"])
+    no_defense = next(row for row in comparison if row["policy"] == "no_defense")
+    return [{"policy": row["policy"], "system_asr": row["system_asr"], "best_static": best["policy"],
+             "best_static_system_asr": best["system_asr"], "no_defense_system_asr": no_defense["system_asr"],
+             "ratio": row["system_asr"]["mean"] / best["system_asr"]["mean"] if best["system_asr"]["mean"] > 0 else float("inf"),
+             "clean_acc_drop": row["clean_acc_drop"], "weight_response_ms": row["weight_response_ms"]}
+            for row in comparison if row["kind"] == "trained"]
+
+
+def held_out_holds(row: dict[str, Any]) -> bool:
+    """System ASR ≤ 0.7× the best static weighting's, clean drop ≤ 0.02, weight response measured and < 100 ms."""
+    latency = row["weight_response_ms"]["mean"]
+    return (row["ratio"] <= HELD_OUT_SYSTEM_ASR_RATIO and row["clean_acc_drop"]["mean"] <= HELD_OUT_CLEAN_DROP
+            and latency is not None and latency < HELD_OUT_LATENCY_MS)
+
+
+def print_held_out(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'gate':28} {'system ASR':>16} {'best static (system ASR)':>36} {'ratio':>6} {'no_defense':>10} {'clean drop':>10} "
+          f"{'weight response':>15}  held-out clause")
+    for row in rows:
+        best = f"{row['best_static']} {row['best_static_system_asr']['mean']:.3f}"
+        latency = row["weight_response_ms"]["mean"]
+        shown = "—" if latency is None else f"{latency:.1f} ms"
+        spread = row["system_asr"]["half_width"]
+        spread = "—" if spread is None else f"{spread:.3f}"  # one evaluation seed: no interval
+        print(f"{row['policy']:28} {row['system_asr']['mean']:8.3f} ± {spread:>5} {best:>36} {row['ratio']:6.2f} "
+              f"{row['no_defense_system_asr']['mean']:10.3f} {row['clean_acc_drop']['mean']:10.3f} {shown:>15}  "
+              f"{'holds' if held_out_holds(row) else 'no'}")
+
+
 def main() -> None:
     from cmai_env.cli.common import positive_int
     from cmai_env.keyvalue import parse_assignments
@@ -133,8 +197,13 @@ def main() -> None:
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides for training and evaluation")
     parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel processes, one torch thread each (default: one per core)")
     parser.add_argument("--out", default="runs/learned_gate", help="run folders and benchmark reports (default: runs/learned_gate)")
+    parser.add_argument("--held-out", default="unseen_attacks",
+                        help="evaluation-only scenario for point 6's held-out clause, or 'none' (default: unseen_attacks)")
+    parser.add_argument("--held-out-env-kwargs", nargs="*", default=[], metavar="KEY:VALUE",
+                        help="scenario overrides for the held-out evaluation (default: none, the scenario as shipped)")
     args = parser.parse_args()
     env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
+    held_out_kwargs = parse_assignments(args.held_out_env_kwargs, ":", "--held-out-env-kwargs")
     scenarios = args.scenarios or scenarios_with_entries()
     jobs = [{"scenario": s, "seed": k, "out": str(Path(args.out)), "timesteps": args.timesteps, "env_kwargs": env_kwargs,
              "eval_seeds": list(args.eval_seeds), "search_seeds": list(args.search_seeds), "schedule_gap": args.schedule_gap}
@@ -150,7 +219,13 @@ def main() -> None:
     print_table(rows)
     held = sorted({r["scenario"] for r in rows if point6_holds(r)})
     print(f"\npoint 6 holds for {sum(point6_holds(r) for r in rows)}/{len(rows)} trainings; scenarios: {', '.join(held) or 'none'} "
-          f"({time.perf_counter() - started:.0f} s wall)")
+          f"({time.perf_counter() - started:.0f} s wall)", flush=True)
+    if args.held_out != "none":
+        held_out = held_out_rows([r["run"] for r in rows], args.held_out, list(args.eval_seeds), held_out_kwargs, Path(args.out))
+        print_held_out(held_out)
+        passing = [r["policy"] for r in held_out if held_out_holds(r)]
+        print(f"\npoint 6's held-out clause holds for {len(passing)}/{len(held_out)} gates on {args.held_out}"
+              f"{': ' + ', '.join(passing) if passing else ''} ({time.perf_counter() - started:.0f} s wall)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_gate.py"
 #: periodic shrunk to one 6-round cycle on small batches (its entry's 32 envs × 64 steps still make one rollout).
 TINY = {"episode_rounds": 6, "repeat": 1, "phases.0.rounds": 2, "phases.1.rounds": 2, "phases.2.rounds": 2,
         "batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32}
+#: unseen_attacks shrunk the same way: its four phases of 2 rounds on small batches.
+UNSEEN_TINY = {"phases.0.rounds": 2, "phases.1.rounds": 2, "phases.2.rounds": 2, "phases.3.rounds": 2,
+               "batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32}
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +65,27 @@ def test_run_one_trains_the_shipped_entry_and_reads_the_benchmark(learned_gate, 
     learned_gate.print_table([row])
     printed = capsys.readouterr().out
     assert "periodic" in printed and row["best_fixed"] in printed
+    # point 6's held-out clause: the same gate on unseen_attacks against every static weighting
+    held_out = learned_gate.held_out_rows([row["run"]], "unseen_attacks", [0, 1], UNSEEN_TINY, tmp_path)
+    (gate,) = held_out
+    assert gate["policy"].startswith("ppo:periodic")
+    static = {"no_defense", "static_adversarial", "static_consistency", "uniform"}
+    assert gate["best_static"] in static or gate["best_static"].startswith("fixed(")
+    assert gate["best_static_system_asr"]["mean"] <= gate["no_defense_system_asr"]["mean"]  # no_defense is static too
+    assert 0.0 <= gate["system_asr"]["mean"] <= 1.0
+    report = json.loads((tmp_path / "held_out_unseen_attacks" / "results.json").read_text())
+    (block,) = report["scenarios"].values()
+    rows = {r["policy"]: r for r in block["comparison"]}
+    assert gate["best_static_system_asr"]["mean"] == min(r["system_asr"]["mean"] for r in rows.values() if learned_gate.is_static(r))
+    assert not learned_gate.is_static(rows["proeat_dynamic"]) and not learned_gate.is_static(rows[gate["policy"]])
+    learned_gate.print_held_out(held_out)
+    assert gate["policy"] in capsys.readouterr().out
+
+
+def test_held_out_clause_needs_the_ratio_the_clean_drop_and_a_measured_latency(learned_gate):
+    row = {"ratio": 0.6, "clean_acc_drop": {"mean": 0.01}, "weight_response_ms": {"mean": 12.0}}
+    assert learned_gate.held_out_holds(row)
+    assert not learned_gate.held_out_holds({**row, "ratio": 0.75})
+    assert not learned_gate.held_out_holds({**row, "clean_acc_drop": {"mean": 0.03}})
+    assert not learned_gate.held_out_holds({**row, "weight_response_ms": {"mean": 150.0}})
+    assert not learned_gate.held_out_holds({**row, "weight_response_ms": {"mean": None}})  # never measured
