@@ -210,7 +210,7 @@ class CMAIExperimentManager(ExperimentManager):
         kwargs = self.eval_env_kwargs if eval_env else self.env_kwargs
         if self.n_envs > 1 and self.vec_env_class is DummyVecEnv and batched_supported(self.env_id, kwargs):
             # rl-zoo3 steps n_envs separate envs; at embedding fidelity CMAI steps them as one
-            # batched computation (agents.vec_adapter; 6.0x SyncVectorEnv at N=64, docs/measurements.md). The
+            # batched computation (agents.vec_adapter; 3.2x SyncVectorEnv at N=64 on 2026-12-06, docs/measurements.md). The
             # evaluation env is built the same way: VecNormalize statistics are copied between
             # envs wrapped alike (sync_envs_normalization).
             append = not self.monitor_kwargs.get("override_existing", True)
