@@ -3,7 +3,7 @@
     python benchmarks/fidelity_calibration.py [--probe-n 256] [--steps 3] [--attacks pgd_linf,...]
         [--radius R [--exponent G]] [--calibrate] [--rank] [--rank-scenarios quickstart,abrupt_shift]
         [--rank-seeds 0,1,2] [--train-radius-scale K] [--like-for-like] [--data-seed S] [--quick]
-        [--displacement]
+        [--displacement] [--corruption NAME:SEVERITY]
 
 On the ``quickstart`` scenario's data (shapes, ``cmai-tiny``), for every attack in ``CASES`` and
 each of its budgets, the UNDEFENDED model (the pretrained backbone; at the embedding fidelity its
@@ -46,6 +46,13 @@ fidelity gives that attack, and the radius of ``L_adv``'s training examples (``d
 The radii match the attacks' *success*; if pixel attacks travel much farther to get it, training
 on them (``β_adv``) pulls far-off points back to their class at pixel fidelity, where the
 embedding fidelity trains on near ones: the cost in clean accuracy is not alike.
+
+``--corruption NAME:SEVERITY`` (e.g. ``gaussian_noise:2``) plays every cell on the corrupted copy
+of the pool and probe images that a scenario phase with that ``corruption`` serves, at both
+fidelities (the embedding side attacks the view :class:`StackedEmbeddingWorld` caches for it),
+with τ calibrated on the corrupted clean pairs as in such a phase. The radius laws were fitted on
+clean images; most shipped scenarios run their attacks on noisy ones, so this is the out-of-sample
+check of the calibration where points 4–6 of issue 10 are measured.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a sc
 from cmai_env.attacks import PairBatch, ZeroShotTask, make_attack  # noqa: E402
 from cmai_env.attacks.specs import declaration  # noqa: E402
 from cmai_env.consistency import ConsistencyDetector  # noqa: E402
+from cmai_env.corruptions import corrupted_split  # noqa: E402
 from cmai_env.data import load_dataset  # noqa: E402
 from cmai_env.fidelity import stacked  # noqa: E402
 from cmai_env.fidelity.base import defended_backbone  # noqa: E402
@@ -128,12 +136,22 @@ class Setup:
     calibration: PairBatch
     world: StackedEmbeddingWorld
     n: int
+    #: the probe images' cached embeddings the embedding side attacks, (P, D): the world's clean
+    #: view, or the corrupted copy of them that a phase with ``corruption`` serves
+    probe_v: torch.Tensor | None = None
+    corruption: tuple[str, int] | None = None
 
 
-def load_setup(scenario_name: str, probe_n: int, data_seed: int | None = None, device: str = "cpu") -> Setup:
+def load_setup(
+    scenario_name: str, probe_n: int, data_seed: int | None = None, device: str = "cpu", corruption: tuple[str, int] | None = None
+) -> Setup:
     """Backbone, task and probe pairs (pixel) and the embedding world, from one scenario's data.
 
     :param data_seed: overrides the scenario's ``dataset.seed`` (other pairs: an out-of-sample check).
+    :param corruption: ``(name, severity)``: both fidelities see the corrupted copy of the pool and
+        the probe set that a scenario phase with this ``corruption`` serves
+        (:func:`cmai_env.corruptions.corrupted_split`, the same images at both), attacked and
+        calibrated on as in such a phase; ``None``: the clean images.
     """
     overrides: dict[str, object] = {"fidelity": "embedding", "dataset.probe_n": probe_n}
     if data_seed is not None:
@@ -145,17 +163,19 @@ def load_setup(scenario_name: str, probe_n: int, data_seed: int | None = None, d
     size = backbone.image_size
     pool = load_dataset(spec.name, split="train", n=spec.train_n, seed=spec.seed, image_size=size, root=spec.root)
     probe = load_dataset(spec.name, split="val", n=spec.probe_n, seed=spec.seed, image_size=size, root=spec.root)
-    probe_batch = PairBatch.from_dataset(backbone, probe)
-    n = probe_n // 2
+    pool_batch, probe_batch = PairBatch.from_dataset(backbone, pool), PairBatch.from_dataset(backbone, probe)
+    # The zero-shot task (class prompts) comes from the clean pool: a corruption changes images only.
+    task = ZeroShotTask.from_dataset(backbone, pool)
     world = StackedEmbeddingWorld(scenario, 1, device=device)
+    probe_v = world.probe_v
+    if corruption is not None:
+        pool_batch = PairBatch(corrupted_split(pool_batch.images, corruption, spec.seed, "train"), pool_batch.tokens, pool_batch.labels)
+        probe_batch = PairBatch(corrupted_split(probe_batch.images, corruption, spec.seed, "val"), probe_batch.tokens, probe_batch.labels)
+        with torch.no_grad():  # the view StackedEmbeddingWorld caches for such a phase
+            probe_v = stacked._embed_images(backbone, probe_batch.images).to(world.device)
+    n = probe_n // 2
     return Setup(
-        scenario,
-        ZeroShotTask.from_dataset(backbone, pool),
-        PairBatch.from_dataset(backbone, pool),
-        probe_batch.subset(slice(0, n)),
-        probe_batch.subset(slice(n, probe_n)),
-        world,
-        n,
+        scenario, task, pool_batch, probe_batch.subset(slice(0, n)), probe_batch.subset(slice(n, probe_n)), world, n, probe_v, corruption
     )
 
 
@@ -269,9 +289,10 @@ class EmbeddingProbe:
     def __init__(self, setup: Setup) -> None:
         world, n = setup.world, setup.n
         self.world, self.n = world, n
+        self.probe_v = world.probe_v if setup.probe_v is None else setup.probe_v
         with torch.no_grad():
             self.classes = world.classes(None)
-            e_v, e_t, lv, lt = world.forward(world.probe_v[None], world.probe_t[None], self.classes, None)
+            e_v, e_t, lv, lt = world.forward(self.probe_v[None], world.probe_t[None], self.classes, None)
             clean = world._consistency(e_v, e_t, lv, lt)[0].cpu().numpy()
         self.threshold = ConsistencyDetector(0.05).calibrate(clean[n:])
         labels = world.probe_y[:n]
@@ -282,7 +303,7 @@ class EmbeddingProbe:
         world, n = self.world, self.n
         orders = RowAttacks.empty((1, n))
         orders.fill(0, slice(0, n), attack, 0)
-        adv_v, adv_t = world.craft(None, world.probe_v[None, :n], world.probe_t[None, :n], self.labels[None], orders, self.classes)
+        adv_v, adv_t = world.craft(None, self.probe_v[None, :n], world.probe_t[None, :n], self.labels[None], orders, self.classes)
         with torch.no_grad():
             a_v, a_t, a_lv, a_lt = world.forward(adv_v, adv_t, self.classes, None)
             score = world._consistency(a_v, a_t, a_lv, a_lt)[0].cpu().numpy()
@@ -469,7 +490,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--like-for-like", action="store_true",
                         help="with --rank: where a scenario's pixel defence differs from the embedding fidelity's adapters, also play pixel defending them")
     parser.add_argument("--displacement", action="store_true", help="also how far pixel attacks move the image embedding vs the embedding radius")
+    parser.add_argument("--corruption", default=None, metavar="NAME:SEVERITY",
+                        help="attack and calibrate on the corrupted images a phase with this corruption serves (e.g. gaussian_noise:4)")
     args = parser.parse_args(argv)
+    corruption = None if args.corruption is None else parse_corruption(parser, args.corruption)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cases = CASES
     if args.attacks:
@@ -495,9 +519,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--probe-n must be ≥ 4 and --steps ≥ 1, got {args.probe_n} and {args.steps}")
 
     start_cpu = time.process_time()
-    setup = load_setup(args.scenario, args.probe_n, args.data_seed)
+    setup = load_setup(args.scenario, args.probe_n, args.data_seed, corruption=corruption)
     probe = EmbeddingProbe(setup)
-    print(f"{args.scenario}: {setup.scenario.dataset.name} (seed {setup.scenario.dataset.seed}), {setup.scenario.backbone.name}; {setup.n} attacked probe pairs, "
+    images = "clean images" if corruption is None else f"images under {corruption[0]} severity {corruption[1]}"
+    print(f"{args.scenario}: {setup.scenario.dataset.name} (seed {setup.scenario.dataset.seed}), {setup.scenario.backbone.name}, {images}; {setup.n} attacked probe pairs, "
           f"τ from {args.probe_n - setup.n} clean ones (pixel τ={ConsistencyDetector(0.05).calibrate(_clean_scores(setup)):.3f}, "
           f"embedding τ={probe.threshold:.3f}); {args.steps} steps, step 2.5·budget/steps")
     cells = []
@@ -531,6 +556,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                 scenario, seeds, 1, None if args.radius is None else (args.radius, args.exponent), args.train_radius_scale, args.like_for_like
             )
         print(f"{time.process_time() - start_cpu:.0f} CPU-s in all")
+
+
+def parse_corruption(parser: argparse.ArgumentParser, text: str) -> tuple[str, int]:
+    """``--corruption NAME:SEVERITY`` validated by the scenario field's own model (names, 1–5)."""
+    from pydantic import ValidationError
+
+    from cmai_env.scenario import Corruption
+
+    name, _, severity = text.partition(":")
+    try:
+        return Corruption(name=name, severity=severity or 3).key
+    except ValidationError as error:
+        problem = error.errors()[0]
+        parser.error(f"--corruption {text!r}: {'/'.join(map(str, problem['loc']))}: {problem['msg']} (NAME:SEVERITY, e.g. gaussian_noise:4)")
 
 
 def _clean_scores(setup: Setup) -> torch.Tensor:

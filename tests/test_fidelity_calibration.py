@@ -175,3 +175,32 @@ def test_rank_correlation_plays_each_run_with_its_overrides(monkeypatch, capsys)
     assert "embedding vs pixel: -1.000" in out and "embedding vs pixel, adapters: -1.000" in out
     assert "embedding L_adv r×2 vs pixel: 1.000" in out and "embedding L_adv r×2 vs pixel, adapters: 1.000" in out
     assert "pixel, adapters vs pixel" not in out
+
+
+def test_corruption_attacks_both_fidelities_on_the_images_a_corrupted_phase_serves(capsys):
+    """``--corruption``: the pixel side and the embedding side see the copy the environment serves."""
+    import torch
+
+    from cmai_env.corruptions import corrupted_split
+
+    benchmark = load_benchmark()
+    key = ("gaussian_noise", 4)  # quickstart's own noisy phase: its world caches this view
+    clean = benchmark.load_setup("quickstart", 16)
+    noisy = benchmark.load_setup("quickstart", 16, corruption=key)
+    seed = noisy.scenario.dataset.seed
+    assert noisy.corruption == key and clean.corruption is None
+    # pixel: the attacked and calibration halves are the corrupted probe images, in order
+    whole_probe = torch.cat([clean.attacked.images, clean.calibration.images])
+    assert torch.equal(torch.cat([noisy.attacked.images, noisy.calibration.images]), corrupted_split(whole_probe, key, seed, "val"))
+    assert not torch.equal(noisy.attacked.images, clean.attacked.images)
+    # embedding: the same cached view StackedEmbeddingWorld serves a phase with that corruption
+    view = noisy.world.probe_views[noisy.world.corruptions.index(key)]
+    assert torch.allclose(noisy.probe_v, view, atol=1e-6) and torch.equal(clean.probe_v, clean.world.probe_v)
+    assert benchmark.EmbeddingProbe(noisy).probe_v is noisy.probe_v
+
+    benchmark.main(["--quick", "--attacks", "pgd_linf", "--corruption", "gaussian_noise:2"])
+    out = capsys.readouterr().out
+    assert "images under gaussian_noise severity 2" in out and "within ±0.10 on both ASR and TPR" in out
+    with pytest.raises(SystemExit):
+        benchmark.main(["--quick", "--corruption", "fog:2"])
+    assert "unknown corruption" in capsys.readouterr().err
