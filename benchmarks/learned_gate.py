@@ -25,9 +25,13 @@ training scenario contains; ``--held-out``, run as shipped unless ``--held-out-e
 best *static* weighting's (the lowest system ASR among the baselines that hold one β, and every β
 of the grid), its clean-accuracy drop against ``no_defense``, its weight-response latency, and
 whether the clause holds: system ASR ≤ 0.7× the best static one's, clean drop ≤ 0.02, latency
-under 100 ms.
+under 100 ms. The gates run at their training fidelity (embedding) unless ``--held-out-fidelity
+pixel``: ``unseen_attacks``' Co-Attack phase, on noisy images, is where the embedding fidelity
+fits the pixel one worst (``fidelity_calibration.py --corruption gaussian_noise:2``), so the pixel
+run (about 25 CPU-minutes for the baselines and the grid) is the check that matters.
 
-    python benchmarks/learned_gate.py [--scenarios periodic abrupt_shift] [--train-seeds 0 1] [--eval-seeds 0 1 2 3 4] [--held-out none]
+    python benchmarks/learned_gate.py [--scenarios periodic abrupt_shift] [--train-seeds 0 1] [--eval-seeds 0 1 2 3 4]
+        [--held-out none] [--held-out-fidelity pixel]
 
 A full run trains ~15 CPU-minutes per scenario and seed; ``--timesteps`` and ``--env-kwargs``
 shrink it (the test suite does).
@@ -141,16 +145,20 @@ def is_static(row: dict[str, Any]) -> bool:
     return row["kind"] == "baseline" and row["policy"] in available_baselines() and isinstance(make_baseline(row["policy"]), FixedWeightsPolicy)
 
 
-def held_out_rows(runs: list[str], scenario: str, eval_seeds: list[int], env_kwargs: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+def held_out_rows(
+    runs: list[str], scenario: str, eval_seeds: list[int], env_kwargs: dict[str, Any], out: Path, fidelity: str | None = None
+) -> list[dict[str, Any]]:
     """Point 6's held-out clause: every gate in ``runs`` against the best static weighting on ``scenario``.
 
-    One ``cmai benchmark --fixed-grid`` with every gate (each at its training fidelity) beside every
-    baseline; the best static weighting is the one with the lowest mean system ASR (:func:`is_static`).
+    One ``cmai benchmark --fixed-grid`` with every gate beside every baseline, all at ``fidelity``
+    (``None``: the gates' training fidelity); the best static weighting is the one with the lowest
+    mean system ASR (:func:`is_static`).
     """
     from agents.benchmark import BenchmarkArgs, run_benchmark
 
     report = run_benchmark(BenchmarkArgs(scenarios=[scenario], out=out / f"held_out_{Path(scenario).stem}", seeds=eval_seeds,
-                                         policies=list(runs), env_kwargs=dict(env_kwargs), plots=False, fixed_grid=True))
+                                         policies=list(runs), env_kwargs=dict(env_kwargs), plots=False, fixed_grid=True,
+                                         fidelity=fidelity))
     (block,) = report["scenarios"].values()
     comparison = block["comparison"]
     best = min((row for row in comparison if is_static(row)), key=lambda row: row["system_asr"]["mean"])
@@ -201,6 +209,8 @@ def main() -> None:
                         help="evaluation-only scenario for point 6's held-out clause, or 'none' (default: unseen_attacks)")
     parser.add_argument("--held-out-env-kwargs", nargs="*", default=[], metavar="KEY:VALUE",
                         help="scenario overrides for the held-out evaluation (default: none, the scenario as shipped)")
+    parser.add_argument("--held-out-fidelity", choices=["embedding", "pixel"], default=None,
+                        help="fidelity of the held-out evaluation (default: the gates' training fidelity)")
     args = parser.parse_args()
     env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     held_out_kwargs = parse_assignments(args.held_out_env_kwargs, ":", "--held-out-env-kwargs")
@@ -221,7 +231,8 @@ def main() -> None:
     print(f"\npoint 6 holds for {sum(point6_holds(r) for r in rows)}/{len(rows)} trainings; scenarios: {', '.join(held) or 'none'} "
           f"({time.perf_counter() - started:.0f} s wall)", flush=True)
     if args.held_out != "none":
-        held_out = held_out_rows([r["run"] for r in rows], args.held_out, list(args.eval_seeds), held_out_kwargs, Path(args.out))
+        held_out = held_out_rows([r["run"] for r in rows], args.held_out, list(args.eval_seeds), held_out_kwargs, Path(args.out),
+                                 args.held_out_fidelity)
         print_held_out(held_out)
         passing = [r["policy"] for r in held_out if held_out_holds(r)]
         print(f"\npoint 6's held-out clause holds for {len(passing)}/{len(held_out)} gates on {args.held_out}"

@@ -89,3 +89,25 @@ def test_held_out_clause_needs_the_ratio_the_clean_drop_and_a_measured_latency(l
     assert not learned_gate.held_out_holds({**row, "clean_acc_drop": {"mean": 0.03}})
     assert not learned_gate.held_out_holds({**row, "weight_response_ms": {"mean": 150.0}})
     assert not learned_gate.held_out_holds({**row, "weight_response_ms": {"mean": None}})  # never measured
+
+
+def test_held_out_fidelity_reaches_the_benchmark(learned_gate, monkeypatch, tmp_path):
+    """``--held-out-fidelity pixel`` evaluates every gate and baseline at pixel fidelity."""
+    import agents.benchmark
+
+    seen = []
+    row = lambda policy, kind, asr: {"policy": policy, "kind": kind, "system_asr": {"mean": asr}, "clean_acc_drop": {"mean": 0.0},  # noqa: E731
+                                     "weight_response_ms": {"mean": 5.0}}
+    comparison = [row("no_defense", "baseline", 0.066), row("fixed(0.67,0.33,0.00)", "fixed_grid", 0.073), row("ppo:periodic_1", "trained", 0.115)]
+
+    def fake_benchmark(args):
+        seen.append(args)
+        return {"scenarios": {"unseen_attacks": {"comparison": comparison}}}
+
+    monkeypatch.setattr(agents.benchmark, "run_benchmark", fake_benchmark)
+    (gate,) = learned_gate.held_out_rows(["runs/ppo/periodic_1"], "unseen_attacks", [0], {}, tmp_path, "pixel")
+    assert seen[0].fidelity == "pixel" and seen[0].fixed_grid and list(seen[0].policies) == ["runs/ppo/periodic_1"]
+    assert gate["best_static"] == "no_defense" and gate["ratio"] == pytest.approx(0.115 / 0.066)
+    assert not learned_gate.held_out_holds(gate)
+    learned_gate.held_out_rows(["runs/ppo/periodic_1"], "unseen_attacks", [0], {}, tmp_path)
+    assert seen[1].fidelity is None  # default: the gates' training fidelity
