@@ -159,6 +159,13 @@ class DefenseSpec(_Model):
     #: ``randomized_training`` and ``stationary_pgd`` pin 1, the scale they were designed and measured at.
     #: At most 4: a unit embedding is never more than 2 away from any other.
     embedding_train_radius_scale: float = Field(2.0, gt=0, le=4, allow_inf_nan=False)
+    #: whether the received pairs that are adversarial and that the detector flagged join
+    #: ``L_adv`` beside the crafted examples (both fidelities). Training the model to classify the
+    #: flagged attacks also makes their image and caption agree, which can hide the same attack
+    #: from the detector in later rounds: on ``unseen_attacks``' Co-Attack phase at embedding
+    #: fidelity, fixed β = (⅔, 0, ⅓) flags 0.455 of the attacks with it and 0.643 without
+    #: (docs/measurements.md). Every shipped scenario was designed and measured with it.
+    train_on_flagged: bool = True
 
     @property
     def adapter_lr(self) -> float:
@@ -167,7 +174,7 @@ class DefenseSpec(_Model):
 
     def trainer_fields(self) -> dict[str, Any]:
         """The fields the pixel-fidelity trainer takes (:class:`cmai_env.training.TrainerConfig`)."""
-        return self.model_dump(exclude={"embedding_lr", "embedding_train_radius_scale"})
+        return self.model_dump(exclude={"embedding_lr", "embedding_train_radius_scale", "train_on_flagged"})
 
 
 class DetectorSpec(_Model):

@@ -123,7 +123,8 @@ class Fidelity(ABC):
 
         The clean originals of the round's pairs are the defender's training batch; incoming
         pairs that are both adversarial and flagged by the detector are added to L_adv as
-        observed adversarial traffic (L_consistency is trained on the clean pairs only).
+        observed adversarial traffic unless ``defense.train_on_flagged`` is off (L_consistency is
+        trained on the clean pairs only).
         """
 
     @abstractmethod

@@ -142,7 +142,8 @@ class PixelFidelity(Fidelity):
 
     def update(self, traffic: RoundTraffic, betas: np.ndarray, flagged: np.ndarray, rng: np.random.Generator) -> UpdateResult:
         clean, received = traffic.payload
-        observed_rows = np.flatnonzero(traffic.is_adv & flagged)
+        used = flagged if self.scenario.defense.train_on_flagged else np.zeros_like(flagged)
+        observed_rows = np.flatnonzero(traffic.is_adv & used)
         observed = received.subset(torch.from_numpy(observed_rows).to(self.device)) if len(observed_rows) else None
         self.trainer.generator = torch_generator(rng)
         result = self.trainer.step(clean, betas, observed_adv=observed)

@@ -653,7 +653,8 @@ class StackedEmbeddingWorld:
 
         Crafting for ``L_adv`` runs :func:`cmai_env.round.crafting_steps` (β_adv) joint L2-PGD
         steps on ``(e_v, e_t)`` of the clean pairs up ``CE_v + CE_t + α·L_consistency``; the
-        received pairs that are adversarial *and* flagged join ``L_adv`` (``L_consistency`` is on the clean pairs).
+        received pairs that are adversarial *and* flagged join ``L_adv`` unless
+        ``defense.train_on_flagged`` is off (``L_consistency`` is on the clean pairs).
 
         :param betas: (E, 3) loss weights. :param flagged: (E, B) detector flags of the traffic.
         :raises FloatingPointError: a loss is NaN/inf (the parameters are left untouched).
@@ -679,8 +680,9 @@ class StackedEmbeddingWorld:
             crafted = self._craft_training(envs, raw_v, raw_t, labels, steps, classes.detach(), defense.alpha, first)
         attack_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
-        observed = traffic.attack_index >= 0
-        observed &= flagged
+        observed = (traffic.attack_index >= 0) & flagged
+        if not defense.train_on_flagged:
+            observed[:] = False
         parts_v, parts_t, parts_y, weights = [], [], [], []
         if crafted is not None:
             parts_v.append(crafted[0]), parts_t.append(crafted[1]), parts_y.append(labels)
