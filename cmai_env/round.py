@@ -11,7 +11,8 @@ one environment (rows ``(R, ·)``) and N stacked environments (``(N, R, ·)``):
       L_total       = β_task·L_task + β_consist·L_consistency + β_adv·L_adv
 
   (:func:`pair_ce`, :func:`defence_terms`, :func:`total_loss`); the adversarial pairs are the
-  ones crafted for ``L_adv`` plus the observed traffic the detector flagged;
+  ones crafted for ``L_adv`` plus the observed traffic the detector flagged (unless
+  ``defense.train_on_flagged`` is off);
 * the inner maximisation's objective ``CE_v + CE_t + α·L_consistency`` (:func:`bridging_objective`)
   and the projected-gradient steps that climb it (:func:`l2_ascent`, :func:`linf_ascent`), with
   Madry et al.'s default step ``2.5·ε/steps`` (:func:`default_step_size`);
