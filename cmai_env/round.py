@@ -12,7 +12,7 @@ one environment (rows ``(R, ·)``) and N stacked environments (``(N, R, ·)``):
 
   (:func:`pair_ce`, :func:`defence_terms`, :func:`total_loss`); the adversarial pairs are the
   ones crafted for ``L_adv`` plus the observed traffic the detector flagged (unless
-  ``defense.train_on_flagged`` is off);
+  ``defense.train_on_flagged`` is off; :func:`observed_adversarial`);
 * the inner maximisation's objective ``CE_v + CE_t + α·L_consistency`` (:func:`bridging_objective`)
   and the projected-gradient steps that climb it (:func:`l2_ascent`, :func:`linf_ascent`), with
   Madry et al.'s default step ``2.5·ε/steps`` (:func:`default_step_size`);
@@ -117,6 +117,13 @@ def defence_terms(
     count = adv_weight.sum(-1)
     l_adv = torch.where(count > 0, (adv_weight * adv_ce).sum(-1) / count.clamp_min(1.0), torch.zeros_like(l_task))
     return {"task": l_task, "consistency": l_cons, "adv": l_adv}
+
+
+def observed_adversarial(is_adv: np.ndarray, flagged: np.ndarray, train_on_flagged: bool) -> np.ndarray:
+    """Which received pairs join ``L_adv`` beside the crafted examples: adversarial *and* flagged
+    by the detector, or none when ``defense.train_on_flagged`` is off. Any shape, elementwise."""
+    observed = np.asarray(is_adv, dtype=bool) & np.asarray(flagged, dtype=bool)
+    return observed if train_on_flagged else np.zeros_like(observed)
 
 
 def total_loss(betas: Sequence[float] | torch.Tensor, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -300,6 +307,7 @@ __all__ = [
     "l2_ascent",
     "linf_ascent",
     "mixture_asr",
+    "observed_adversarial",
     "pair_ce",
     "pair_consistency",
     "probe_split",

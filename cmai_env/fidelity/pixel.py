@@ -21,7 +21,7 @@ from cmai_env.fidelity.base import (
     entry_key,
 )
 from cmai_env.corruptions import corrupted_split
-from cmai_env.round import AttackOutcome, mixture_asr, probe_split
+from cmai_env.round import AttackOutcome, mixture_asr, observed_adversarial, probe_split
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
 from cmai_env.training import ModalityBridgingTrainer, TrainerConfig
@@ -142,8 +142,7 @@ class PixelFidelity(Fidelity):
 
     def update(self, traffic: RoundTraffic, betas: np.ndarray, flagged: np.ndarray, rng: np.random.Generator) -> UpdateResult:
         clean, received = traffic.payload
-        used = flagged if self.scenario.defense.train_on_flagged else np.zeros_like(flagged)
-        observed_rows = np.flatnonzero(traffic.is_adv & used)
+        observed_rows = np.flatnonzero(observed_adversarial(traffic.is_adv, flagged, self.scenario.defense.train_on_flagged))
         observed = received.subset(torch.from_numpy(observed_rows).to(self.device)) if len(observed_rows) else None
         self.trainer.generator = torch_generator(rng)
         result = self.trainer.step(clean, betas, observed_adv=observed)

@@ -41,6 +41,7 @@ from cmai_env.round import (
     defence_terms,
     l2_ascent,
     mixture_asr,
+    observed_adversarial,
     pair_ce,
     pair_consistency,
     probe_split,
@@ -680,9 +681,7 @@ class StackedEmbeddingWorld:
             crafted = self._craft_training(envs, raw_v, raw_t, labels, steps, classes.detach(), defense.alpha, first)
         attack_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
-        observed = (traffic.attack_index >= 0) & flagged
-        if not defense.train_on_flagged:
-            observed[:] = False
+        observed = observed_adversarial(traffic.attack_index >= 0, flagged, defense.train_on_flagged)
         parts_v, parts_t, parts_y, weights = [], [], [], []
         if crafted is not None:
             parts_v.append(crafted[0]), parts_t.append(crafted[1]), parts_y.append(labels)
