@@ -138,7 +138,7 @@ class Setup:
     n: int
     #: the probe images' cached embeddings the embedding side attacks, (P, D): the world's clean
     #: view, or the corrupted copy of them that a phase with ``corruption`` serves
-    probe_v: torch.Tensor | None = None
+    probe_v: torch.Tensor
     corruption: tuple[str, int] | None = None
 
 
@@ -289,7 +289,7 @@ class EmbeddingProbe:
     def __init__(self, setup: Setup) -> None:
         world, n = setup.world, setup.n
         self.world, self.n = world, n
-        self.probe_v = world.probe_v if setup.probe_v is None else setup.probe_v
+        self.probe_v = setup.probe_v
         with torch.no_grad():
             self.classes = world.classes(None)
             e_v, e_t, lv, lt = world.forward(self.probe_v[None], world.probe_t[None], self.classes, None)
