@@ -71,3 +71,46 @@ def test_each_environment_plays_its_own_random_timeline():
         assert [str(phase) for phase in infos["phase"]] == [per_round[0][t], per_round[1][t]]
     envs.close()
     assert gap.phase_names(gap.load_spec("randomized_training", tiny)) == ["image_pgd", "image_l2", "text", "bridge", "quiet"]
+
+
+def test_scores_rank_by_system_asr_among_admissible_schedules():
+    gap = load_benchmark()
+    episodes = gap.Episodes(returns=np.array([[5.0, 5.0], [9.0, 9.0], [1.0, 1.0]]), asr=np.full((3, 2), 0.9),
+                            system_asr=np.array([[0.4, 0.4], [0.1, 0.1], [0.2, 0.3]]),
+                            clean_acc=np.array([[0.90, 0.90], [0.85, 0.85], [0.89, 0.89]]))
+    assert list(gap.scores(episodes, "return", 0.90, 0.02)) == [5.0, 9.0, 1.0]
+    by_system = gap.scores(episodes, "system_asr", 0.90, 0.02)
+    # the second schedule has the lowest system ASR but drops 0.05 clean accuracy: inadmissible
+    assert by_system[1] == -np.inf and by_system[0] == pytest.approx(-0.4) and by_system[2] == pytest.approx(-0.25)
+    with pytest.raises(ValueError, match="objective 'asr': allowed return, system_asr"):
+        gap.search("quickstart", [0], TINY, objective="asr")
+
+
+def test_system_asr_search_runs_on_the_evaluation_only_scenario():
+    # unseen_attacks is refused by the training env ID; the bound on what a schedule can do there
+    # plays it through the evaluation ID, on the search seeds.
+    gap = load_benchmark()
+    tiny = {"phases.0.rounds": 1, "phases.1.rounds": 2, "phases.2.rounds": 2, "phases.3.rounds": 2, "batch_size": 16,
+            "dataset.train_n": 128, "dataset.probe_n": 32}
+    result = gap.report("unseen_attacks", [0], [0], tiny, objective="system_asr", clean_allowance=0.02)
+    rows = result["rows"]
+    assert result["phases"] == ["clean", "universal", "co_attack", "mixed_unseen"] and result["objective"] == "system_asr"
+    assert result["system_gap"].n == 1
+    assert rows["best schedule"]["clean_acc"].mean >= 0.0 and 0.0 <= rows["best schedule"]["system_asr"].mean <= 1.0
+    fixed, schedule, _ = gap.search("unseen_attacks", [0], tiny, passes=1, objective="system_asr")
+    searched = gap.play("unseen_attacks", [(0,) * 4, fixed, schedule], [0], gap.SEARCH_SEED_OFFSET, tiny)
+    # on the search seed the schedule never has a higher system ASR than its start, and both are admissible
+    assert searched.system_asr[2].mean() <= searched.system_asr[1].mean() + 1e-12
+    assert searched.clean_acc[1:].mean(axis=1).min() >= searched.clean_acc[0].mean() - 0.02 - 1e-12
+
+
+def test_segments_split_each_phase_stretch_into_equal_parts():
+    gap = load_benchmark()
+    timeline = [(0, 3, "a"), (3, 9, "b"), (9, 12, "a")]
+    assert gap.slot_per_round(timeline, 12, ["a", "b"]) == [0] * 3 + [1] * 6 + [0] * 3
+    # two parts per name: a's slots 0-1, b's 2-3; the second stretch of "a" restarts at its first part;
+    # rounds past the timeline stay in its last part
+    assert gap.slot_per_round(timeline, 14, ["a", "b"], segments=2) == [0, 0, 1, 2, 2, 2, 3, 3, 3, 0, 0, 1, 1, 1]
+    assert gap.slot_labels(["a", "b"], 2) == ["a[1/2]", "a[2/2]", "b[1/2]", "b[2/2]"]
+    best_fixed, schedule, _ = gap.search("quickstart", [0], TINY, passes=1, segments=2)
+    assert len(best_fixed) == len(schedule) == 2 * 3 and len(set(best_fixed)) == 1
