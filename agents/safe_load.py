@@ -308,7 +308,7 @@ def normalization_path(folder: Path, stem: str = "vecnormalize") -> Path | None:
     if pkl.is_file():
         raise UnsafeFileError(
             f"{pkl}: normalisation statistics saved as a pickle by an older CMAI; loading a pickle can run code, "
-            f"so CMAI does not. If you trust this file, convert it once with "
-            f"`python -m agents.convert_run {pkl} --trust-pickle` (writes {npz.name}), or retrain the run."
+            f"so CMAI does not. Convert it once with `python -m agents.convert_run {pkl}` (writes {npz.name}; "
+            f"it reads only the classes such statistics are made of), or retrain the run."
         )
     return None

@@ -136,19 +136,54 @@ def test_a_pickled_vecnormalize_is_never_loaded(run_dir, tmp_path, capsys):
     legacy.write_bytes(pickle.dumps(_Payload(marker)))
     assert _evaluate(str(run), tmp_path / "eval") == 1
     err = capsys.readouterr().err
-    assert str(legacy) in err and "agents.convert_run" in err and "--trust-pickle" in err
+    assert str(legacy) in err and "agents.convert_run" in err
     assert not marker.exists()
     assert not (tmp_path / "eval" / "summary.json").exists()
 
 
-def test_the_converter_needs_explicit_trust(tmp_path):
+def test_the_converter_runs_no_code_from_the_file(tmp_path, capsys):
     from agents.convert_run import main as convert
 
     marker = tmp_path / "pwned"
     legacy = tmp_path / "vecnormalize.pkl"
     legacy.write_bytes(pickle.dumps(_Payload(marker)))
+    for flags in ([], ["--trust-pickle"]):  # the old flag is accepted and changes nothing
+        assert convert([str(legacy), *flags]) == 1
+        err = capsys.readouterr().err
+        assert str(legacy) in err and "touch, which VecNormalize statistics never contain" in err
+    assert not marker.exists() and not (tmp_path / "vecnormalize.npz").exists()
+    legacy.write_bytes(b"not a pickle")
     assert convert([str(legacy)]) == 1
-    assert not marker.exists()
+    assert "not a readable pickle" in capsys.readouterr().err
+
+
+def test_the_converter_turns_a_legacy_pickle_into_statistics_that_load(run_dir, tmp_path, capsys):
+    import gymnasium as gym
+    import numpy as np
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from agents.convert_run import main as convert
+
+    run = _copy_run(run_dir, tmp_path)
+    npz = run / "quickstart" / "vecnormalize.npz"
+    stats = load_normalization(npz)
+
+    class Observations(gym.Env):  # stands in for the env: the pickle holds no env
+        observation_space = gym.spaces.Box(-np.inf, np.inf, stats.obs_mean.shape, np.float32)
+        action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+    legacy = VecNormalize(DummyVecEnv([Observations]), clip_obs=stats.clip_obs, gamma=stats.gamma)
+    stats.apply_to(legacy)
+    legacy.observation_space.sample()  # its random generator travels in the pickle too
+    pkl = npz.with_suffix(".pkl")
+    legacy.save(pkl)  # what cmai train wrote before it wrote .npz
+    npz.unlink()
+    assert convert([str(pkl)]) == 0 and f"wrote {npz}" in capsys.readouterr().out
+    converted = load_normalization(npz)
+    for field in ("obs_mean", "obs_var", "obs_count", "ret_mean", "ret_var", "clip_obs", "gamma", "norm_obs"):
+        np.testing.assert_allclose(getattr(converted, field), getattr(stats, field))
+    assert convert([str(pkl)]) == 1 and "already exists" in capsys.readouterr().err  # nothing overwritten
+    assert _evaluate(str(run), tmp_path / "eval") == 0
 
 
 def test_a_standalone_model_loads_from_its_own_metadata_only(run_dir, tmp_path):
