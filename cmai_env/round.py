@@ -12,7 +12,8 @@ one environment (rows ``(R, ·)``) and N stacked environments (``(N, R, ·)``):
 
   (:func:`pair_ce`, :func:`defence_terms`, :func:`total_loss`); the adversarial pairs are the
   ones crafted for ``L_adv`` plus the observed traffic the detector flagged (unless
-  ``defense.train_on_flagged`` is off; :func:`observed_adversarial`);
+  ``defense.train_on_flagged`` is off; only the truly adversarial flagged pairs unless
+  ``defense.flagged_pairs`` is ``all``; :func:`observed_adversarial`);
 * the inner maximisation's objective ``CE_v + CE_t + α·L_consistency`` (:func:`bridging_objective`)
   and the projected-gradient steps that climb it (:func:`l2_ascent`, :func:`linf_ascent`), with
   Madry et al.'s default step ``2.5·ε/steps`` (:func:`default_step_size`);
@@ -119,10 +120,27 @@ def defence_terms(
     return {"task": l_task, "consistency": l_cons, "adv": l_adv}
 
 
-def observed_adversarial(is_adv: np.ndarray, flagged: np.ndarray, train_on_flagged: bool) -> np.ndarray:
-    """Which received pairs join ``L_adv`` beside the crafted examples: adversarial *and* flagged
-    by the detector, or none when ``defense.train_on_flagged`` is off. Any shape, elementwise."""
-    observed = np.asarray(is_adv, dtype=bool) & np.asarray(flagged, dtype=bool)
+#: ``defense.flagged_pairs``: which flagged received pairs join ``L_adv``.
+FLAGGED_PAIRS = ("adversarial", "all")
+
+
+def observed_adversarial(
+    is_adv: np.ndarray, flagged: np.ndarray, train_on_flagged: bool, flagged_pairs: str = "adversarial"
+) -> np.ndarray:
+    """Which received pairs join ``L_adv`` beside the crafted examples. Any shape, elementwise.
+
+    * none when ``defense.train_on_flagged`` is off;
+    * ``flagged_pairs="adversarial"`` (the shipped default): the flagged pairs that are adversarial.
+      The defender is told which of its detector's flags were right, an oracle a deployed system
+      does not have;
+    * ``flagged_pairs="all"``: every flagged pair, false positives included, which is all a
+      deployed system knows.
+    """
+    if flagged_pairs not in FLAGGED_PAIRS:
+        raise ValueError(f"flagged_pairs {flagged_pairs!r}: allowed {', '.join(FLAGGED_PAIRS)}")
+    observed = np.asarray(flagged, dtype=bool)
+    if flagged_pairs == "adversarial":
+        observed = observed & np.asarray(is_adv, dtype=bool)
     return observed if train_on_flagged else np.zeros_like(observed)
 
 

@@ -43,3 +43,38 @@ def test_the_field_is_a_validated_bool_and_not_a_trainer_argument():
     assert "train_on_flagged" not in DefenseSpec().trainer_fields()
     with pytest.raises(ScenarioError, match="train_on_flagged"):
         apply_overrides(load_scenario("quickstart"), {"defense.train_on_flagged": "sometimes"})
+
+
+def test_flagged_pairs_chooses_between_the_true_positives_and_every_flag():
+    from cmai_env.round import observed_adversarial
+
+    is_adv = np.array([True, True, False, False])
+    flagged = np.array([True, False, True, False])
+    assert observed_adversarial(is_adv, flagged, True).tolist() == [True, False, False, False]  # the oracle default
+    assert observed_adversarial(is_adv, flagged, True, "all").tolist() == [True, False, True, False]
+    assert not observed_adversarial(is_adv, flagged, False, "all").any()
+    with pytest.raises(ValueError, match="flagged_pairs 'some': allowed adversarial, all"):
+        observed_adversarial(is_adv, flagged, True, "some")
+
+
+@pytest.mark.parametrize("fidelity", [EmbeddingFidelity, PixelFidelity], ids=["embedding", "pixel"])
+def test_false_positives_join_l_adv_only_with_flagged_pairs_all(fidelity):
+    scenario = apply_overrides(load_scenario("stationary_pgd"), SMALL)
+    every_flag = apply_overrides(scenario, {"defense.flagged_pairs": "all"})
+    plan = _attacked_plan(scenario)
+    results = {}
+    for label, spec in (("adversarial", scenario), ("all", every_flag)):
+        world = fidelity(spec)
+        traffic = world.incoming(plan, np.random.default_rng(1))
+        assert (~traffic.is_adv).any()
+        false_positives = ~traffic.is_adv  # the detector flags exactly the clean pairs
+        results[label] = world.update(traffic, BETAS, false_positives, np.random.default_rng(2))
+    assert results["adversarial"].l_adv == 0.0  # the oracle drops every false positive
+    assert results["all"].l_adv > 0.0  # a deployed defender trains on them too
+
+
+def test_flagged_pairs_is_validated_and_not_a_trainer_argument():
+    assert DefenseSpec().flagged_pairs == "adversarial"
+    assert "flagged_pairs" not in DefenseSpec().trainer_fields()
+    with pytest.raises(ScenarioError, match="flagged_pairs"):
+        apply_overrides(load_scenario("quickstart"), {"defense.flagged_pairs": "true_positives"})

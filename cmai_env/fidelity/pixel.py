@@ -142,7 +142,8 @@ class PixelFidelity(Fidelity):
 
     def update(self, traffic: RoundTraffic, betas: np.ndarray, flagged: np.ndarray, rng: np.random.Generator) -> UpdateResult:
         clean, received = traffic.payload
-        observed_rows = np.flatnonzero(observed_adversarial(traffic.is_adv, flagged, self.scenario.defense.train_on_flagged))
+        defense = self.scenario.defense
+        observed_rows = np.flatnonzero(observed_adversarial(traffic.is_adv, flagged, defense.train_on_flagged, defense.flagged_pairs))
         observed = received.subset(torch.from_numpy(observed_rows).to(self.device)) if len(observed_rows) else None
         self.trainer.generator = torch_generator(rng)
         result = self.trainer.step(clean, betas, observed_adv=observed)

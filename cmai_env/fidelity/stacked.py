@@ -681,7 +681,7 @@ class StackedEmbeddingWorld:
             crafted = self._craft_training(envs, raw_v, raw_t, labels, steps, classes.detach(), defense.alpha, first)
         attack_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
-        observed = observed_adversarial(traffic.attack_index >= 0, flagged, defense.train_on_flagged)
+        observed = observed_adversarial(traffic.attack_index >= 0, flagged, defense.train_on_flagged, defense.flagged_pairs)
         parts_v, parts_t, parts_y, weights = [], [], [], []
         if crafted is not None:
             parts_v.append(crafted[0]), parts_t.append(crafted[1]), parts_y.append(labels)
