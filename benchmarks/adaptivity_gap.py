@@ -27,11 +27,12 @@ not exist to prepare for.
 With ``--objective system_asr`` the fixed-β choice and the search minimise the mean system ASR
 over attacked rounds instead of maximising return, among the schedules whose mean clean accuracy
 is at most ``--clean-allowance`` (default 0.02, point 6's held-out bound) below task-only's on the
-search seeds. That bounds what any policy playing one β per phase can do for robustness alone,
-whatever the reward pays for, and runs on evaluation-only scenarios too (``unseen_attacks``: the
-search plays the search seeds, never the frozen evaluation seeds). It prints the schedule's system
-ASR against the best fixed β's, paired, and their ratio: point 6's held-out clause asks a gate for
-≤ 0.7× the best static weighting's, which no per-phase schedule can reach if this ratio is above it.
+search seeds. That estimates how far a policy playing one β per phase can lower system ASR,
+whatever the reward pays for (the search is coordinate ascent: the best it finds, not a proven
+optimum), and runs on evaluation-only scenarios too (``unseen_attacks``: the search plays the
+search seeds, never the frozen evaluation seeds). It prints the schedule's system ASR against the
+best fixed β's, paired, and their ratio: point 6's held-out clause asks a gate for ≤ 0.7× the best
+static weighting's, and a ratio above 0.7 says the search found no schedule that gets there.
 ``--segments K`` gives each phase K β, one per equal part of it (a gate can change β every round;
 K parts let the search build up a defence early in a phase and drop it later, or the reverse).
 
@@ -67,7 +68,7 @@ OBJECTIVES = ("return", "system_asr")
 #: ``--objective system_asr``: the most a schedule's mean clean accuracy may fall below task-only's.
 DEFAULT_CLEAN_ALLOWANCE = 0.02
 
-Schedule = tuple[int, ...]  # one DISCRETE_BETAS index per phase name (in first-appearance order)
+Schedule = tuple[int, ...]  # one DISCRETE_BETAS index per slot: per phase name (first-appearance order) × segment
 
 
 @dataclass
@@ -91,11 +92,6 @@ def phase_names(spec: Scenario) -> list[str]:
     return list(dict.fromkeys(phase.name for phase in spec.phases))
 
 
-def phase_per_round(timeline: list[tuple[int, int, str]], n_rounds: int) -> list[str]:
-    """The phase name of every round of an episode; rounds past the timeline's end stay in its last phase."""
-    return [next((p for s, e, p in timeline if s <= t < e), timeline[-1][2]) for t in range(n_rounds)]
-
-
 def slot_labels(names: list[str], segments: int) -> list[str]:
     """A schedule's slots: one per phase name, or ``segments`` per name (``name[k/segments]``)."""
     return list(names) if segments == 1 else [f"{n}[{k + 1}/{segments}]" for n in names for k in range(segments)]
@@ -107,7 +103,7 @@ def slot_per_round(timeline: list[tuple[int, int, str]], n_rounds: int, names: l
     met twice restarts at part 1). Rounds past the timeline's end stay in its last part."""
     slots = []
     for t in range(n_rounds):
-        start, end, name = next(((s, e, p) for s, e, p in timeline if s <= t < e), (*timeline[-1][:2], timeline[-1][2]))
+        start, end, name = next(((s, e, p) for s, e, p in timeline if s <= t < e), timeline[-1])
         part = min(segments - 1, (min(t, end - 1) - start) * segments // max(end - start, 1))
         slots.append(names.index(name) * segments + part)
     return slots
@@ -124,6 +120,7 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
     """
     spec = load_spec(scenario, overrides)
     names, n_rounds = phase_names(spec), spec.episode_length()
+    env_id = EVAL_ENV_ID if spec.evaluation_only else ENV_ID  # evaluation-only scenarios need the evaluation ID
     jobs = list(itertools.product(range(len(schedules)), seeds))
     returns = np.zeros(len(jobs))
     asr = np.zeros(len(jobs))
@@ -131,7 +128,6 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
     clean = np.zeros(len(jobs))
     for start in range(0, len(jobs), MAX_BATCH):
         batch = jobs[start : start + MAX_BATCH]
-        env_id = EVAL_ENV_ID if spec.evaluation_only else ENV_ID
         envs = gym.make_vec(env_id, num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
                             fidelity="embedding", **overrides)
         envs.reset(seed=[seed_offset + seed for _, seed in batch])
@@ -176,8 +172,8 @@ def search(scenario: str, seeds: list[int], overrides: dict, passes: int = 2, ob
     a schedule holds one β per slot (``segments`` per phase name)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: allowed {', '.join(OBJECTIVES)}")
-    n_phases = len(phase_names(load_spec(scenario, overrides))) * segments
-    fixed = [tuple([b] * n_phases) for b in range(len(DISCRETE_BETAS))]
+    n_slots = len(phase_names(load_spec(scenario, overrides))) * segments
+    fixed = [tuple([b] * n_slots) for b in range(len(DISCRETE_BETAS))]
     fixed_episodes = play(scenario, fixed, seeds, SEARCH_SEED_OFFSET, overrides, segments=segments)
     task_only_clean = float(fixed_episodes.clean_acc[TASK_ONLY].mean())
     score = lambda episodes: scores(episodes, objective, task_only_clean, clean_allowance)  # noqa: E731
@@ -187,8 +183,8 @@ def search(scenario: str, seeds: list[int], overrides: dict, passes: int = 2, ob
     best, best_score = best_fixed, float(fixed_scores.max())
     for _ in range(passes):
         improved = False
-        for phase in range(n_phases):
-            candidates = [best[:phase] + (b,) + best[phase + 1 :] for b in range(len(DISCRETE_BETAS)) if b != best[phase]]
+        for slot in range(n_slots):
+            candidates = [best[:slot] + (b,) + best[slot + 1 :] for b in range(len(DISCRETE_BETAS)) if b != best[slot]]
             candidate_scores = score(play(scenario, candidates, seeds, SEARCH_SEED_OFFSET, overrides, segments=segments))
             played += len(candidates) * len(seeds)
             if candidate_scores.max() > best_score + 1e-9:

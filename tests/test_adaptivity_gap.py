@@ -63,7 +63,8 @@ def test_each_environment_plays_its_own_random_timeline():
     envs = gym.make_vec(gap.ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", scenario="randomized_training",
                         fidelity="embedding", **tiny)
     envs.reset(seed=[1, 2])
-    per_round = [gap.phase_per_round(timeline, 8) for timeline in envs.unwrapped.timelines()]
+    names = gap.phase_names(gap.load_spec("randomized_training", tiny))
+    per_round = [[names[slot] for slot in gap.slot_per_round(timeline, 8, names)] for timeline in envs.unwrapped.timelines()]
     assert per_round[0] != per_round[1]
     actions = np.stack([action_from_betas((1.0, 0.0, 0.0))] * 2).astype(np.float32)
     for t in range(8):
