@@ -88,7 +88,7 @@ def test_scores_rank_by_system_asr_among_admissible_schedules():
 
 
 def test_system_asr_search_runs_on_the_evaluation_only_scenario():
-    # unseen_attacks is refused by the training env ID; the bound on what a schedule can do there
+    # unseen_attacks is refused by the training env ID; the search for the schedule with the lowest system ASR there
     # plays it through the evaluation ID, on the search seeds.
     gap = load_benchmark()
     tiny = {"phases.0.rounds": 1, "phases.1.rounds": 2, "phases.2.rounds": 2, "phases.3.rounds": 2, "batch_size": 16,
