@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from cmai_env.consistency import consistency_terms
+from cmai_env.scenario import FLAGGED_PAIRS
 
 #: Probe pairs attacked per active attack when measuring ASR (the clean metrics use the whole probe set).
 PROBE_ATTACK_N = 64
@@ -118,10 +119,6 @@ def defence_terms(
     count = adv_weight.sum(-1)
     l_adv = torch.where(count > 0, (adv_weight * adv_ce).sum(-1) / count.clamp_min(1.0), torch.zeros_like(l_task))
     return {"task": l_task, "consistency": l_cons, "adv": l_adv}
-
-
-#: ``defense.flagged_pairs``: which flagged received pairs join ``L_adv``.
-FLAGGED_PAIRS = ("adversarial", "all")
 
 
 def observed_adversarial(

@@ -126,6 +126,11 @@ class BackboneSpec(_Model):
         return is_generative_backbone(self.name)
 
 
+#: ``defense.flagged_pairs``'s values: which flagged received pairs join ``L_adv``
+#: (:func:`cmai_env.round.observed_adversarial`).
+FLAGGED_PAIRS = ("adversarial", "all")
+
+
 class DefenseSpec(_Model):
     """What the trainer may update and how it crafts ``L_adv``'s examples.
 
@@ -171,7 +176,7 @@ class DefenseSpec(_Model):
     #: system lacks), or ``all``, false positives included (what a deployed system knows). Every
     #: shipped scenario was designed and measured with ``adversarial``; with ``all`` point 4 of issue
     #: 10 fails on ``detector_evasion`` (docs/measurements.md).
-    flagged_pairs: Literal["adversarial", "all"] = "adversarial"
+    flagged_pairs: Literal[FLAGGED_PAIRS] = "adversarial"
 
     @property
     def adapter_lr(self) -> float:

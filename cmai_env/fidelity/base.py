@@ -121,10 +121,10 @@ class Fidelity(ABC):
     ) -> UpdateResult:
         """Train with ``L_total = β_task·L_task + β_consist·L_consistency + β_adv·L_adv``.
 
-        The clean originals of the round's pairs are the defender's training batch; incoming
-        pairs that are both adversarial and flagged by the detector are added to L_adv as
-        observed adversarial traffic unless ``defense.train_on_flagged`` is off (L_consistency is
-        trained on the clean pairs only).
+        The clean originals of the round's pairs are the defender's training batch; the incoming
+        pairs :func:`cmai_env.round.observed_adversarial` picks from the detector's flags (by
+        ``defense.train_on_flagged`` and ``defense.flagged_pairs``) are added to L_adv as observed
+        adversarial traffic (L_consistency is trained on the clean pairs only).
         """
 
     @abstractmethod

@@ -654,8 +654,8 @@ class StackedEmbeddingWorld:
 
         Crafting for ``L_adv`` runs :func:`cmai_env.round.crafting_steps` (β_adv) joint L2-PGD
         steps on ``(e_v, e_t)`` of the clean pairs up ``CE_v + CE_t + α·L_consistency``; the
-        received pairs that are adversarial *and* flagged join ``L_adv`` unless
-        ``defense.train_on_flagged`` is off (``L_consistency`` is on the clean pairs).
+        received pairs :func:`cmai_env.round.observed_adversarial` picks from the flags join
+        ``L_adv`` (``L_consistency`` is on the clean pairs).
 
         :param betas: (E, 3) loss weights. :param flagged: (E, B) detector flags of the traffic.
         :raises FloatingPointError: a loss is NaN/inf (the parameters are left untouched).
