@@ -51,7 +51,7 @@ import cmai_env
 from agents.baselines import FixedWeightsPolicy, available_baselines, decode_action, encode_betas, make_baseline
 from agents.env_pool import EnvPool
 from agents.evaluation import EvaluationResult, evaluate_policy
-from agents.policy_resolution import policy_action_mode, policy_env_kwargs, resolve_policy
+from agents.policy_resolution import policy_action_mode, policy_env_kwargs, resolve_policies
 from agents.protocol import protocol_for
 from agents.provenance import git_commit
 from agents.aggregate import HIGHER_IS_BETTER as AGGREGATE_DIRECTIONS
@@ -360,7 +360,7 @@ def run_benchmark(args: BenchmarkArgs, log: Callable[[str], None] | None = None)
     for required in ("no_defense", *ASR_REFERENCES):
         if required not in baseline_names:
             baseline_names.append(required)
-    trained = [resolve_policy(spec) for spec in args.policies]
+    trained = resolve_policies(args.policies)
     fidelity = args.fidelity or _common_training_fidelity(trained)
     env_kwargs = dict(args.env_kwargs or {})
     if not args.scenarios:

@@ -11,14 +11,14 @@ grid) and, unless the caller says otherwise, the fidelity it was trained at
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from agents.protocol import DISCRETE_ENV_ID
 
 if TYPE_CHECKING:
     from agents.policies import GatingPolicy
 
-__all__ = ["policy_action_mode", "policy_env_kwargs", "resolve_policy"]
+__all__ = ["policy_action_mode", "policy_env_kwargs", "resolve_policies", "resolve_policy"]
 
 
 def resolve_policy(spec: str | Path, device: str = "cpu") -> "GatingPolicy":
@@ -43,6 +43,34 @@ def resolve_policy(spec: str | Path, device: str = "cpu") -> "GatingPolicy":
     from agents.policies import load_policy
 
     return load_policy(path, device=device)
+
+
+def resolve_policies(specs: "Sequence[str | Path]", device: str = "cpu") -> "list[GatingPolicy]":
+    """:func:`resolve_policy` for each spec, with one report label per policy.
+
+    A trained policy is labelled ``<algo>:<run folder name>``, so two run folders of the same name
+    under different roots (``runs_a/ppo/periodic_1``, ``runs_b/ppo/periodic_1``) would share a
+    label and one's results would overwrite the other's in a report. Those policies are labelled
+    with the path as given instead (``ppo:runs_a/ppo/periodic_1``).
+
+    :raises ValueError: the same policy given twice (its label could not tell the two apart).
+    """
+    policies = [resolve_policy(spec, device=device) for spec in specs]
+    by_label: dict[str, list[int]] = {}
+    for index, policy in enumerate(policies):
+        by_label.setdefault(policy.name, []).append(index)
+    for label, indices in by_label.items():
+        if len(indices) < 2:
+            continue
+        given = [str(specs[i]) for i in indices]
+        sources = {str(Path(text).resolve()) if Path(text).exists() else text for text in given}
+        if len(sources) < len(given):
+            raise ValueError(f"policy {label!r} is given more than once ({', '.join(given)}); give each policy once")
+        algo, _, rest = label.partition(":")
+        suffix = rest[rest.index(" ("):] if " (" in rest else ""  # e.g. " (interrupted)"
+        for i, text in zip(indices, given):
+            policies[i].name = f"{algo}:{Path(text).as_posix()}{suffix}"
+    return policies
 
 
 def policy_action_mode(policy: Any) -> str:

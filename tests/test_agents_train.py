@@ -578,3 +578,24 @@ def test_gating_extractor_reads_selected_fields():
     assert torch.equal(extractor(obs), base)
     with pytest.raises(ValueError, match="no_field"):
         GatingExtractor(space, fields=["no_field"])
+
+
+def test_benchmark_keeps_apart_two_runs_of_the_same_name(ppo_run, tmp_path, capsys):
+    """Runs named alike under different roots (``a/ppo/quickstart_1``, ``b/ppo/quickstart_1``) get
+    one row each, labelled by their paths; one run given twice is refused."""
+    import shutil
+
+    run_dir, _ = ppo_run
+    first, second = tmp_path / "a" / run_dir.name, tmp_path / "b" / run_dir.name
+    shutil.copytree(run_dir, first)
+    shutil.copytree(run_dir, second)
+    out = tmp_path / "bench"
+    common = ["benchmark", "--scenarios", "quickstart", "--seeds", "0", "--fidelity", "embedding", "--baselines", "no_defense",
+              "--env-kwargs", *SMALL_ENV, "--no-plots", "--quiet", "--bootstrap-reps", "100", "--threads", "1"]
+    assert cli(*common, "--out", str(out), "--policies", str(first), str(second)) == 0
+    block = json.loads((out / "results.json").read_text())["scenarios"]["quickstart"]
+    trained = [row["policy"] for row in block["comparison"] if row["kind"] == "trained"]
+    assert trained == [f"ppo:{first.as_posix()}", f"ppo:{second.as_posix()}"]
+    assert [a["policy"] for a in block["ablation"]] == trained
+    assert cli(*common, "--out", str(tmp_path / "twice"), "--policies", str(first), str(first / ".." / run_dir.name)) == 1
+    assert "given more than once" in capsys.readouterr().err
