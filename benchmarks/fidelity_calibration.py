@@ -3,7 +3,7 @@
     python benchmarks/fidelity_calibration.py [--probe-n 256] [--steps 3] [--attacks pgd_linf,...]
         [--radius R [--exponent G]] [--calibrate] [--rank] [--rank-scenarios quickstart,abrupt_shift]
         [--rank-seeds 0,1,2] [--train-radius-scale K] [--like-for-like] [--data-seed S] [--quick]
-        [--displacement] [--corruption NAME:SEVERITY]
+        [--displacement] [--corruption NAME:SEVERITY] [--radius-spread SIGMA] [--laws FAMILY=SCALE,GAMMA ...]
 
 On the ``quickstart`` scenario's data (shapes, ``cmai-tiny``), for every attack in ``CASES`` and
 each of its budgets, the UNDEFENDED model (the pretrained backbone; at the embedding fidelity its
@@ -53,6 +53,16 @@ fidelities (the embedding side attacks the view :class:`StackedEmbeddingWorld` c
 with τ calibrated on the corrupted clean pairs as in such a phase. The radius laws were fitted on
 clean images; most shipped scenarios run their attacks on noisy ones, so this is the out-of-sample
 check of the calibration where points 4–6 of issue 10 are measured.
+
+``--radius-spread SIGMA`` tests a richer embedding attack than the environment plays: each attacked
+probe pair's radius is multiplied by ``exp(SIGMA · z)``, ``z ~ N(0, 1)`` drawn once per pair
+(``--seed``), as if some images were more fragile than others at the same budget (a lognormal
+random effect; pixel attacks' success varies per image beyond its embedding's margin, so their
+ASR rises more slowly with the budget than one radius for every pair gives). The table and
+``--calibrate`` then use it; the environment does not (SIGMA 0). ``--calibrate`` ends with the
+fitted laws as a ``--laws`` argument, and ``--laws FAMILY=SCALE,GAMMA ...`` plays given laws
+instead of the environment's (families not named keep theirs), e.g. laws fitted on clean images
+checked on noisy ones with ``--corruption``.
 """
 
 from __future__ import annotations
@@ -284,11 +294,17 @@ def pixel_rates(setup: Setup, name: str, params: dict, seed: int) -> Rates:
 
 
 class EmbeddingProbe:
-    """The embedding fidelity's side: clean scores once, then one crafted batch per attack."""
+    """The embedding fidelity's side: clean scores once, then one crafted batch per attack.
 
-    def __init__(self, setup: Setup) -> None:
+    :param spread: σ of the per-pair radius factor ``exp(σ·z)`` (``--radius-spread``; 0: none, as
+        the environment plays attacks). :param seed: draws ``z``, once per attacked pair.
+    """
+
+    def __init__(self, setup: Setup, spread: float = 0.0, seed: int = 0) -> None:
         world, n = setup.world, setup.n
         self.world, self.n = world, n
+        z = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+        self.radius_factor = np.exp(spread * z).astype(np.float32)
         self.probe_v = setup.probe_v
         with torch.no_grad():
             self.classes = world.classes(None)
@@ -303,6 +319,7 @@ class EmbeddingProbe:
         world, n = self.world, self.n
         orders = RowAttacks.empty((1, n))
         orders.fill(0, slice(0, n), attack, 0)
+        orders.radius[0] *= self.radius_factor
         adv_v, adv_t = world.craft(None, self.probe_v[None, :n], world.probe_t[None, :n], self.labels[None], orders, self.classes)
         with torch.no_grad():
             a_v, a_t, a_lv, a_lt = world.forward(adv_v, adv_t, self.classes, None)
@@ -355,9 +372,9 @@ def print_table(cells: Sequence[Cell], title: str) -> None:
 
 
 def fill_embedding(cells: Sequence[Cell], probe: EmbeddingProbe, laws: dict[str, tuple[float, float]] | None) -> None:
-    """Embedding rates of every cell at ``laws[family]`` (``None``: the environment's radii)."""
+    """Embedding rates of every cell at ``laws[family]`` (``None`` or a family not in it: the environment's radii)."""
     for c in cells:
-        attack = embedding_attack(c.attack, c.params, None if laws is None else laws[c.family])
+        attack = embedding_attack(c.attack, c.params, None if laws is None else laws.get(c.family))
         c.radius = attack.radius
         c.embedding = probe.rates(attack)
 
@@ -492,7 +509,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--displacement", action="store_true", help="also how far pixel attacks move the image embedding vs the embedding radius")
     parser.add_argument("--corruption", default=None, metavar="NAME:SEVERITY",
                         help="attack and calibrate on the corrupted images a phase with this corruption serves (e.g. gaussian_noise:4)")
+    parser.add_argument("--radius-spread", type=float, default=0.0, metavar="SIGMA",
+                        help="multiply each attacked pair's embedding radius by exp(SIGMA·z), z ~ N(0,1) per pair (default 0: as the environment)")
+    parser.add_argument("--laws", nargs="+", default=None, metavar="FAMILY=SCALE,GAMMA",
+                        help="play these radius laws r = SCALE·(budget/default)^GAMMA instead of the environment's (as --calibrate prints them)")
     args = parser.parse_args(argv)
+    given_laws = None if args.laws is None else parse_laws(parser, args.laws)
+    if not (0.0 <= args.radius_spread <= 3.0):
+        parser.error(f"--radius-spread must be between 0 and 3, got {args.radius_spread}")
+    if given_laws is not None and args.radius is not None:
+        parser.error("give --radius or --laws, not both")
     corruption = None if args.corruption is None else parse_corruption(parser, args.corruption)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cases = CASES
@@ -520,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     start_cpu = time.process_time()
     setup = load_setup(args.scenario, args.probe_n, args.data_seed, corruption=corruption)
-    probe = EmbeddingProbe(setup)
+    probe = EmbeddingProbe(setup, args.radius_spread, args.seed)
     images = "clean images" if corruption is None else f"images under {corruption[0]} severity {corruption[1]}"
     print(f"{args.scenario}: {setup.scenario.dataset.name} (seed {setup.scenario.dataset.seed}), {setup.scenario.backbone.name}, {images}; {setup.n} attacked probe pairs, "
           f"τ from {args.probe_n - setup.n} clean ones (pixel τ={ConsistencyDetector(0.05).calibrate(_clean_scores(setup)):.3f}, "
@@ -533,9 +559,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             rates = pixel_rates(setup, case.attack, params, args.seed)
             cells.append(Cell(case.attack, family_of(case.attack), budget, params, rates))
             print(f"  pixel {case.attack:<22} {fmt_budget(budget):>7}: asr {rates.asr:.3f} tpr {rates.tpr:.2f} ({time.process_time() - tic:.1f} CPU-s)", flush=True)
-    laws = None if args.radius is None else {c.family: (args.radius, args.exponent) for c in cells}
+    laws = given_laws if args.radius is None else {c.family: (args.radius, args.exponent) for c in cells}
     fill_embedding(cells, probe, laws)
-    label = "the environment's radii" if laws is None else f"r = {args.radius} · (budget/default)^{args.exponent:g} for every family"
+    label = (
+        "the environment's radii" if laws is None
+        else "the given --laws" if given_laws is not None
+        else f"r = {args.radius} · (budget/default)^{args.exponent:g} for every family"
+    )
+    if args.radius_spread:
+        label += f", each pair's radius × exp({args.radius_spread:g}·z)"
     print_table(cells, f"undefended model, embedding at {label}")
     if args.displacement:
         print_displacement(setup, cells, args.seed)
@@ -548,6 +580,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"  {family:<14} scale {scale:.3f}  γ {exponent:<5g}  max {worst:.3f}  mean {mean:.3f}")
             fill_embedding(cells, probe, {family: best[:2] for family, best in chosen.items()})
             print_table(cells, f"undefended model, embedding at the calibrated radii ({title})")
+            print("as --laws: " + " ".join(f"{family}={scale:g},{exponent:g}" for family, (scale, exponent, *_) in chosen.items()))
     print(f"\n{time.process_time() - start_cpu:.0f} CPU-s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if args.rank:
         seeds = [int(s) for s in args.rank_seeds.split(",")]
@@ -570,6 +603,26 @@ def parse_corruption(parser: argparse.ArgumentParser, text: str) -> tuple[str, i
     except ValidationError as error:
         problem = error.errors()[0]
         parser.error(f"--corruption {text!r}: {'/'.join(map(str, problem['loc']))}: {problem['msg']} (NAME:SEVERITY, e.g. gaussian_noise:4)")
+
+
+def parse_laws(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """``--laws FAMILY=SCALE,GAMMA ...`` → ``{family: (scale, γ)}``; a family the environment does not
+    know, a repeated one or a non-positive number is refused naming it."""
+    laws: dict[str, tuple[float, float]] = {}
+    for item in items:
+        family, _, numbers = item.partition("=")
+        if family not in stacked.FAMILY_RADIUS_LAW:
+            parser.error(f"--laws {item!r}: unknown family {family!r}; families: {', '.join(stacked.FAMILY_RADIUS_LAW)}")
+        if family in laws:
+            parser.error(f"--laws {item!r}: family {family!r} given twice")
+        try:
+            scale, exponent = (float(x) for x in numbers.split(","))
+        except ValueError:
+            parser.error(f"--laws {item!r}: expected FAMILY=SCALE,GAMMA with two numbers, e.g. image=0.65,0.375")
+        if not (0 < scale < float("inf") and 0 < exponent < float("inf")):
+            parser.error(f"--laws {item!r}: SCALE and GAMMA must be positive and finite")
+        laws[family] = (scale, exponent)
+    return laws
 
 
 def _clean_scores(setup: Setup) -> torch.Tensor:

@@ -204,3 +204,38 @@ def test_corruption_attacks_both_fidelities_on_the_images_a_corrupted_phase_serv
     with pytest.raises(SystemExit):
         benchmark.main(["--quick", "--corruption", "fog:2"])
     assert "unknown corruption" in capsys.readouterr().err
+
+
+def test_radius_spread_and_given_laws(capsys):
+    """``--radius-spread``: a per-pair radius factor exp(σ·z); ``--calibrate`` prints its laws as a
+    ``--laws`` argument that plays them back; bad laws are refused naming the item."""
+    import numpy as np
+
+    benchmark = load_benchmark()
+    setup = benchmark.load_setup("quickstart", 16)
+    assert np.all(benchmark.EmbeddingProbe(setup).radius_factor == 1.0)  # the environment's model: none
+    factor = benchmark.EmbeddingProbe(setup, spread=0.5, seed=3).radius_factor
+    assert factor.shape == (setup.n,) and factor.std() > 0 and np.all(factor > 0)
+    np.testing.assert_array_equal(factor, benchmark.EmbeddingProbe(setup, spread=0.5, seed=3).radius_factor)
+
+    benchmark.main(["--quick", "--attacks", "pgd_linf", "--calibrate", "--radius-spread", "0.5"])
+    out = capsys.readouterr().out
+    assert "each pair's radius × exp(0.5·z)" in out
+    laws = out.split("as --laws: ")[-1].split()
+    [law] = [item for item in laws if item.startswith("image=")]
+    scale, exponent = (float(x) for x in law.removeprefix("image=").split(","))
+    benchmark.main(["--quick", "--attacks", "pgd_linf", "--laws", law])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pgd_linf "))
+    relative = benchmark.relative_budget("pgd_linf", benchmark.attack_params("pgd_linf", 8 / 255, 3))
+    assert float(row.split()[3]) == pytest.approx(scale * relative**exponent, abs=5e-4)  # the r column
+
+    for bad, needle in (("fog=1,1", "unknown family 'fog'"), ("image=1", "two numbers"), ("image=0,1", "positive"),):
+        with pytest.raises(SystemExit):
+            benchmark.main(["--quick", "--laws", bad])
+        assert needle in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--quick", "--laws", "image=1,1", "image=1,2"])
+    assert "given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--quick", "--radius-spread", "-1"])
+    assert "--radius-spread" in capsys.readouterr().err
