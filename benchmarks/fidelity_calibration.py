@@ -519,6 +519,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--radius-spread must be between 0 and 3, got {args.radius_spread}")
     if given_laws is not None and args.radius is not None:
         parser.error("give --radius or --laws, not both")
+    if args.rank and (given_laws is not None or args.radius_spread):
+        # --rank plays whole episodes of the environment, which has neither; refused rather than ignored
+        parser.error("--laws and --radius-spread change the table only; --rank plays the environment's radii (or --radius)")
     corruption = None if args.corruption is None else parse_corruption(parser, args.corruption)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cases = CASES

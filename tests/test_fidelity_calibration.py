@@ -239,3 +239,6 @@ def test_radius_spread_and_given_laws(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--quick", "--radius-spread", "-1"])
     assert "--radius-spread" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--quick", "--radius-spread", "0.5", "--rank"])
+    assert "--rank plays the environment's radii" in capsys.readouterr().err
