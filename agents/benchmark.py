@@ -59,6 +59,7 @@ from agents.aggregate import aggregate, plot_profiles
 from agents.aggregate import render_markdown as render_aggregate
 from agents.stats import Interval, bounds_for, paired_difference
 from cmai_env.env import DISCRETE_BETAS
+from cmai_env.scenario import distinct_scenario_names
 
 if TYPE_CHECKING:
     from agents.policies import GatingPolicy
@@ -365,6 +366,7 @@ def run_benchmark(args: BenchmarkArgs, log: Callable[[str], None] | None = None)
     env_kwargs = dict(args.env_kwargs or {})
     if not args.scenarios:
         raise ValueError("give at least one scenario")
+    distinct_scenario_names(args.scenarios)  # before any runs: a bad or clashing file is refused up front
 
     report: dict[str, Any] = {
         "protocol": {

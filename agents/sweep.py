@@ -125,6 +125,7 @@ class TrialSpec:
 def _validate(args: SweepArgs) -> None:
     from agents.baselines import available_baselines
     from agents.policies import algo_class
+    from cmai_env.scenario import distinct_scenario_names
 
     for algo in args.algos:
         algo_class(algo)
@@ -142,6 +143,8 @@ def _validate(args: SweepArgs) -> None:
         raise ValueError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {args.cpus_per_trial} and {args.gpus_per_trial}")
     if args.timesteps is not None and args.timesteps < 1:
         raise ValueError(f"timesteps must be at least 1, got {args.timesteps}")
+    # trials and baseline folders are keyed by scenario name: two files of one name would share them
+    distinct_scenario_names([_scenario_argument(s) for s in args.scenarios])
 
 
 def _scenario_argument(scenario: str) -> str:

@@ -33,7 +33,7 @@ import importlib.resources
 import math
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -612,6 +612,29 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     if "name" not in raw and isinstance(name_or_path, (str, Path)):
         raw["name"] = Path(str(name_or_path)).stem
     return validate_scenario(raw, label, _line_index(text))
+
+
+def distinct_scenario_names(scenarios: Sequence[str | Path], option: str = "--scenarios") -> list[str]:
+    """Load every scenario and return their names, refusing two that share one.
+
+    Reports, output folders, run folders and the frozen protocol are keyed by a scenario's
+    ``name``, so a copy of ``quickstart.yaml`` that kept ``name: quickstart`` would overwrite (or be
+    taken for) the shipped one's results. Commands that take several scenarios call this before
+    running any, so a file that does not load is refused before the ones before it ran.
+
+    :raises ScenarioError: two scenarios with one name (naming both), or one that does not validate.
+    :raises FileNotFoundError: a scenario that is neither a shipped name nor a file.
+    """
+    seen: dict[str, str] = {}
+    for scenario in scenarios:
+        name = load_scenario(scenario).name
+        if name in seen:
+            raise ScenarioError(
+                f"{option}: {seen[name]} and {scenario} are both named {name!r}; results are kept per scenario name, "
+                "so give each scenario once, and a copied scenario file its own `name:`"
+            )
+        seen[name] = str(scenario)
+    return list(seen)
 
 
 def _checked_text(label: str, data: bytes) -> str:

@@ -317,3 +317,21 @@ def test_cli_quickstart_trains_evaluates_and_writes_the_table(tmp_path, capsys):
         assert 0.0 <= row["system_asr"]["mean"] <= 1.0  # the reward's ASR, beside the model's
     assert "return − uniform" in (out / "quickstart.md").read_text() and "| system ASR |" in (out / "quickstart.md").read_text()
     assert "ppo" in capsys.readouterr().out
+
+
+def test_benchmark_refuses_two_scenarios_of_one_name_before_running_any(tmp_path, capsys):
+    """A copied scenario file that kept ``name: quickstart`` would overwrite quickstart's results;
+    it is refused (both files named) before anything is evaluated, as is a scenario that does not load."""
+    from cmai_env.scenario import scenario_bytes
+
+    copy = tmp_path / "my_variant.yaml"
+    copy.write_bytes(scenario_bytes("quickstart"))
+    out = tmp_path / "bench"
+    code = main(["benchmark", "--scenarios", "quickstart", str(copy), "--seeds", "0", "--fidelity", "embedding", "--out", str(out),
+                 "--baselines", "no_defense", "--no-plots", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "both named 'quickstart'" in err and "my_variant.yaml" in err
+    assert not (out / "quickstart").exists() and not (out / "results.json").exists()
+    code = main(["benchmark", "--scenarios", "quickstart", str(tmp_path / "missing.yaml"), "--seeds", "0", "--fidelity", "embedding",
+                 "--out", str(out), "--baselines", "no_defense", "--no-plots", "--quiet"])
+    assert code == 1 and "missing.yaml" in capsys.readouterr().err and not (out / "quickstart").exists()

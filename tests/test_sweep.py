@@ -43,6 +43,18 @@ def test_bad_sweeps_are_refused_before_anything_runs(tmp_path: Path, change: dic
     assert not (tmp_path / MANIFEST).exists()
 
 
+def test_a_sweep_over_two_scenarios_of_one_name_is_refused(tmp_path: Path) -> None:
+    """Trials are keyed by scenario name: a copied file that kept ``name: quickstart`` would be
+    taken for quickstart's finished trials."""
+    from cmai_env.scenario import scenario_bytes
+
+    copy = tmp_path / "my_variant.yaml"
+    copy.write_bytes(scenario_bytes("quickstart"))
+    with pytest.raises(ValueError, match="both named 'quickstart'"):
+        sweep(SweepArgs(out=tmp_path / "sweep", scenarios=["quickstart", str(copy)]), log=lambda _: None)
+    assert not (tmp_path / "sweep" / MANIFEST).exists()
+
+
 @pytest.mark.slow
 @pytest.mark.ci_slow
 @pytest.mark.timeout(1500)
