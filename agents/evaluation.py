@@ -139,7 +139,7 @@ def evaluate_policy(
     :param log: progress callback (one line per episode).
     :param pool: reuse (and leave) environments in this pool; without one they are built for
         this evaluation and closed.
-    :raises ValueError: no seeds, fewer than one episode, or an invalid scenario override.
+    :raises ValueError: no seeds, a repeated seed, fewer than one episode, or an invalid scenario override.
     """
     from agents.batched_evaluation import run_episodes_batched
     from agents.eval_tensorboard import EpisodeTensorBoard
@@ -154,6 +154,9 @@ def evaluate_policy(
     episodes = protocol.episodes_per_seed if episodes is None else int(episodes)
     if not seeds:
         raise ValueError("at least one evaluation seed is needed")
+    if len(set(seeds)) != len(seeds):
+        # a repeated seed replays the same episodes and would count them as independent runs in every CI
+        raise ValueError(f"evaluation seeds must be distinct, got {seeds}")
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}")
 

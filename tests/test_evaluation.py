@@ -229,6 +229,7 @@ def test_one_evaluation_validates_the_scenario_once(monkeypatch):
         (["--policy", "baseline:nope"], "unknown baseline 'nope'"),
         (["--policy", "no/such/run"], "policy folder 'no/such/run' not found"),
         (["--policy", "baseline:uniform", "--env-kwargs", "episode_rounds"], "key:value"),
+        (["--policy", "baseline:uniform", "--seeds", "0", "1", "0"], "evaluation seeds must be distinct, got [0, 1, 0]"),
     ],
 )
 def test_bad_inputs_exit_1_with_a_message(tmp_path, capsys, argv, message):
