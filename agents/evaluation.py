@@ -65,6 +65,7 @@ from agents.protocol import (
     EVAL_SEED_OFFSET,
     PROTOCOLS,
     EvalProtocol,
+    distinct_seeds,
     protocol_for,
 )
 from agents.provenance import code_fingerprint, git_commit, metadata
@@ -154,9 +155,7 @@ def evaluate_policy(
     episodes = protocol.episodes_per_seed if episodes is None else int(episodes)
     if not seeds:
         raise ValueError("at least one evaluation seed is needed")
-    if len(set(seeds)) != len(seeds):
-        # a repeated seed replays the same episodes and would count them as independent runs in every CI
-        raise ValueError(f"evaluation seeds must be distinct, got {seeds}")
+    distinct_seeds(seeds)
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}")
 

@@ -8,7 +8,9 @@ offset, so an evaluation episode never replays a training one.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from typing import Sequence
 
 from cmai_env import CONTINUOUS_ENV_ID, DISCRETE_ENV_ID, EVAL_ENV_ID
 
@@ -19,7 +21,9 @@ __all__ = [
     "EVAL_ENV_ID",
     "EVAL_SEED_OFFSET",
     "PROTOCOLS",
+    "DistinctSeeds",
     "EvalProtocol",
+    "distinct_seeds",
     "protocol_for",
 ]
 
@@ -64,3 +68,24 @@ def protocol_for(scenario_name: str) -> EvalProtocol:
     return PROTOCOLS.get(scenario_name, DEFAULT_PROTOCOL)
 
 
+def distinct_seeds(seeds: "Sequence[int]", what: str = "evaluation seeds") -> list[int]:
+    """``seeds`` as a list, refusing a repeated one: it would replay the same episodes and count
+    them as independent runs in every interval over seeds.
+
+    :raises ValueError: a seed given twice (the message names ``what`` and the seeds).
+    """
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{what} must be distinct, got {seeds}")
+    return seeds
+
+
+class DistinctSeeds(argparse.Action):
+    """``add_argument("--seeds", type=int, nargs="+", action=DistinctSeeds)``: a repeated seed is a
+    usage error naming the option (:func:`distinct_seeds`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        try:
+            setattr(namespace, self.dest, distinct_seeds(values, option_string or self.dest))
+        except ValueError as error:
+            parser.error(str(error))

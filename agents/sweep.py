@@ -125,14 +125,14 @@ class TrialSpec:
 def _validate(args: SweepArgs) -> None:
     from agents.baselines import available_baselines
     from agents.policies import algo_class
+    from agents.protocol import distinct_seeds
     from cmai_env.scenario import distinct_scenario_names
 
     for algo in args.algos:
         algo_class(algo)
     if not args.algos or not args.scenarios or not args.seeds:
         raise ValueError("a sweep needs at least one algorithm, scenario and seed")
-    if len(set(args.seeds)) != len(args.seeds):
-        raise ValueError(f"seeds must be distinct, got {list(args.seeds)}")
+    distinct_seeds(args.seeds, "seeds")
     unknown = [b for b in args.baselines if b not in available_baselines()]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; available: {', '.join(available_baselines())}")

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 import cmai_env  # noqa: F401  (registers the environments)
-from agents.protocol import CONTINUOUS_ENV_ID, EVAL_ENV_ID, EVAL_SEED_OFFSET
+from agents.protocol import CONTINUOUS_ENV_ID, EVAL_ENV_ID, EVAL_SEED_OFFSET, DistinctSeeds
 from agents.stats import bounds_for, paired_difference, t_interval
 from cmai_env.env import DISCRETE_BETAS, action_from_betas
 from cmai_env.scenario import Scenario, apply_overrides, load_scenario, scenarios_available
@@ -282,8 +282,8 @@ def main() -> None:
     shipped = scenarios_available(include_evaluation_only=False, fidelity="embedding")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=shipped, help=f"default: {' '.join(shipped)}")
-    parser.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--search-seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--eval-seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4])
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides, e.g. episode_rounds:40")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="return",

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adaptivity_gap import ENV_ID, MAX_BATCH, load_spec, phase_names  # noqa: E402
 
 import cmai_env  # noqa: E402,F401  (registers the environments)
-from agents.protocol import EVAL_SEED_OFFSET  # noqa: E402
+from agents.protocol import EVAL_SEED_OFFSET, DistinctSeeds  # noqa: E402
 from agents.stats import bounds_for, paired_difference, t_interval  # noqa: E402
 from cmai_env.env import DISCRETE_BETAS, action_from_betas  # noqa: E402
 from cmai_env.keyvalue import parse_assignments  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> None:
     shipped = [n for n in scenarios_available(include_evaluation_only=False, fidelity="embedding") if len({p.name for p in load_scenario(n).phases}) > 1]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=shipped, help=f"default (the non-stationary ones): {' '.join(shipped)}")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4])
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides, e.g. episode_rounds:40")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()

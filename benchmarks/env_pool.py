@@ -21,6 +21,7 @@ from agents.baselines import available_baselines
 from agents.env_pool import EnvPool
 from agents.env_spec import env_spec
 from agents.evaluation import evaluate_policy
+from agents.protocol import DistinctSeeds
 
 #: A small scenario size so that construction and play are both visible (the tiny test size).
 SMALL = {"batch_size": 8, "dataset.train_n": 64, "dataset.probe_n": 16, "episode_rounds": 6}
@@ -35,7 +36,7 @@ def _cpu(fn) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="quickstart")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1])
     parser.add_argument("--policies", type=int, default=8, help="evaluations in the sequence (baselines, cycled)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()

@@ -49,6 +49,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from agents.protocol import DistinctSeeds  # noqa: E402
+
 #: Point 6's thresholds: training budget, share of the schedule gap.
 CPU_MINUTES_BUDGET = 20.0
 SCHEDULE_SHARE = 0.5
@@ -197,9 +199,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=None, help="default: every scenario with its own ppo.yml entry")
-    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--search-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the schedule search's seeds (--schedule-gap)")
+    parser.add_argument("--train-seeds", type=int, nargs="+", action=DistinctSeeds, default=[0])
+    parser.add_argument("--eval-seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--search-seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4], help="the schedule search's seeds (--schedule-gap)")
     parser.add_argument("--schedule-gap", action="store_true", help="also search the best per-phase schedule (~4 CPU-min per scenario)")
     parser.add_argument("--timesteps", type=int, default=None, help="training steps (default: each entry's n_timesteps)")
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides for training and evaluation")

@@ -21,6 +21,7 @@ import gymnasium as gym
 import numpy as np
 
 import cmai_env  # noqa: F401  (registers the environments)
+from agents.protocol import DistinctSeeds
 from cmai_env.env import DISCRETE_BETAS, action_from_betas
 
 
@@ -68,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="abrupt_shift")
     parser.add_argument("--fidelity", default="pixel")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", action=DistinctSeeds, default=[0])
     args = parser.parse_args()
     started = time.perf_counter()
     results = over_seeds(args.scenario, args.fidelity, args.seeds)

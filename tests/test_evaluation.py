@@ -336,3 +336,24 @@ def test_benchmark_refuses_two_scenarios_of_one_name_before_running_any(tmp_path
     code = main(["benchmark", "--scenarios", "quickstart", str(tmp_path / "missing.yaml"), "--seeds", "0", "--fidelity", "embedding",
                  "--out", str(out), "--baselines", "no_defense", "--no-plots", "--quiet"])
     assert code == 1 and "missing.yaml" in capsys.readouterr().err and not (out / "quickstart").exists()
+
+
+def test_repeated_seeds_are_a_usage_error_in_the_benchmarks(capsys):
+    """``DistinctSeeds`` (every benchmark's seed options): a repeated seed exits 2 naming the option."""
+    import argparse
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from agents.protocol import DistinctSeeds, distinct_seeds
+
+    assert distinct_seeds((3, 1)) == [3, 1]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--eval-seeds", type=int, nargs="+", action=DistinctSeeds)
+    assert parser.parse_args(["--eval-seeds", "0", "2"]).eval_seeds == [0, 2]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--eval-seeds", "0", "2", "0"])
+    assert "--eval-seeds must be distinct, got [0, 2, 0]" in capsys.readouterr().err
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "defence_per_phase.py"
+    done = subprocess.run([sys.executable, str(script), "--seeds", "1", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--seeds must be distinct" in done.stderr
