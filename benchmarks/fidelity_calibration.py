@@ -83,6 +83,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from any folder
 
+from agents.protocol import distinct_seeds  # noqa: E402
 from cmai_env.attacks import PairBatch, ZeroShotTask, make_attack  # noqa: E402
 from cmai_env.attacks.specs import declaration  # noqa: E402
 from cmai_env.consistency import ConsistencyDetector  # noqa: E402
@@ -523,6 +524,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         # --rank plays whole episodes of the environment, which has neither; refused rather than ignored
         parser.error("--laws and --radius-spread change the table only; --rank plays the environment's radii (or --radius)")
     corruption = None if args.corruption is None else parse_corruption(parser, args.corruption)
+    try:  # checked before the table, not after it
+        rank_seeds = distinct_seeds([int(s) for s in args.rank_seeds.split(",")], "--rank-seeds")
+    except ValueError as error:
+        parser.error(f"--rank-seeds {args.rank_seeds!r}: distinct comma-separated integers, e.g. 0,1,2 ({error})")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cases = CASES
     if args.attacks:
@@ -586,10 +591,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print("as --laws: " + " ".join(f"{family}={scale:g},{exponent:g}" for family, (scale, exponent, *_) in chosen.items()))
     print(f"\n{time.process_time() - start_cpu:.0f} CPU-s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if args.rank:
-        seeds = [int(s) for s in args.rank_seeds.split(",")]
         for scenario in args.rank_scenarios.split(","):
             rank_correlation(
-                scenario, seeds, 1, None if args.radius is None else (args.radius, args.exponent), args.train_radius_scale, args.like_for_like
+                scenario, rank_seeds, 1, None if args.radius is None else (args.radius, args.exponent), args.train_radius_scale, args.like_for_like
             )
         print(f"{time.process_time() - start_cpu:.0f} CPU-s in all")
 

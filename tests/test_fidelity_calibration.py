@@ -242,3 +242,6 @@ def test_radius_spread_and_given_laws(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--quick", "--radius-spread", "0.5", "--rank"])
     assert "--rank plays the environment's radii" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before the table is computed
+        benchmark.main(["--quick", "--rank", "--rank-seeds", "0,0"])
+    assert "--rank-seeds must be distinct" in capsys.readouterr().err
