@@ -55,7 +55,7 @@ import cmai_env  # noqa: F401  (registers the environments)
 from agents.protocol import CONTINUOUS_ENV_ID, EVAL_ENV_ID, EVAL_SEED_OFFSET, DistinctSeeds
 from agents.stats import bounds_for, paired_difference, t_interval
 from cmai_env.env import DISCRETE_BETAS, action_from_betas
-from cmai_env.scenario import Scenario, apply_overrides, load_scenario, scenarios_available
+from cmai_env.scenario import Scenario, apply_overrides, load_scenario, scenario_option, scenarios_available
 
 ENV_ID = CONTINUOUS_ENV_ID
 #: Environment seed of search seed ``s`` (evaluation seeds use the frozen protocol's ``EVAL_SEED_OFFSET``).
@@ -301,6 +301,7 @@ def main() -> None:
     from cmai_env.keyvalue import parse_assignments
 
     overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
+    scenario_option(parser, args.scenarios, overrides=overrides)  # every file and override checked before any search
     print(f"adaptivity gap, embedding fidelity, search seeds {args.search_seeds}, evaluation seeds {args.eval_seeds} "
           f"(mean ± 95% t-interval half-width; [low, high] where a rate's range clips it)")
     for scenario in args.scenarios:

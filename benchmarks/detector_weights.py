@@ -20,6 +20,7 @@ import torch
 
 import cmai_env  # noqa: F401  (registers the environments)
 from cmai_env.env import action_from_betas
+from cmai_env.scenario import scenario_option
 
 BETAS = {"task-only": (1.0, 0.0, 0.0), "consistency-only": (0.0, 1.0, 0.0), "(1/3, 2/3, 0)": (1 / 3, 2 / 3, 0.0), "adv-only": (0.0, 0.0, 1.0)}
 
@@ -51,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=["quickstart", "abrupt_shift"])
     args = parser.parse_args()
+    scenario_option(parser, args.scenarios)
     torch.set_num_threads(1)
     for scenario in args.scenarios:
         print(f"\n== {scenario} (embedding fidelity, seed 0)")

@@ -93,7 +93,7 @@ from cmai_env.fidelity import stacked  # noqa: E402
 from cmai_env.fidelity.base import defended_backbone  # noqa: E402
 from cmai_env.fidelity.stacked import EmbeddingAttack, RowAttacks, StackedEmbeddingWorld  # noqa: E402
 from cmai_env.robustness import evaluate_attack  # noqa: E402
-from cmai_env.scenario import AttackSpec, Scenario, apply_overrides, load_scenario  # noqa: E402
+from cmai_env.scenario import AttackSpec, Scenario, apply_overrides, load_scenario, scenario_option  # noqa: E402
 
 #: the tolerance of the issue's target: |embedding − pixel| ≤ 0.10 for ASR and TPR
 TOLERANCE = 0.10
@@ -528,6 +528,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         rank_seeds = distinct_seeds([int(s) for s in args.rank_seeds.split(",")], "--rank-seeds")
     except ValueError as error:
         parser.error(f"--rank-seeds {args.rank_seeds!r}: distinct comma-separated integers, e.g. 0,1,2 ({error})")
+    scenario_option(parser, [args.scenario], "--scenario")
+    if args.rank:
+        scenario_option(parser, args.rank_scenarios.split(","), "--rank-scenarios")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cases = CASES
     if args.attacks:

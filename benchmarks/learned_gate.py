@@ -50,6 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agents.protocol import DistinctSeeds  # noqa: E402
+from cmai_env.scenario import scenario_option  # noqa: E402
 
 #: Point 6's thresholds: training budget, share of the schedule gap.
 CPU_MINUTES_BUDGET = 20.0
@@ -217,6 +218,10 @@ def main() -> None:
     env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     held_out_kwargs = parse_assignments(args.held_out_env_kwargs, ":", "--held-out-env-kwargs")
     scenarios = args.scenarios or scenarios_with_entries()
+    # every file and override checked before the first training, not after it
+    scenario_option(parser, scenarios, overrides=env_kwargs)
+    if args.held_out != "none":
+        scenario_option(parser, [args.held_out], "--held-out", held_out_kwargs)
     jobs = [{"scenario": s, "seed": k, "out": str(Path(args.out)), "timesteps": args.timesteps, "env_kwargs": env_kwargs,
              "eval_seeds": list(args.eval_seeds), "search_seeds": list(args.search_seeds), "schedule_gap": args.schedule_gap}
             for s in scenarios for k in args.train_seeds]

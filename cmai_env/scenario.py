@@ -26,6 +26,7 @@ the environment refuses them unless it is built for evaluation.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import importlib
@@ -614,7 +615,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     return validate_scenario(raw, label, _line_index(text))
 
 
-def distinct_scenario_names(scenarios: Sequence[str | Path], option: str = "--scenarios") -> list[str]:
+def distinct_scenario_names(scenarios: Sequence[str | Path], option: str = "--scenarios", overrides: Mapping[str, Any] | None = None) -> list[str]:
     """Load every scenario and return their names, refusing two that share one.
 
     Reports, output folders, run folders and the frozen protocol are keyed by a scenario's
@@ -622,12 +623,14 @@ def distinct_scenario_names(scenarios: Sequence[str | Path], option: str = "--sc
     taken for) the shipped one's results. Commands that take several scenarios call this before
     running any, so a file that does not load is refused before the ones before it ran.
 
+    :param overrides: scenario overrides the command will apply (``--env-kwargs``), checked on each too.
     :raises ScenarioError: two scenarios with one name (naming both), or one that does not validate.
     :raises FileNotFoundError: a scenario that is neither a shipped name nor a file.
     """
     seen: dict[str, str] = {}
     for scenario in scenarios:
-        name = load_scenario(scenario).name
+        loaded = load_scenario(scenario)
+        name = (apply_overrides(loaded, overrides) if overrides else loaded).name
         if name in seen:
             raise ScenarioError(
                 f"{option}: {seen[name]} and {scenario} are both named {name!r}; results are kept per scenario name, "
@@ -635,6 +638,17 @@ def distinct_scenario_names(scenarios: Sequence[str | Path], option: str = "--sc
             )
         seen[name] = str(scenario)
     return list(seen)
+
+
+def scenario_option(parser: "argparse.ArgumentParser", scenarios: Sequence[str | Path], option: str = "--scenarios",
+                    overrides: Mapping[str, Any] | None = None) -> list[str]:
+    """For scripts: :func:`distinct_scenario_names` with a bad, missing or clashing scenario (or
+    override) a usage error (exit 2) naming ``option``, before anything runs."""
+    try:
+        return distinct_scenario_names(scenarios, option, overrides)
+    except (ScenarioError, FileNotFoundError) as error:
+        parser.error(f"{option}: {error}" if not str(error).startswith(option) else str(error))
+        raise  # parser.error exits; never reached
 
 
 def _checked_text(label: str, data: bytes) -> str:
@@ -825,10 +839,12 @@ __all__ = [
     "ScenarioError",
     "Transition",
     "apply_overrides",
+    "distinct_scenario_names",
     "format_validation_error",
     "load_scenario",
     "parse_fraction",
     "scenario_hash",
+    "scenario_option",
     "scenarios_available",
     "validate_scenario",
 ]

@@ -437,3 +437,28 @@ def test_readme_scenario_example_validates(tmp_path):
     scenario = load_scenario(path)
     assert scenario.name == "my_shift" and scenario.total_rounds() == 25
     assert [p.corruption.key if p.corruption else None for p in scenario.phases] == [None, None, ("contrast", 3)]
+
+
+def test_scenario_option_refuses_bad_missing_and_clashing_scenarios_up_front(tmp_path, capsys):
+    """The benchmarks check every scenario (and override) before running any (``scenario_option``)."""
+    import argparse
+    import subprocess
+    import sys
+
+    from cmai_env.scenario import distinct_scenario_names, scenario_bytes, scenario_option
+
+    assert distinct_scenario_names(["quickstart", "periodic"]) == ["quickstart", "periodic"]
+    copy = tmp_path / "copy.yaml"
+    copy.write_bytes(scenario_bytes("quickstart"))
+    parser = argparse.ArgumentParser(prog="bench")
+    for scenarios, overrides, needle in (
+        (["quickstart", "nope"], None, "no scenario file 'nope'"),
+        (["quickstart", str(copy)], None, "both named 'quickstart'"),
+        (["quickstart"], {"episode_rounds": -3}, "episode_rounds"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            scenario_option(parser, scenarios, overrides=overrides)
+        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptivity_gap.py"
+    done = subprocess.run([sys.executable, str(script), "--scenarios", "quickstart", "nope"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--scenarios: no scenario file 'nope'" in done.stderr
