@@ -60,7 +60,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -78,7 +78,11 @@ from agents.train_args import FIDELITIES, TrainArgs  # noqa: F401 (TrainArgs is 
 from agents.policies import ENV_ID_FOR_ALGO, RUN_FILE, RunInfo, normalization_for, algo_class, read_run, resolve_policy_kwargs
 from cmai_env.cli.common import set_torch_threads, validate_threads
 from cmai_env.keyvalue import load_yaml, load_yaml_mapping, parse_assignments, parse_value, set_dotted  # noqa: F401 (re-exported)
+from cmai_env.resources import check_memory
 from agents.safe_load import file_sha256, read_model_data, read_model_metadata, save_normalization, write_model_metadata
+
+if TYPE_CHECKING:
+    from cmai_env.scenario import Scenario
 
 HYPERPARAMS_DIR = Path(__file__).parent / "hyperparams"
 #: Hyperparameter keys that configure the run, not the algorithm's constructor.
@@ -103,6 +107,8 @@ class ScenarioSource:
     data: bytes
     sha256: str
     evaluation_only: bool
+    #: the validated scenario with the overrides that are scenario fields applied
+    resolved: "Scenario"
 
 
 def resolve_scenario(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> ScenarioSource:
@@ -117,7 +123,7 @@ def resolve_scenario(name_or_path: str | Path, overrides: Mapping[str, Any] | No
     # Constructor arguments of CMAIEnv are not scenario fields; the env validates those itself.
     scenario_fields = {k: v for k, v in (overrides or {}).items() if k not in ENV_ARGUMENTS}
     if scenario_fields:
-        apply_overrides(scenario, scenario_fields)
+        scenario = apply_overrides(scenario, scenario_fields)
     data = scenario_bytes(name_or_path)
     return ScenarioSource(
         argument=str(name_or_path),
@@ -125,6 +131,7 @@ def resolve_scenario(name_or_path: str | Path, overrides: Mapping[str, Any] | No
         data=data,
         sha256=hashlib.sha256(data).hexdigest(),
         evaluation_only=scenario.evaluation_only,
+        resolved=scenario,
     )
 
 
@@ -332,6 +339,9 @@ def prepare(args: TrainArgs) -> PreparedRun:
     n_envs = args.n_envs if args.n_envs is not None else int(hyperparams.get("n_envs", 1))
     if n_envs < 1:
         raise ValueError(f"n_envs must be at least 1, got {n_envs}")
+    # before the run folder exists: a count the memory cannot hold is an error message, not a kill
+    check_memory(scenario.resolved, n_envs, env_overrides["fidelity"], device=args.device, processes=args.subproc and n_envs > 1,
+                 what="n_envs (--n-envs or the hyperparameters')")
     for name in ("eval_freq", "checkpoint_freq"):
         value = getattr(args, name)
         if value is not None and value < 0:

@@ -45,6 +45,7 @@ from cmai_env.env import ACTION_SCALE, DISCRETE_BETAS, FLAG_RATE_FACTOR, CMAIEnv
 from cmai_env.fidelity.stacked import StackedEmbeddingWorld, StackedTraffic
 from cmai_env.latency import LatencyTracker
 from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, fixed_projection
+from cmai_env.resources import check_memory
 from cmai_env.round import detection_rates, feed_change_detector, reward_terms, scored_metrics, system_metrics
 from cmai_env.scenario import Scenario, load_scenario
 from cmai_env.stream import AttackStream, RoundPlan
@@ -61,6 +62,7 @@ def make_vector_env(num_envs: int, scenario: str | Path | Scenario = "quickstart
     base = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     resolved = fidelity if fidelity is not None else base.fidelity
     if resolved == "pixel":
+        check_memory(base, num_envs, "pixel", processes=num_envs > 1)  # a process of ~1 GB per environment
         kwargs.pop("autoreset_mode", None)
         env_kwargs = {"scenario": scenario, "fidelity": fidelity, **kwargs}
         fns = [lambda: CMAIEnv(**env_kwargs) for _ in range(num_envs)]
@@ -129,6 +131,7 @@ class CMAIVectorEnv(VectorEnv):
             raise ValueError(f"autoreset_mode must be one of {sorted(AUTORESET_MODES)}, got {autoreset_mode!r}")
         if render_mode is not None:
             raise ValueError(f"CMAIVectorEnv does not render (render_mode must be None, got {render_mode!r}); render a single CMAIEnv")
+        check_memory(self.scenario, int(num_envs), "embedding", device=device)  # refused here, not killed for memory later
         self.num_envs = int(num_envs)
         self.action_mode = action_mode
         self.device = device
