@@ -36,6 +36,8 @@ EMBEDDING_BYTES_PER_ATTACKED_PROBE_PAIR = int(4.5 * KIB)
 #: pixel fidelity: a process with one environment, and each further environment in the same process
 PIXEL_PROCESS_BYTES = int(1.12 * GIB)
 PIXEL_EXTRA_ENV_BYTES = 110 * MIB
+#: a dataset's images: bytes per pixel channel, held as uint8 and again as float32 tensors
+DATASET_BYTES_PER_VALUE = 1 + 4
 #: the process itself before any environment (torch, the backbone, the cached embeddings)
 PROCESS_BASE_BYTES = 1 * GIB
 #: estimates are multiplied by this before they are compared with what is free
@@ -120,3 +122,23 @@ def check_memory(scenario: "Scenario", num_envs: int, fidelity: str, device: str
         f"need about {need / GIB:.1f} GB, and {where} has {available / GIB:.1f} GB free; {advice}"
         + ("" if fidelity == "pixel" else ", or smaller batch_size / dataset.probe_n")
     )
+
+
+def check_dataset_memory(name: str, n: int, image_size: int, what: str = "n", available: int | None = None) -> None:
+    """Refuse generating or loading ``n`` images of ``image_size``² whose pixels (as uint8 and as
+    float tensors, :data:`DATASET_BYTES_PER_VALUE`), times :data:`SAFETY`, exceed the free host memory.
+
+    :param what: the option that set ``n`` (``--n``, ``--eval-n``), for the message.
+    :raises ResourceError: naming the dataset, ``n``, the estimate, the free memory and the largest ``n`` that fits.
+    """
+    available = free_bytes("cpu") if available is None else available
+    if available is None:
+        return
+    per_sample = SAFETY * image_size * image_size * 3 * DATASET_BYTES_PER_VALUE
+    if n * per_sample <= available:
+        return
+    raise ResourceError(
+        f"{what} {n}: {n} images of dataset {name!r} at {image_size}×{image_size} need about {n * per_sample / GIB:.1f} GB, "
+        f"and cpu has {available / GIB:.1f} GB free; use at most {int(available // per_sample)}"
+    )
+

@@ -66,3 +66,22 @@ def test_vector_envs_and_cmai_train_refuse_before_building_anything(tmp_path, ca
     code = main(["train", "--scenario", "quickstart", "--n-envs", "10000000", "--timesteps", "10", "--out", str(tmp_path / "runs")])
     assert code != 0 and "n_envs (--n-envs or the hyperparameters') 10000000" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_dataset_larger_than_the_free_memory_is_refused_before_it_is_generated(capsys):
+    from cmai_env.cli.main import main
+    from cmai_env.data import load_dataset
+    from cmai_env.resources import check_dataset_memory
+
+    with pytest.raises(ResourceError) as error:
+        check_dataset_memory("shapes", 10**6, 224, what="--n", available=2 * GIB)
+    message = str(error.value)
+    assert "--n 1000000" in message and "'shapes' at 224×224" in message and "2.0 GB free" in message
+    fits = int(message.split("use at most ")[1])
+    check_dataset_memory("shapes", fits, 224, available=2 * GIB)
+    with pytest.raises(ResourceError):
+        check_dataset_memory("shapes", fits + 1, 224, available=2 * GIB)
+    with pytest.raises(ResourceError, match="dataset 'shapes'"):
+        load_dataset("shapes", n=10**9)
+    assert main(["backbone", "eval", "--n", "1000000000"]) != 0
+    assert "1000000000 images of dataset 'shapes'" in capsys.readouterr().err

@@ -59,7 +59,8 @@ def load_dataset(
 
     :param name: one of :func:`available_datasets`.
     :param split: ``train``, ``val`` or ``test``.
-    :param n: at most this many samples (generators produce exactly ``n``; default per dataset).
+    :param n: at most this many samples (generators produce exactly ``n``; default per dataset); more
+        than the free memory holds raises :class:`cmai_env.resources.ResourceError`.
     :param seed: seed for generators and subsampling.
     :param image_size: images are resized to ``image_size × image_size`` (use ``backbone.image_size``).
     :param root: file or folder for real-format loaders (required there, ignored by generators).
@@ -67,6 +68,10 @@ def load_dataset(
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; available: {available_datasets()}")
+    if n is not None:
+        from cmai_env.resources import check_dataset_memory
+
+        check_dataset_memory(name, int(n), image_size)  # refused here, not killed for memory while generating
     kwargs = dict(split=split, n=n, seed=seed, image_size=image_size, **options)
     if root is not None:
         kwargs["root"] = Path(root)
