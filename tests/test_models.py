@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import pickle
 
 import pytest
@@ -140,3 +141,18 @@ def test_cli_backbone_eval_json(capsys):
 def test_cli_reports_bad_input_without_traceback(capsys):
     assert cmai(["backbone", "eval", "--backbone", "nope", "--n", "4"]) == 1
     assert "unknown backbone 'nope'" in capsys.readouterr().err
+
+
+def test_pretrain_config_refuses_a_batch_larger_than_its_pool_and_other_bad_values(capsys):
+    """Checked when the config is built (cmai backbone pretrain), not as numpy's sampling error mid-run."""
+    from cmai_env.models.pretrain import PretrainConfig
+
+    for kwargs, needle in (
+        ({"batch_size": 512, "pool_size": 256}, "PretrainConfig.batch_size (512) must be ≤ pool_size (256)"),
+        ({"steps": 0}, "PretrainConfig.steps must be ≥ 1"),
+        ({"lr": 0.0}, "lr and budget_minutes must be > 0"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            PretrainConfig(**kwargs)
+    assert cmai(["backbone", "pretrain", "--batch-size", "100000", "--out", "/nonexistent/never-written"]) != 0
+    assert "must be ≤ pool_size (20000)" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from cmai_env.data import load_dataset
 from cmai_env.models.flamingo import FlamingoBackbone, evaluate_generative, parameter_counts, tokenizer_file
+from cmai_env.models.pretrain import check_pretrain_config
 from cmai_env.models.registry import load_backbone, weights_dir
 
 
@@ -52,13 +53,7 @@ class FlamingoPretrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "pool_size", "refresh_every", "eval_n", "threads"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"FlamingoPretrainConfig.{key} must be ≥ 1, got {getattr(self, key)!r}")
-        if self.batch_size > self.pool_size:
-            raise ValueError(f"FlamingoPretrainConfig.batch_size ({self.batch_size}) must be ≤ pool_size ({self.pool_size})")
-        if self.lr <= 0 or self.budget_cpu_minutes <= 0:
-            raise ValueError(f"lr and budget_cpu_minutes must be > 0, got {self.lr}, {self.budget_cpu_minutes}")
+        check_pretrain_config(self, "budget_cpu_minutes", counts=("threads",))
 
 
 def caption_ids(backbone: FlamingoBackbone, captions: list[str]) -> torch.Tensor:

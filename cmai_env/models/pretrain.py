@@ -41,6 +41,26 @@ class PretrainConfig:
     budget_minutes: float = 15.0
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        check_pretrain_config(self, "budget_minutes")
+
+
+def check_pretrain_config(config, budget_field: str, counts: tuple[str, ...] = ()) -> None:
+    """The checks both pretraining configs run when built: every count ≥ 1, a batch no larger than
+    the pool it is drawn from without replacement, a positive learning rate and budget.
+
+    :param budget_field: the config's time budget field. :param counts: further fields that must be ≥ 1.
+    :raises ValueError: naming the config's field, its value and what is allowed.
+    """
+    label = type(config).__name__
+    for key in ("steps", "batch_size", "pool_size", "refresh_every", "eval_n", *counts):
+        if int(getattr(config, key)) < 1:
+            raise ValueError(f"{label}.{key} must be ≥ 1, got {getattr(config, key)!r}")
+    if config.batch_size > config.pool_size:
+        raise ValueError(f"{label}.batch_size ({config.batch_size}) must be ≤ pool_size ({config.pool_size}), the images a batch is drawn from")
+    if not (config.lr > 0 and getattr(config, budget_field) > 0):
+        raise ValueError(f"{label}: lr and {budget_field} must be > 0, got {config.lr} and {getattr(config, budget_field)}")
+
 
 def pretrain(config: PretrainConfig, out: Path | None = None, command: str = "", progress: bool = True) -> dict:
     """Run pretraining and write ``<out>/<name>.pt`` plus ``<out>/<name>.json``; return the record."""
