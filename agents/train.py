@@ -78,7 +78,8 @@ from agents.train_args import FIDELITIES, TrainArgs  # noqa: F401 (TrainArgs is 
 from agents.policies import ENV_ID_FOR_ALGO, RUN_FILE, RunInfo, normalization_for, algo_class, read_run, resolve_policy_kwargs
 from cmai_env.cli.common import set_torch_threads, validate_threads
 from cmai_env.keyvalue import load_yaml, load_yaml_mapping, parse_assignments, parse_value, set_dotted  # noqa: F401 (re-exported)
-from cmai_env.resources import check_memory
+from cmai_env.observation import OBS_SIZE
+from cmai_env.resources import check_buffer_memory, check_memory
 from agents.safe_load import file_sha256, read_model_data, read_model_metadata, save_normalization, write_model_metadata
 
 if TYPE_CHECKING:
@@ -342,6 +343,7 @@ def prepare(args: TrainArgs) -> PreparedRun:
     # before the run folder exists: a count the memory cannot hold is an error message, not a kill
     check_memory(scenario.resolved, n_envs, env_overrides["fidelity"], device=args.device, processes=args.subproc and n_envs > 1,
                  what="n_envs (--n-envs or the hyperparameters')")
+    check_buffer_memory(hyperparams, n_envs, OBS_SIZE, 3)
     for name in ("eval_freq", "checkpoint_freq"):
         value = getattr(args, name)
         if value is not None and value < 0:

@@ -142,3 +142,35 @@ def check_dataset_memory(name: str, n: int, image_size: int, what: str = "n", av
         f"and cpu has {available / GIB:.1f} GB free; use at most {int(available // per_sample)}"
     )
 
+
+def check_buffer_memory(hyperparams: "dict", n_envs: int, obs_size: int, action_size: int, available: int | None = None) -> None:
+    """Refuse an SB3 rollout or replay buffer larger than the free host memory, before it is allocated.
+
+    Sizes as Stable-Baselines3 stores them, float32: a rollout buffer holds ``n_steps × n_envs``
+    steps of observation, action and six scalars (reward, return, value, log-probability,
+    advantage, episode start); a replay buffer ``buffer_size`` transitions of observation, next
+    observation, action and three scalars. Only values the hyperparameters set are checked (the
+    algorithms' own defaults fit), and only whole numbers (the algorithm names a bad value itself).
+
+    :raises ResourceError: naming the hyperparameter, its value, the estimate and the free memory.
+    """
+    key = "n_steps" if "n_steps" in hyperparams else "buffer_size" if "buffer_size" in hyperparams else None
+    value = hyperparams.get(key) if key else None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # YAML's 1e6
+    if not isinstance(value, int) or isinstance(value, bool):
+        return  # unset, or not a count: the algorithm names a bad value itself
+    if key == "n_steps":
+        need = value * n_envs * (obs_size + action_size + 6) * 4
+        detail = f"a rollout of {value} steps × {n_envs} environments"
+    else:
+        need = value * (2 * obs_size + action_size + 3) * 4
+        detail = f"a replay buffer of {value} transitions"
+    available = free_bytes("cpu") if available is None else available
+    if available is None or SAFETY * need <= available:
+        return
+    raise ResourceError(
+        f"hyperparameter {key} = {value}: {detail} needs about {SAFETY * need / GIB:.1f} GB, "
+        f"and cpu has {available / GIB:.1f} GB free; lower {key}" + (" or n_envs" if key == "n_steps" else "")
+    )
+

@@ -85,3 +85,18 @@ def test_a_dataset_larger_than_the_free_memory_is_refused_before_it_is_generated
         load_dataset("shapes", n=10**9)
     assert main(["backbone", "eval", "--n", "1000000000"]) != 0
     assert "1000000000 images of dataset 'shapes'" in capsys.readouterr().err
+
+
+def test_a_rollout_or_replay_buffer_larger_than_the_free_memory_is_refused(tmp_path, capsys):
+    from cmai_env.cli.main import main
+    from cmai_env.resources import check_buffer_memory
+
+    check_buffer_memory({"n_steps": 128}, 32, 68, 3, available=1 * GIB)  # the shipped sizes fit easily
+    check_buffer_memory({"learning_rate": 1e-3}, 1, 68, 3, available=0)  # nothing set: the algorithm's defaults
+    with pytest.raises(ResourceError, match=r"n_steps = 10000000: a rollout of 10000000 steps × 32 environments"):
+        check_buffer_memory({"n_steps": 10**7}, 32, 68, 3, available=1 * GIB)
+    with pytest.raises(ResourceError, match="buffer_size = 100000000: a replay buffer"):
+        check_buffer_memory({"buffer_size": 1e8}, 1, 68, 3, available=1 * GIB)  # as YAML reads 1e8
+    code = main(["train", "--scenario", "quickstart", "--timesteps", "10", "--set", "n_steps=1000000000", "--out", str(tmp_path / "runs")])
+    assert code != 0 and "hyperparameter n_steps = 1000000000" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
