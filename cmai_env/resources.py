@@ -75,17 +75,32 @@ def embedding_bytes_per_env(scenario: "Scenario") -> int:
     return EMBEDDING_BYTES_PER_BATCH_PAIR * scenario.batch_size + EMBEDDING_BYTES_PER_ATTACKED_PROBE_PAIR * attacked_probe
 
 
+def _linear_cost(scenario: "Scenario", fidelity: str, processes: bool) -> tuple[int, int]:
+    """``(fixed, per environment)`` bytes: every estimate here is ``fixed + count · per``."""
+    if fidelity == "pixel":
+        if processes:
+            return 0, PIXEL_PROCESS_BYTES
+        return PIXEL_PROCESS_BYTES - PIXEL_EXTRA_ENV_BYTES, PIXEL_EXTRA_ENV_BYTES  # the first env costs the process
+    return PROCESS_BASE_BYTES, embedding_bytes_per_env(scenario)
+
+
+def _largest_fitting(available: int, fixed: int, per_item: int) -> int:
+    """The largest count whose ``fixed + count · per_item``, times :data:`SAFETY`, fits in ``available``."""
+    return max(0, int((available / SAFETY - fixed) // per_item))
+
+
+def _free(where: str, available: int | None) -> int | None:
+    return free_bytes(where) if available is None else available
+
+
 def estimated_bytes(scenario: "Scenario", num_envs: int, fidelity: str, processes: bool = False) -> int:
     """Estimated peak bytes of ``num_envs`` environments of ``scenario`` (before :data:`SAFETY`).
 
     :param fidelity: ``embedding`` (one batched computation) or ``pixel``.
     :param processes: pixel environments in a process each (``AsyncVectorEnv``, ``SubprocVecEnv``).
     """
-    if fidelity == "pixel":
-        if processes:
-            return num_envs * PIXEL_PROCESS_BYTES
-        return PIXEL_PROCESS_BYTES + (num_envs - 1) * PIXEL_EXTRA_ENV_BYTES
-    return PROCESS_BASE_BYTES + num_envs * embedding_bytes_per_env(scenario)
+    fixed, per_env = _linear_cost(scenario, fidelity, processes)
+    return fixed + num_envs * per_env
 
 
 def check_memory(scenario: "Scenario", num_envs: int, fidelity: str, device: str = "cpu", processes: bool = False,
@@ -100,20 +115,13 @@ def check_memory(scenario: "Scenario", num_envs: int, fidelity: str, device: str
     :raises ResourceError: the estimate, times :data:`SAFETY`, exceeds the free memory.
     """
     where = "cpu" if fidelity == "pixel" else device
-    available = free_bytes(where) if available is None else available
+    available = _free(where, available)
     if available is None:
         return
     need = SAFETY * estimated_bytes(scenario, num_envs, fidelity, processes)
     if need <= available:
         return
-    low, high = 0, num_envs
-    while low < high:  # the largest count whose estimate fits (estimates grow with the count)
-        mid = (low + high + 1) // 2
-        if SAFETY * estimated_bytes(scenario, mid, fidelity, processes) <= available:
-            low = mid
-        else:
-            high = mid - 1
-    fits = low
+    fits = _largest_fitting(available, *_linear_cost(scenario, fidelity, processes))
     layout = "a process each" if fidelity == "pixel" and processes else "one process" if fidelity == "pixel" else "batched"
     sizes = "" if fidelity == "pixel" else f" at batch_size {scenario.batch_size} and probe_n {scenario.dataset.probe_n}"
     advice = f"use at most {fits}" if fits else "none fit"
@@ -131,15 +139,16 @@ def check_dataset_memory(name: str, n: int, image_size: int, what: str = "n", av
     :param what: the option that set ``n`` (``--n``, ``--eval-n``), for the message.
     :raises ResourceError: naming the dataset, ``n``, the estimate, the free memory and the largest ``n`` that fits.
     """
-    available = free_bytes("cpu") if available is None else available
+    available = _free("cpu", available)
     if available is None:
         return
-    per_sample = SAFETY * image_size * image_size * 3 * DATASET_BYTES_PER_VALUE
-    if n * per_sample <= available:
+    per_sample = image_size * image_size * 3 * DATASET_BYTES_PER_VALUE
+    need = SAFETY * n * per_sample
+    if need <= available:
         return
     raise ResourceError(
-        f"{what} {n}: {n} images of dataset {name!r} at {image_size}×{image_size} need about {n * per_sample / GIB:.1f} GB, "
-        f"and cpu has {available / GIB:.1f} GB free; use at most {int(available // per_sample)}"
+        f"{what} {n}: {n} images of dataset {name!r} at {image_size}×{image_size} need about {need / GIB:.1f} GB, "
+        f"and cpu has {available / GIB:.1f} GB free; use at most {_largest_fitting(available, 0, per_sample)}"
     )
 
 
@@ -166,7 +175,7 @@ def check_buffer_memory(hyperparams: "dict", n_envs: int, obs_size: int, action_
     else:
         need = value * (2 * obs_size + action_size + 3) * 4
         detail = f"a replay buffer of {value} transitions"
-    available = free_bytes("cpu") if available is None else available
+    available = _free("cpu", available)
     if available is None or SAFETY * need <= available:
         return
     raise ResourceError(

@@ -648,7 +648,6 @@ def scenario_option(parser: "argparse.ArgumentParser", scenarios: Sequence[str |
         return distinct_scenario_names(scenarios, option, overrides)
     except (ScenarioError, FileNotFoundError) as error:
         parser.error(f"{option}: {error}" if not str(error).startswith(option) else str(error))
-        raise  # parser.error exits; never reached
 
 
 def _checked_text(label: str, data: bytes) -> str:

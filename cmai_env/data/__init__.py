@@ -11,6 +11,8 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from cmai_env.resources import check_dataset_memory
+
 if TYPE_CHECKING:
     from cmai_env.data.base import CaptionedDataset
 
@@ -69,8 +71,6 @@ def load_dataset(
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; available: {available_datasets()}")
     if n is not None:
-        from cmai_env.resources import check_dataset_memory
-
         check_dataset_memory(name, int(n), image_size)  # refused here, not killed for memory while generating
     kwargs = dict(split=split, n=n, seed=seed, image_size=image_size, **options)
     if root is not None:
