@@ -13,9 +13,11 @@ scaled by :data:`SAFETY`:
   about 12.8 KB per pair of ``batch_size`` (traffic, its crafting and ``L_adv`` graph) and 4.5 KB
   per attacked probe pair (``probe_n / 2`` per mixture entry of the widest phase). At N = 512,
   ``batch_size`` 64 → 256 added 2.39 MB per environment and ``probe_n`` 256 → 1,024 added 1.73 MB;
-  quickstart's sizes (32, 128) predict 0.70 MB and N = 1,024 → 4,096 measured 0.74 MB.
+  quickstart's sizes (32, 128) predict 0.68 MiB, and ``python benchmarks/env_memory.py --counts
+  1024 4096`` measured 0.78 MiB per environment between those counts.
 * **pixel fidelity**: a process holding one pixel environment peaks at 1.12 GB (torch, the
-  backbone, the data); each further environment in that process adds about 110 MB.
+  backbone, the data; the same benchmark: 1,123 MiB); each further environment in that process
+  adds about 110 MB.
 
 Written by hand: the footprint is this environment's own arithmetic, which no library estimates.
 """

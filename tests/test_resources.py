@@ -100,3 +100,18 @@ def test_a_rollout_or_replay_buffer_larger_than_the_free_memory_is_refused(tmp_p
     code = main(["train", "--scenario", "quickstart", "--timesteps", "10", "--set", "n_steps=1000000000", "--out", str(tmp_path / "runs")])
     assert code != 0 and "hyperparameter n_steps = 1000000000" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_memory_benchmark_prints_measurement_beside_estimate():
+    """benchmarks/env_memory.py: what the estimates stand on, re-measurable (tiny counts here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "env_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--counts", "2", "8", "--rounds", "1", "--no-pixel"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "embedding, N =     8" in done.stdout and "marginal per environment (N 2 → 8)" in done.stdout and "estimate 0.68 MiB" in done.stdout
+    bad = subprocess.run([sys.executable, str(script), "--counts", "8", "2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--counts 8 2" in bad.stderr
