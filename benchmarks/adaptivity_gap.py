@@ -54,6 +54,7 @@ import torch
 import cmai_env  # noqa: F401  (registers the environments)
 from agents.protocol import CONTINUOUS_ENV_ID, EVAL_ENV_ID, EVAL_SEED_OFFSET, DistinctSeeds
 from agents.stats import bounds_for, paired_difference, t_interval
+from cmai_env.cli.common import positive_int
 from cmai_env.env import DISCRETE_BETAS, action_from_betas
 from cmai_env.scenario import Scenario, apply_overrides, load_scenario, scenario_option, scenarios_available
 
@@ -285,12 +286,12 @@ def main() -> None:
     parser.add_argument("--search-seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4])
     parser.add_argument("--eval-seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4])
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides, e.g. episode_rounds:40")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="return",
                         help="what the fixed-β choice and the search optimise (default: return)")
     parser.add_argument("--clean-allowance", type=float, default=DEFAULT_CLEAN_ALLOWANCE,
                         help=f"--objective system_asr: largest clean-accuracy drop against task-only (default: {DEFAULT_CLEAN_ALLOWANCE})")
-    parser.add_argument("--segments", type=int, default=1,
+    parser.add_argument("--segments", type=positive_int, default=1,
                         help="β per this many equal parts of each phase instead of one per phase (default: 1)")
     args = parser.parse_args()
     if args.segments < 1:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from cmai_env.cli.common import positive_int
 from cmai_env.attacks import PairBatch, ZeroShotTask, attack_class, available_attacks, make_attack
 from cmai_env.data import load_dataset
 from cmai_env.models import load_backbone
@@ -36,11 +37,11 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--compare-repeats", type=int, default=9, help="interleaved runs of the PGD comparison")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compare-repeats", type=positive_int, default=9, help="interleaved runs of the PGD comparison")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

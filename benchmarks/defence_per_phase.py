@@ -31,6 +31,7 @@ from adaptivity_gap import ENV_ID, MAX_BATCH, load_spec, phase_names  # noqa: E4
 import cmai_env  # noqa: E402,F401  (registers the environments)
 from agents.protocol import EVAL_SEED_OFFSET, DistinctSeeds  # noqa: E402
 from agents.stats import bounds_for, paired_difference, t_interval  # noqa: E402
+from cmai_env.cli.common import positive_int  # noqa: E402
 from cmai_env.env import DISCRETE_BETAS, action_from_betas  # noqa: E402
 from cmai_env.keyvalue import parse_assignments  # noqa: E402
 from cmai_env.scenario import load_scenario, scenario_option, scenarios_available  # noqa: E402
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=shipped, help=f"default (the non-stationary ones): {' '.join(shipped)}")
     parser.add_argument("--seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4])
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides, e.g. episode_rounds:40")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from any folder
 
+from cmai_env.cli.common import positive_int  # noqa: E402
 from cmai_env.resources import MIB, PIXEL_PROCESS_BYTES, SAFETY, embedding_bytes_per_env  # noqa: E402
 from cmai_env.scenario import load_scenario, scenario_option  # noqa: E402
 
@@ -66,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="quickstart")
     parser.add_argument("--counts", type=int, nargs=2, default=[256, 1024], help="two environment counts, smaller first")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=positive_int, default=6)
     parser.add_argument("--no-pixel", action="store_true", help="skip the pixel process")
     args = parser.parse_args()
     scenario_option(parser, [args.scenario], "--scenario")

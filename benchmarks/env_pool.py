@@ -22,6 +22,7 @@ from agents.env_pool import EnvPool
 from agents.env_spec import env_spec
 from agents.evaluation import evaluate_policy
 from agents.protocol import DistinctSeeds
+from cmai_env.cli.common import positive_int
 
 #: A small scenario size so that construction and play are both visible (the tiny test size).
 SMALL = {"batch_size": 8, "dataset.train_n": 64, "dataset.probe_n": 16, "episode_rounds": 6}
@@ -37,8 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="quickstart")
     parser.add_argument("--seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1])
-    parser.add_argument("--policies", type=int, default=8, help="evaluations in the sequence (baselines, cycled)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--policies", type=positive_int, default=8, help="evaluations in the sequence (baselines, cycled)")
+    parser.add_argument("--repeats", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
 

@@ -46,6 +46,8 @@ import time
 
 import numpy as np
 
+from cmai_env.cli.common import non_negative_int, positive_int
+
 
 #: Reduced rounds of the arithmetic report: scenario overrides and module constants of the embedding world.
 REDUCED: dict[str, dict] = {
@@ -299,18 +301,18 @@ def run(kind: str, cfg: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="abrupt_shift")
-    parser.add_argument("--rounds", type=int, default=256, help="env rounds per measurement (batched: at least 2 steps)")
-    parser.add_argument("--sync-n", type=int, nargs="*", default=[1, 16], help="SyncVectorEnv sizes")
-    parser.add_argument("--batched-n", type=int, nargs="*", default=[1, 16, 64, 256], help="batched env sizes")
-    parser.add_argument("--pixel-rounds", type=int, default=8, help="pixel rounds (0: skip pixel)")
-    parser.add_argument("--pixel-n", type=int, default=2, help="AsyncVectorEnv size for pixel")
-    parser.add_argument("--ppo-n", type=int, default=64, help="PPO on the batched env with this many envs (0: skip)")
-    parser.add_argument("--ppo-n-steps", type=int, default=16, help="PPO rollout length per env")
-    parser.add_argument("--ppo-rollouts", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=256, help="env rounds per measurement (batched: at least 2 steps)")
+    parser.add_argument("--sync-n", type=positive_int, nargs="*", default=[1, 16], help="SyncVectorEnv sizes")
+    parser.add_argument("--batched-n", type=positive_int, nargs="*", default=[1, 16, 64, 256], help="batched env sizes")
+    parser.add_argument("--pixel-rounds", type=non_negative_int, default=8, help="pixel rounds (0: skip pixel)")
+    parser.add_argument("--pixel-n", type=positive_int, default=2, help="AsyncVectorEnv size for pixel")
+    parser.add_argument("--ppo-n", type=non_negative_int, default=64, help="PPO on the batched env with this many envs (0: skip)")
+    parser.add_argument("--ppo-n-steps", type=positive_int, default=16, help="PPO rollout length per env")
+    parser.add_argument("--ppo-rollouts", type=positive_int, default=2)
     parser.add_argument("--device", default="cpu", help="torch device of the environments (cpu or cuda)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
-    parser.add_argument("--flops-n", type=int, default=64, help="count the batched round's FLOPs at this N (0: skip)")
-    parser.add_argument("--flops-steps", type=int, default=8, help="batched steps counted and timed for the arithmetic report")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per process (default 1)")
+    parser.add_argument("--flops-n", type=non_negative_int, default=64, help="count the batched round's FLOPs at this N (0: skip)")
+    parser.add_argument("--flops-steps", type=positive_int, default=8, help="batched steps counted and timed for the arithmetic report")
     args = parser.parse_args()
     try:
         check_device(args.device)

@@ -86,6 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a sc
 from agents.protocol import distinct_seeds  # noqa: E402
 from cmai_env.attacks import PairBatch, ZeroShotTask, make_attack  # noqa: E402
 from cmai_env.attacks.specs import declaration  # noqa: E402
+from cmai_env.cli.common import positive_float, positive_int  # noqa: E402
 from cmai_env.consistency import ConsistencyDetector  # noqa: E402
 from cmai_env.corruptions import corrupted_split  # noqa: E402
 from cmai_env.data import load_dataset  # noqa: E402
@@ -493,8 +494,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--probe-n", type=int, default=256, help="probe pairs; the first half is attacked (default 256)")
     parser.add_argument("--steps", type=int, default=3, help="attack iterations at both fidelities (default 3)")
     parser.add_argument("--attacks", default=None, help="comma-separated subset of: " + ", ".join(c.attack for c in CASES))
-    parser.add_argument("--budgets", type=int, default=None, help="only the first N budgets of each attack")
-    parser.add_argument("--radius", type=float, default=None, help="one radius scale for every family (0.5: the old RADIUS)")
+    parser.add_argument("--budgets", type=positive_int, default=None, help="only the first N budgets of each attack")
+    parser.add_argument("--radius", type=positive_float, default=None, help="one radius scale for every family (0.5: the old RADIUS)")
     parser.add_argument("--exponent", type=float, default=1.0, help="with --radius: r = radius · (budget/default)^exponent (default 1)")
     parser.add_argument("--calibrate", action="store_true", help="grid-search a radius scale per family and print the table at it")
     parser.add_argument("--rank", action="store_true", help="also the Spearman correlation of the baselines' returns (slow)")

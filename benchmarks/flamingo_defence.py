@@ -22,6 +22,7 @@ from fractions import Fraction
 
 import torch
 
+from cmai_env.cli.common import non_negative_float, positive_float, positive_int
 from cmai_env.attacks import make_attack
 from cmai_env.data import load_dataset
 from cmai_env.models import load_backbone
@@ -49,16 +50,16 @@ def measure(backbone, test, val, eval_eps: list[float], pgd_steps: int, seed: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=200, help="held-out test images (and val images for τ) (default: 200)")
-    p.add_argument("--steps", type=int, default=650, help="FARE steps at most (default: 650)")
-    p.add_argument("--budget-cpu-minutes", type=float, default=9.0, help="FARE budget in process CPU minutes (default: 9)")
+    p.add_argument("--n", type=positive_int, default=200, help="held-out test images (and val images for τ) (default: 200)")
+    p.add_argument("--steps", type=positive_int, default=650, help="FARE steps at most (default: 650)")
+    p.add_argument("--budget-cpu-minutes", type=positive_float, default=9.0, help="FARE budget in process CPU minutes (default: 9)")
     p.add_argument("--train-eps", type=Fraction, default=Fraction(8, 255), help="ε_v of FARE's inner max (default: 8/255)")
-    p.add_argument("--train-pgd-steps", type=int, default=5, help="PGD steps of FARE's inner max (default: 5)")
-    p.add_argument("--batch-size", type=int, default=128, help="FARE batch size (default: 128)")
-    p.add_argument("--lr", type=float, default=2e-3, help="FARE peak learning rate (default: 2e-3)")
-    p.add_argument("--clean-weight", type=float, default=1.0, help="weight of the clean embedding term (default: 1; FARE's is 0)")
+    p.add_argument("--train-pgd-steps", type=positive_int, default=5, help="PGD steps of FARE's inner max (default: 5)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="FARE batch size (default: 128)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="FARE peak learning rate (default: 2e-3)")
+    p.add_argument("--clean-weight", type=non_negative_float, default=1.0, help="weight of the clean embedding term (default: 1; FARE's is 0)")
     p.add_argument("--eval-eps", default="8/255,4/255,2/255", help="comma-separated ℓ∞ budgets evaluated (default: 8/255,4/255,2/255)")
-    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps of the evaluation (default: 10)")
+    p.add_argument("--pgd-steps", type=positive_int, default=10, help="PGD steps of the evaluation (default: 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()

@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--eval-seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4])
     parser.add_argument("--search-seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4], help="the schedule search's seeds (--schedule-gap)")
     parser.add_argument("--schedule-gap", action="store_true", help="also search the best per-phase schedule (~4 CPU-min per scenario)")
-    parser.add_argument("--timesteps", type=int, default=None, help="training steps (default: each entry's n_timesteps)")
+    parser.add_argument("--timesteps", type=positive_int, default=None, help="training steps (default: each entry's n_timesteps)")
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides for training and evaluation")
     parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel processes, one torch thread each (default: one per core)")
     parser.add_argument("--out", default="runs/learned_gate", help="run folders and benchmark reports (default: runs/learned_gate)")

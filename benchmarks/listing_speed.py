@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cmai_env.cli.common import positive_float, positive_int
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -60,8 +62,8 @@ def timed_run(args: list[str]) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="cold runs per command (default: 3)")
-    parser.add_argument("--target", type=float, default=1.5, help="wall-time goal per command, seconds (default: 1.5)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="cold runs per command (default: 3)")
+    parser.add_argument("--target", type=positive_float, default=1.5, help="wall-time goal per command, seconds (default: 1.5)")
     args = parser.parse_args()
     if shutil.which("/usr/bin/time") is None:
         raise SystemExit("needs GNU time at /usr/bin/time (apt-get install time)")

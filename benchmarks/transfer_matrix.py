@@ -23,6 +23,7 @@ from fractions import Fraction
 
 import torch
 
+from cmai_env.cli.common import positive_int
 from cmai_env.attacks import PairBatch, ZeroShotTask, attack_success_rate, make_attack
 from cmai_env.data import load_dataset
 from cmai_env.models import load_backbone
@@ -39,11 +40,11 @@ def main() -> None:
     parser.add_argument("--adv-arch", default="cmai-tiny", help="architecture of --adv (default: cmai-tiny)")
     parser.add_argument("--inner", default="pgd_linf", help="the attack crafted on each source (default: pgd_linf)")
     parser.add_argument("--eps", nargs="+", type=budget, default=[2 / 255, 8 / 255], help="ℓ∞ budgets (default: 2/255 8/255)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--n", type=int, default=500, help="held-out shapes test images (default: 500)")
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--n", type=positive_int, default=500, help="held-out shapes test images (default: 500)")
+    parser.add_argument("--batch-size", type=positive_int, default=250)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

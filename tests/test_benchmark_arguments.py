@@ -1,0 +1,53 @@
+"""Every benchmark refuses a count or scale outside its range with argparse's message, not a traceback.
+
+Before, ``benchmarks/attacks.py --batch-size 0`` died in open_clip's reshape, ``--repeats 0`` in
+``statistics.median`` and ``transfer_matrix.py --n 0`` in ``torch.cat``, after loading a backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmai_env.cli.common import non_negative_float, non_negative_int, positive_float, positive_int
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    ("script", "flag", "value", "expected"),
+    [
+        ("attacks.py", "--batch-size", "0", "expected an integer ≥ 1"),
+        ("attacks.py", "--repeats", "-1", "expected an integer ≥ 1"),
+        ("env_pool.py", "--repeats", "0", "expected an integer ≥ 1"),
+        ("env_throughput.py", "--pixel-rounds", "-1", "expected an integer ≥ 0"),
+        ("env_memory.py", "--rounds", "0", "expected an integer ≥ 1"),
+        ("listing_speed.py", "--target", "nan", "expected a finite number > 0"),
+        ("transfer_matrix.py", "--n", "0", "expected an integer ≥ 1"),
+        ("flamingo_defence.py", "--lr", "inf", "expected a finite number > 0"),
+        ("adaptivity_gap.py", "--segments", "0", "expected an integer ≥ 1"),
+        ("defence_per_phase.py", "--threads", "0", "expected an integer ≥ 1"),
+        ("learned_gate.py", "--timesteps", "0", "expected an integer ≥ 1"),
+        ("fidelity_calibration.py", "--radius", "-1", "expected a finite number > 0"),
+    ],
+)
+def test_a_benchmark_names_the_bad_flag_and_what_it_allows(script, flag, value, expected):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), flag, value],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"argument {flag}: {expected}, got '{value}'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_argument_types_take_their_range_and_nothing_else():
+    assert positive_int("3") == 3 and non_negative_int("0") == 0
+    assert positive_float("2e-3") == 2e-3 and non_negative_float("0") == 0.0
+    for parse, text in [(positive_int, "0"), (positive_int, "1.5"), (non_negative_int, "-1"), (non_negative_int, "x"),
+                        (positive_float, "0"), (positive_float, "nan"), (positive_float, "inf"),
+                        (non_negative_float, "-0.1"), (non_negative_float, "nan")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+            parse(text)
