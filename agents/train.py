@@ -192,6 +192,14 @@ def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any]) -> None:
     for key in policy_kwargs:
         if key not in policy_known:
             raise ValueError(f"unknown hyperparameter 'policy_kwargs.{key}' for {algo}/{policy}{_suggest(key, policy_known)}; known: {', '.join(policy_known)}")
+    # rl-zoo3 eval()s these when they are strings (ExperimentManager._preprocess_hyperparams /
+    # _preprocess_normalization): a string here would run as Python code. CMAI takes data only.
+    normalize = hyperparams.get("normalize", False)
+    if not isinstance(normalize, (bool, dict)):
+        raise ValueError(f"hyperparameter normalize must be true, false or a mapping of VecNormalize arguments, got {normalize!r}")
+    for key in ("replay_buffer_class", "replay_buffer_kwargs"):
+        if isinstance(hyperparams.get(key), str):
+            raise ValueError(f"hyperparameter {key} must not be a string (rl-zoo3 would evaluate it as Python code), got {hyperparams[key]!r}")
     noise = hyperparams.get("noise_type")
     if noise is not None and noise not in NOISE_TYPES:
         raise ValueError(f"unknown noise_type {noise!r}; choose one of {', '.join(NOISE_TYPES)}")

@@ -521,6 +521,22 @@ def test_bad_inputs_exit_2_naming_the_value(tmp_path, capsys, argv, needle):
     assert not (tmp_path / "ppo").exists()  # nothing written for a rejected configuration
 
 
+@pytest.mark.parametrize(
+    "algo, key",
+    [("ppo", "normalize"), ("sac", "replay_buffer_kwargs"), ("dqn", "replay_buffer_class")],
+)
+def test_a_hyperparameter_string_rl_zoo3_would_eval_is_refused_and_never_run(tmp_path, capsys, algo, key):
+    # rl-zoo3 eval()s a string `normalize`, `replay_buffer_class` or `replay_buffer_kwargs`.
+    marker = tmp_path / "pwned"
+    code = f"__import__('pathlib').Path({str(marker)!r}).write_text('ran') and dict()"
+    hyperparams = tmp_path / "hp.yml"
+    hyperparams.write_text(f"default:\n  {key}: {json.dumps(code)}\n")
+    argv = ["train", "--algo", algo, "--timesteps", "64", "--out", str(tmp_path / "runs"), "--hyperparams", str(hyperparams)]
+    assert cli(*argv, "--env-kwargs", *SMALL_ENV, *QUIET) == 1
+    assert f"hyperparameter {key}" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "runs" / algo).exists()
+
+
 def test_hyperparameters_the_algorithm_rejects_leave_no_run_folder(tmp_path, capsys):
     argv = ["train", "--timesteps", "64", "--out", str(tmp_path), "--env-kwargs", *SMALL_ENV, *QUIET]
     assert cli(*argv, "--set", "n_steps=abc") == 1
