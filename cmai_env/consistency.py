@@ -133,6 +133,8 @@ class ConsistencyDetector:
         return float(flags.mean()) if flags.size else 0.0
 
     def evaluate(self, clean_scores: torch.Tensor | np.ndarray, adv_scores: torch.Tensor | np.ndarray) -> DetectorReport:
+        if self.threshold is None:
+            raise RuntimeError("ConsistencyDetector.calibrate(clean_scores) must run before evaluate()")
         clean, adv = _as_numpy(clean_scores), _as_numpy(adv_scores)
         return DetectorReport(
             threshold=float(self.threshold),

@@ -50,7 +50,7 @@ def corrupt_images(images: "torch.Tensor", name: str, severity: int, seed: int =
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
         return (images + level * noise).clamp(0.0, 1.0)
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    mean = images.mean(dim=(2, 3), keepdim=True)  # per image and channel, as ImageNet-C's np.mean(x, axis=(0, 1))
     return ((images - mean) * level + mean).clamp(0.0, 1.0)
 
 

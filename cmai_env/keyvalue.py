@@ -45,7 +45,8 @@ def parse_value(text: str) -> Any:
     """
     if _FRACTION.match(text):
         try:
-            return float(Fraction(text.replace(" ", "")))
+            numerator, denominator = text.replace(" ", "").split("/")
+            return float(Fraction(numerator) / Fraction(denominator))  # Fraction("0.5/255") itself is refused
         except ZeroDivisionError:
             raise ValueError(f"cannot parse value {text!r}: division by zero") from None
     if text.strip().lower() == "none":

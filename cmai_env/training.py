@@ -609,9 +609,13 @@ class ModalityBridgingTrainer:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         if epochs is None and budget_seconds is None:
             epochs = 1
         pairs = dataset if isinstance(dataset, PairBatch) else PairBatch.from_dataset(self.backbone, dataset)
+        if len(pairs) == 0:
+            raise ValueError("fit needs at least one training pair, got an empty dataset")
         batches_per_epoch = math.ceil(len(pairs) / batch_size)
         start = clock()
         deadline = start + budget_seconds if budget_seconds is not None else None

@@ -53,6 +53,13 @@ class PairBatch:
     labels: torch.Tensor
     token_embeds: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # cross_entropy needs int64 class indices; int32/int16 labels (numpy, hand-made) are cast.
+        if self.labels.dtype != torch.long:
+            if self.labels.is_floating_point() or self.labels.is_complex() or self.labels.dtype == torch.bool:
+                raise ValueError(f"PairBatch labels must be integer class indices, got dtype {self.labels.dtype}")
+            self.labels = self.labels.long()
+
     @classmethod
     def from_dataset(cls, backbone: Backbone, data: CaptionedDataset) -> "PairBatch":
         return cls(data.images.to(backbone.device), backbone.tokenize(data.captions), data.labels.to(backbone.device))

@@ -8,6 +8,7 @@ Built-in generators (``shapes``, ``digits``) need no files; the real-format load
 from __future__ import annotations
 
 import importlib
+import operator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -70,6 +71,15 @@ def load_dataset(
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; available: {available_datasets()}")
+    for key, value, least in (("n", n, 0), ("image_size", image_size, 1), ("seed", seed, 0)):
+        if value is None and key == "n":
+            continue
+        try:
+            ok = not isinstance(value, bool) and operator.index(value) >= least
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"load_dataset: {key} must be an integer ≥ {least}, got {value!r}")
     if n is not None:
         check_dataset_memory(name, int(n), image_size)  # refused here, not killed for memory while generating
     kwargs = dict(split=split, n=n, seed=seed, image_size=image_size, **options)

@@ -208,6 +208,10 @@ class Backbone(nn.Module):
 
     # ------------------------------------------------------------------ images
     def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        if not images.is_floating_point():
+            raise ValueError(f"{self.name} expects float images with pixels in [0, 1], got dtype {images.dtype}")
+        # float64 (or half) pixels follow the model's dtype; the cast is differentiable.
+        images = images.to(self.pixel_mean.dtype)
         return (images - self.pixel_mean) / self.pixel_std
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
