@@ -14,10 +14,37 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ["FloatLoader", "load_yaml", "load_yaml_mapping", "parse_assignments", "parse_value", "set_dotted"]
+__all__ = ["FloatLoader", "UniqueKeyLoader", "load_yaml", "load_yaml_mapping", "parse_assignments", "parse_value", "set_dotted"]
 
 
-class FloatLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last value silently, so a ``defense:`` block written twice would lose the
+    first. Keys a merge (``<<: *base``) brings in may still be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first given on line {first.start_mark.line + 1}); give each field once",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+class FloatLoader(UniqueKeyLoader):
     """SafeLoader that also reads ``3e-4`` (no dot) as a float, as YAML 1.2 and humans do."""
 
 

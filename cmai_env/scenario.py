@@ -39,6 +39,9 @@ from typing import Annotated, Any, Literal, Mapping, Sequence, Union, get_args, 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cmai_env.data import GENERATED_DATASETS, available_datasets
+from cmai_env.keyvalue import UniqueKeyLoader
+
 SCENARIO_SUFFIXES = (".yaml", ".yml")
 
 # Resource limits, checked when a scenario is validated so that a typo (or a hostile file) is an
@@ -55,6 +58,16 @@ MAX_TRAIN_N = 50_000
 MAX_PROBE_N = 10_000
 #: incoming pairs per round
 MAX_BATCH_SIZE = 4_096
+#: iterations of one attack (``steps``, ``text_steps`` of an attack; ``defense.attack_steps``):
+#: a round runs them for every crafted batch, so 10**8 is a hang, not a strong attack
+MAX_ATTACK_STEPS = 1_000
+#: any other integer attack parameter (``n_queries``, ``n_restarts``, ``candidate_vocab``, ...)
+MAX_ATTACK_COUNT = 100_000
+#: trainer updates per round
+MAX_UPDATES_PER_ROUND = 100
+#: largest seed (``dataset.seed``, ``randomization.seed``): numpy's generators refuse negative
+#: seeds and torch's (which corrupted images and probe splits use, at ``seed + 1``) 64-bit overflow
+MAX_SEED = 2**32 - 1
 
 
 class ScenarioError(ValueError):
@@ -101,16 +114,25 @@ class DatasetSpec(_Model):
     #: held-out pairs the round's metrics are measured on
     # ≥ 2: the probe is split into an attacked evaluation half and a detector-calibration half.
     probe_n: int = Field(256, ge=2, le=MAX_PROBE_N)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        from cmai_env.data import available_datasets
-
         if name not in available_datasets():
             raise ValueError(f"unknown dataset; available: {', '.join(available_datasets())}")
         return name
+
+    @model_validator(mode="after")
+    def _root_where_read(self) -> "DatasetSpec":
+        if self.name in GENERATED_DATASETS and self.root is not None:
+            raise _Issues([(("root",), self.root, f"{self.name} is generated and reads no files; remove root "
+                            f"(root is for {', '.join(sorted(set(available_datasets()) - set(GENERATED_DATASETS)))})")])
+        if self.name not in GENERATED_DATASETS and self.root is None:
+            raise _Issues([(("root",), None, f"dataset {self.name} reads files: give root (its file or folder)")])
+        return self
+
+
 
 
 class BackboneSpec(_Model):
@@ -153,8 +175,8 @@ class DefenseSpec(_Model):
     eps_t: Budget = 0.2
     alpha: float = Field(1.0, ge=0, allow_inf_nan=False)
     #: PGD steps crafting ``L_adv``'s examples (0: no adversarial term)
-    attack_steps: int = Field(3, ge=0)
-    updates_per_round: int = Field(1, ge=1)
+    attack_steps: int = Field(3, ge=0, le=MAX_ATTACK_STEPS)
+    updates_per_round: int = Field(1, ge=1, le=MAX_UPDATES_PER_ROUND)
     #: the embedding fidelity crafts ``L_adv``'s examples at this multiple of the radius its
     #: attacks get for ``eps_v`` / ``eps_t`` (radii calibrated to the *undefended* model's ASR and
     #: TPR). Pixel attacks move the unit image embedding 1.3–1.9× that radius for the same success
@@ -236,7 +258,7 @@ class RandomSpec(_Model):
 
     n_phases: int = Field(ge=1)
     rounds: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _ordered(self) -> "RandomSpec":
@@ -297,6 +319,12 @@ class AttackSpec(_Model):
                 params[key] = _coerce_param(value, defaults[key])
             except ValueError as exc:
                 issues.append((("params", key), value, str(exc)))
+                continue
+            limit = MAX_ATTACK_STEPS if key in ("steps", "text_steps") else MAX_ATTACK_COUNT
+            number = params[key]
+            if isinstance(number, (int, float)) and not isinstance(number, bool) and number > limit and (
+                    isinstance(defaults[key], int) or key in ("steps", "text_steps")):
+                issues.append((("params", key), value, f"at most {limit:,} (a round crafts with it for every attacked batch)"))
         if not issues:
             try:  # the attack's own checks (negative budgets, zero steps, ...), as its constructor runs them
                 declared.check({**defaults, **params})
@@ -429,6 +457,8 @@ class Scenario(_Model):
             issues.append((field, rounds, f"an episode of {rounds:,} rounds exceeds the limit of {MAX_EPISODE_ROUNDS:,} rounds"))
         if self.backbone.generative:
             issues.extend(_generative_issues(self))
+        elif self.fidelity == "embedding":
+            issues.extend(_embedding_issues(self))
         if self.batch_size > self.dataset.train_n:
             issues.append((("batch_size",), self.batch_size, f"must be at most dataset.train_n ({self.dataset.train_n}), the pool batches are drawn from"))
         if issues:
@@ -485,6 +515,24 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
         issues.append((("defense", "embedding_lr"), scenario.defense.embedding_lr,
                        f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (defense.lr "
                        "sets its rate); remove defense.embedding_lr"))
+    return issues
+
+
+def _embedding_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], Any, str]]:
+    """What the embedding fidelity cannot play (:mod:`cmai_env.fidelity.stacked`): refused here, not
+    ignored (``updates_per_round``) or found when the environment is built (an attack without an
+    embedding counterpart)."""
+    from cmai_env.attacks.specs import declaration
+
+    issues: list[tuple[tuple[str | int, ...], Any, str]] = []
+    if scenario.defense.updates_per_round != 1:
+        issues.append((("defense", "updates_per_round"), scenario.defense.updates_per_round,
+                       "the embedding fidelity runs one adapter update per round; set 1 (or fidelity: pixel)"))
+    for i, phase in enumerate(scenario.phases):
+        for j, attack in enumerate(phase.attacks):
+            if declaration(attack.name).embedding is None:
+                issues.append((("phases", i, "attacks", j, "name"), attack.name,
+                               f"{attack.name!r} has no embedding-fidelity counterpart; run this scenario with fidelity: pixel"))
     return issues
 
 
@@ -602,7 +650,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     label, data = _resolve(name_or_path)
     text = _checked_text(label, data)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass: a key given twice is an error)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -710,11 +758,24 @@ def apply_overrides(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenari
                     raise KeyError(part)
             if isinstance(node, list):
                 node[int(parts[-1])] = value
+            elif isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+                # a nested dict overrides the fields it names (defense={"lr": 1e-3}), as the dotted
+                # keys do; the section's other fields keep the scenario's values
+                _merge(node[parts[-1]], value)
             else:
                 node[parts[-1]] = copy.deepcopy(value)
         except (KeyError, IndexError, ValueError, TypeError):
             raise ScenarioError(f"override {key}={value!r} of scenario {scenario.name!r}: no such field") from None
     return validate_scenario(data, f"scenario {scenario.name!r} with overrides {dict(overrides)}")
+
+
+def _merge(target: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Write ``overrides`` into ``target``, recursing where both hold a mapping."""
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
 
 
 # ----------------------------------------------------------------------------- messages
@@ -729,9 +790,15 @@ def _line_index(text: str) -> dict[tuple, int]:
     except yaml.YAMLError:
         return {}
     index: dict[tuple, int] = {}
+    walked: set[int] = set()
 
     def walk(node, path: tuple) -> None:
         index[path] = node.start_mark.line + 1
+        # An alias is the anchored node itself: walk it once, at its first path. Following it again
+        # would visit 2^k paths for k nested aliases (and never end for a recursive one).
+        if id(node) in walked:
+            return
+        walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 walk(value_node, path + (str(key_node.value),))
@@ -819,8 +886,46 @@ def _nearest_line(path: tuple, lines: Mapping[tuple, int]) -> int | None:
     return None
 
 
+class _Full(Exception):
+    pass
+
+
 def _short(value: Any, limit: int = 120) -> str:
-    text = repr(value)
+    """``repr(value)``, cut at ``limit`` characters, built only that far: a value made of nested
+    YAML aliases (or a recursive one) has an exponentially long (or endless) full ``repr``."""
+    parts: list[str] = []
+    size = 0
+
+    def emit(text: str) -> None:
+        nonlocal size
+        parts.append(text)
+        size += len(text)
+        if size > limit:
+            raise _Full
+
+    def walk(item: Any) -> None:
+        if type(item) in (list, tuple):
+            emit("[" if isinstance(item, list) else "(")
+            for i, element in enumerate(item):
+                emit(", " if i else "")
+                walk(element)
+            emit("]" if isinstance(item, list) else ("," if len(item) == 1 else "") + ")")
+        elif type(item) is dict:
+            emit("{")
+            for i, (key, element) in enumerate(item.items()):
+                emit(", " if i else "")
+                walk(key)
+                emit(": ")
+                walk(element)
+            emit("}")
+        else:
+            emit(repr(item))
+
+    try:
+        walk(value)
+    except _Full:
+        pass
+    text = "".join(parts)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -131,7 +131,7 @@ def test_a_generative_backbone_in_a_scenario_is_refused_not_silently_replaced(fi
     import cmai_env  # noqa: F401
 
     kwargs = dict(scenario="quickstart", fidelity=fidelity, backbone={"name": "cmai-tiny-flamingo"}, batch_size=16,
-                  dataset={"train_n": 64, "probe_n": 16}, defense={"attack_steps": 1})
+                  dataset={"train_n": 64, "probe_n": 16}, defense={"defended": "adapter", "embedding_lr": None, "attack_steps": 1})
     if fidelity == "embedding":
         with pytest.raises(ValueError, match=r"backbone.name = 'cmai-tiny-flamingo'.* generative .*backbone.*no faithful embedding proxy.*Allowed: cmai-tiny"):
             gymnasium.make("cmai_env/CMAI-v0", **kwargs)

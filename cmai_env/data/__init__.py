@@ -27,6 +27,9 @@ _LOADERS: dict[str, str] = {
     "folder": "cmai_env.data.folder:load_folder",
     "visual-genome": "cmai_env.data.visual_genome:load_visual_genome",
 }
+#: datasets generated in memory or shipped with a library (``root`` is not theirs to read);
+#: every other loader reads the file or folder ``root``
+GENERATED_DATASETS = ("digits", "shapes")
 _FROM_BASE = ("SPLITS", "CaptionedDataset", "DatasetFormatError", "to_image_tensor")
 
 
@@ -66,7 +69,8 @@ def load_dataset(
         than the free memory holds raises :class:`cmai_env.resources.ResourceError`.
     :param seed: seed for generators and subsampling.
     :param image_size: images are resized to ``image_size × image_size`` (use ``backbone.image_size``).
-    :param root: file or folder for real-format loaders (required there, ignored by generators).
+    :param root: file or folder for real-format loaders (required there; refused for
+        :data:`GENERATED_DATASETS`, which read no files).
     :param options: loader-specific options (see each loader's docstring).
     """
     if name not in _LOADERS:
@@ -80,6 +84,8 @@ def load_dataset(
             ok = False
         if not ok:
             raise ValueError(f"load_dataset: {key} must be an integer ≥ {least}, got {value!r}")
+    if name in GENERATED_DATASETS and root is not None:
+        raise ValueError(f"dataset {name} is generated and reads no files; drop root={str(root)!r}")
     if n is not None:
         check_dataset_memory(name, int(n), image_size)  # refused here, not killed for memory while generating
     kwargs = dict(split=split, n=n, seed=seed, image_size=image_size, **options)
