@@ -62,11 +62,17 @@ def make_vector_env(num_envs: int, scenario: str | Path | Scenario = "quickstart
     base = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     resolved = fidelity if fidelity is not None else base.fidelity
     if resolved == "pixel":
+        if isinstance(num_envs, bool) or int(num_envs) != num_envs or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        num_envs = int(num_envs)
+        autoreset_mode = kwargs.pop("autoreset_mode", "next_step")
+        if autoreset_mode not in AUTORESET_MODES:
+            raise ValueError(f"autoreset_mode must be one of {sorted(AUTORESET_MODES)}, got {autoreset_mode!r}")
         check_memory(base, num_envs, "pixel", processes=num_envs > 1)  # a process of ~1 GB per environment
-        kwargs.pop("autoreset_mode", None)
         env_kwargs = {"scenario": scenario, "fidelity": fidelity, **kwargs}
         fns = [lambda: CMAIEnv(**env_kwargs) for _ in range(num_envs)]
-        return gym.vector.AsyncVectorEnv(fns) if num_envs > 1 else gym.vector.SyncVectorEnv(fns)
+        vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
+        return vector(fns, autoreset_mode=AUTORESET_MODES[autoreset_mode])
     return CMAIVectorEnv(num_envs, scenario, fidelity=fidelity, **kwargs)
 
 
@@ -211,7 +217,7 @@ class CMAIVectorEnv(VectorEnv):
             mask = np.asarray(options["reset_mask"], dtype=bool)
             if mask.shape != (self.num_envs,):
                 raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},), got shape {mask.shape}")
-        elif self._traffic is None and not mask.all():
+        if self._traffic is None and not mask.all():
             raise RuntimeError("the first reset() must reset every environment")
         envs = np.flatnonzero(mask)
         infos = self._reset_envs(envs, [seeds[i] for i in envs])
