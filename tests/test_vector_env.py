@@ -290,6 +290,8 @@ def test_pixel_make_vec_with_one_env_is_a_sync_vector_env():
     assert isinstance(vec, gym.vector.SyncVectorEnv)
     obs, _ = vec.reset(seed=0)
     assert obs.shape == (1, OBS_SIZE)
+    disabled = gym.make_vec("cmai_env/CMAI-v0", num_envs=1, fidelity="pixel", autoreset_mode="disabled", **SMALL)
+    assert disabled.metadata["autoreset_mode"] == gym.vector.AutoresetMode.DISABLED  # was dropped: next_step
 
 
 def test_sb3_adapter_same_step_reset_terminal_observation_and_monitor(tmp_path):
