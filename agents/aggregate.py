@@ -194,6 +194,17 @@ def _task_matrix(scores: Scores, policy: str, metric: str, scenarios: Sequence[s
     return np.array(columns, dtype=np.float64).T
 
 
+#: fewest stratified-bootstrap resamples :func:`aggregate` accepts
+MIN_BOOTSTRAP_REPS = 100
+
+
+def check_reps(reps: int, option: str = "bootstrap reps") -> int:
+    """``reps`` if :func:`aggregate` accepts it; for commands to check before they run anything."""
+    if reps < MIN_BOOTSTRAP_REPS:
+        raise ValueError(f"{option} must be at least {MIN_BOOTSTRAP_REPS}, got {reps}")
+    return reps
+
+
 def aggregate(
     scores: Scores,
     learned: Sequence[str],
@@ -214,8 +225,7 @@ def aggregate(
         all-scenario IQM/mean only for metrics in a common range (rates), where every scenario has
         the same number of runs.
     """
-    if reps < 100:
-        raise ValueError(f"bootstrap reps must be at least 100, got {reps}")
+    check_reps(reps)
     rng = np.random.default_rng(seed)
     scenarios = list(scores)
     policies = list(dict.fromkeys(p for s in scenarios for p in scores[s]))

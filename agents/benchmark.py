@@ -55,7 +55,7 @@ from agents.policy_resolution import policy_action_mode, policy_env_kwargs, reso
 from agents.protocol import protocol_for
 from agents.provenance import git_commit
 from agents.aggregate import HIGHER_IS_BETTER as AGGREGATE_DIRECTIONS
-from agents.aggregate import aggregate, plot_profiles
+from agents.aggregate import aggregate, check_reps, plot_profiles
 from agents.aggregate import render_markdown as render_aggregate
 from agents.stats import Interval, bounds_for, paired_difference
 from cmai_env.env import DISCRETE_BETAS
@@ -354,6 +354,7 @@ def _common_training_fidelity(policies: Sequence["GatingPolicy"]) -> str | None:
 def run_benchmark(args: BenchmarkArgs, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; write ``results.json`` and ``results.md`` under ``args.out``; return the report."""
     out = Path(args.out)
+    check_reps(args.bootstrap_reps, "--bootstrap-reps")  # before the evaluations, not after them
     baseline_names = list(args.baselines) if args.baselines is not None else available_baselines()
     unknown = [n for n in baseline_names if n not in available_baselines()]
     if unknown:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from cmai_env.cli.common import positive_int, set_torch_threads
+from cmai_env.cli.common import device_arg, positive_int, set_torch_threads
 
 if TYPE_CHECKING:  # the heavy modules (gymnasium, torch, scipy) load only when a command runs
     from agents.results import EvaluationResult
@@ -178,7 +178,12 @@ def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
     from agents.stats import paired_difference
     from agents.train import TrainArgs, load_hyperparams, train
 
+    from agents.protocol import distinct_seeds
+
     out = Path(args.out)
+    if not args.seeds:
+        raise ValueError("at least one evaluation seed is needed")
+    distinct_seeds(args.seeds)  # before training, not after it
     started = time.perf_counter()
     recipe = {key: value for key, value in load_hyperparams("ppo", QUICKSTART_RECIPE).items() if key != "n_timesteps"}
     recipe_envs = recipe.pop("n_envs")  # an argument of its own, never a --set override
@@ -201,7 +206,11 @@ def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
     )
     train_s = time.perf_counter() - started
     if log is not None:
-        log(f"trained PPO for {args.timesteps} steps in {train_s:.0f} s: {run_dir}")
+        log(f"trained PPO for {timesteps_done} steps in {train_s:.0f} s: {run_dir}")
+    # An on-policy rollout is n_envs x n_steps rounds: a budget below it trains one whole rollout.
+    from agents.policies import read_run
+
+    timesteps_done = int(read_run(run_dir).record.get("timesteps_done") or args.timesteps)
     ppo = load_policy(run_dir)
     ppo.name = "ppo"
     results: dict[str, EvaluationResult] = {}
@@ -230,7 +239,8 @@ def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
         )
     report = {
         "run_dir": str(run_dir),
-        "timesteps": args.timesteps,
+        "timesteps": timesteps_done,
+        "timesteps_requested": args.timesteps,
         "train_seed": args.train_seed,
         "fidelity": args.fidelity,
         "env_kwargs": dict(args.env_kwargs),
@@ -331,7 +341,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--scenario", required=True, help="shipped scenario name or YAML file (evaluation-only ones use CMAI-Eval-v0)")
     evaluate.add_argument("--out", required=True, help="output folder")
     evaluate.add_argument("--tensorboard", default=None, help="also log the cmai/... tags per round under this folder")
-    evaluate.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    evaluate.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default: cpu)")
     evaluate.add_argument("--no-cache", action="store_true", help="re-run no_defense for the clean-accuracy drop instead of using the cache")
     _add_common(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
@@ -347,7 +357,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     benchmark.add_argument("--baselines", nargs="*", default=None, help="subset of baselines (default: all)")
     benchmark.add_argument("--fixed-grid", action="store_true",
                            help="also run every β of the simplex grid (step 1/3) held fixed, and compare each trained policy with the best of them")
-    benchmark.add_argument("--bootstrap-reps", type=int, default=1000, help="rliable stratified-bootstrap resamples for IQM/mean/P(improvement) CIs (default: 1000)")
+    benchmark.add_argument("--bootstrap-reps", type=int, default=1000, help="rliable stratified-bootstrap resamples for IQM/mean/P(improvement) CIs, at least 100 (default: 1000)")
     _add_common(benchmark)
     benchmark.set_defaults(func=cmd_benchmark)
 

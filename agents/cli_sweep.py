@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sw.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all it finds)")
     sw.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial reserves (default: 1)")
     sw.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial reserves; > 0 trains on cuda (default: 0)")
-    sw.add_argument("--bootstrap-reps", type=int, default=1000, help="rliable bootstrap resamples (default: 1000)")
+    sw.add_argument("--bootstrap-reps", type=int, default=1000, help="rliable bootstrap resamples, at least 100 (default: 1000)")
     sw.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 progress and the report (default: 1)")
     sw.set_defaults(func=run_sweep)
 

@@ -130,6 +130,10 @@ class EvaluationResult:
             from agents.plots import plot_evaluation
 
             files.update(plot_evaluation(self, out))
+        # An --overwrite'n folder must not keep an earlier evaluation's figures beside these results.
+        for stale in [*out.glob("episode_seed*.png"), out / "mean_over_seeds.png"]:
+            if stale.exists() and stale not in files.values():
+                stale.unlink()
         self.files = files
         return files
 

@@ -136,7 +136,10 @@ def _validate(args: SweepArgs) -> None:
     unknown = [b for b in args.baselines if b not in available_baselines()]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; available: {', '.join(available_baselines())}")
-    for name in ("samples", "eval_episodes", "bootstrap_reps"):
+    from agents.aggregate import check_reps
+
+    check_reps(args.bootstrap_reps, "bootstrap_reps")  # the report's aggregate needs this many, after every trial
+    for name in ("samples", "eval_episodes"):
         if getattr(args, name) < (0 if name == "samples" else 1):
             raise ValueError(f"{name} must be {'>= 0' if name == 'samples' else 'at least 1'}, got {getattr(args, name)}")
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:

@@ -76,7 +76,7 @@ from agents.callbacks import CMAIMetricsCallback, FinalEvalCallback
 from agents.protocol import EVAL_SEED_OFFSET
 from agents.train_args import FIDELITIES, TrainArgs  # noqa: F401 (TrainArgs is part of this module's API)
 from agents.policies import ENV_ID_FOR_ALGO, RUN_FILE, RunInfo, normalization_for, algo_class, read_run, resolve_policy_kwargs
-from cmai_env.cli.common import set_torch_threads, validate_threads
+from cmai_env.cli.common import set_torch_threads, validate_device, validate_threads
 from cmai_env.keyvalue import load_yaml, load_yaml_mapping, parse_assignments, parse_value, set_dotted  # noqa: F401 (re-exported)
 from cmai_env.observation import OBS_SIZE
 from cmai_env.resources import check_buffer_memory, check_memory
@@ -210,6 +210,9 @@ def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any]) -> None:
 
 
 def _schedule(key: str, value: Any) -> Any:
+    if isinstance(value, str) and not value.startswith("lin_"):
+        # rl-zoo3 would split any string on "_" and fail with "not enough values to unpack"
+        raise ValueError(f"{key}: expected a number or a linear schedule like lin_3e-4, got {value!r}")
     if isinstance(value, str) and value.startswith("lin_"):
         try:
             start = float(value[len("lin_") :])
@@ -327,6 +330,7 @@ def prepare(args: TrainArgs) -> PreparedRun:
     :raises ValueError, FileNotFoundError: with a message naming the bad value.
     """
     algo_class(args.algo)
+    validate_device(args.device)
     if args.fidelity not in FIDELITIES:
         raise ValueError(f"fidelity must be one of {', '.join(FIDELITIES)}, got {args.fidelity!r}")
     env_overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
@@ -359,6 +363,8 @@ def prepare(args: TrainArgs) -> PreparedRun:
     if args.eval_episodes < 1:
         raise ValueError(f"eval_episodes must be at least 1, got {args.eval_episodes}")
     validate_threads(args.threads)
+    if args.seed < 0:  # gymnasium refuses it when the envs are built, with a traceback
+        raise ValueError(f"seed must be >= 0, got {args.seed}")
     hyperparams["n_timesteps"] = int(timesteps)
     hyperparams["n_envs"] = n_envs
     hyperparams.setdefault("policy", "MlpPolicy")

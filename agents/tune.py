@@ -42,7 +42,9 @@ from stable_baselines3.common.utils import set_random_seed
 from agents.train_args import TuneArgs
 from agents.policies import ENV_ID_FOR_ALGO, algo_class, resolve_policy_kwargs
 from agents.train import load_hyperparams, parse_assignments, resolve_scenario, set_dotted, validate_hyperparams
-from cmai_env.cli.common import set_torch_threads
+from cmai_env.cli.common import set_torch_threads, validate_device
+from cmai_env.observation import OBS_SIZE
+from cmai_env.resources import check_buffer_memory, check_memory
 
 
 def sample_hyperparams(trial: optuna.Trial, algo: str, n_envs: int = 1) -> dict[str, Any]:
@@ -125,6 +127,11 @@ def tune(args: TuneArgs) -> Path:
     for name in ("trials", "timesteps", "n_evaluations", "eval_episodes", "n_envs"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(args, name)}")
+    if args.n_startup_trials < 0:
+        raise ValueError(f"n_startup_trials must be >= 0, got {args.n_startup_trials}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {args.timeout}")
+    validate_device(args.device)
     set_torch_threads(args.threads)
     env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     env_kwargs.setdefault("fidelity", args.fidelity)
@@ -133,7 +140,11 @@ def tune(args: TuneArgs) -> Path:
         raise ValueError(f"scenario {scenario.name!r} is evaluation-only (held-out attacks); tune on a training scenario")
     base = load_hyperparams(args.algo, scenario.name, args.hyperparams)
     base.update(n_timesteps=args.timesteps, n_envs=args.n_envs)
+    base.setdefault("policy", "MlpPolicy")  # as cmai train does: a --hyperparams file may leave it out
     validate_hyperparams(args.algo, base)
+    # as cmai train does, before anything is built: counts the memory cannot hold are messages, not kills
+    check_memory(scenario.resolved, args.n_envs, env_kwargs["fidelity"], device=args.device, what="--n-envs")
+    check_buffer_memory(base, args.n_envs, OBS_SIZE, 3)
     env_kwargs = {"scenario": scenario.argument, "device": args.device, **env_kwargs}
     out = Path(args.out) if args.out is not None else Path("runs/tune") / f"{args.algo}_{scenario.name}"
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from cmai_env.cli.common import positive_int
+from cmai_env.cli.common import device_arg, positive_int
 from cmai_env.attacks import PairBatch, ZeroShotTask, attack_class, available_attacks, make_attack
 from cmai_env.data import load_dataset
 from cmai_env.models import load_backbone
@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compare-repeats", type=positive_int, default=9, help="interleaved runs of the PGD comparison")
     args = parser.parse_args()

@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from cmai_env.cli.common import non_negative_int, positive_int
+from cmai_env.cli.common import device_arg, non_negative_int, positive_int
 
 
 #: Reduced rounds of the arithmetic report: scenario overrides and module constants of the embedding world.
@@ -58,21 +58,6 @@ REDUCED: dict[str, dict] = {
 }
 #: Aggregate batched rate of issue 9's target, rounds per second.
 TARGET_RATE = 5000.0
-
-
-def check_device(device: str) -> str:
-    """``device`` if torch can run on it: ``cpu``, or ``cuda`` / ``cuda:k`` with CUDA available.
-
-    :raises ValueError: another name, or CUDA asked for where torch sees no GPU.
-    """
-    import torch
-
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:k], got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device here; run with --device cpu")
-    return device
 
 
 def _sync(device: str) -> None:
@@ -309,15 +294,11 @@ def main() -> None:
     parser.add_argument("--ppo-n", type=non_negative_int, default=64, help="PPO on the batched env with this many envs (0: skip)")
     parser.add_argument("--ppo-n-steps", type=positive_int, default=16, help="PPO rollout length per env")
     parser.add_argument("--ppo-rollouts", type=positive_int, default=2)
-    parser.add_argument("--device", default="cpu", help="torch device of the environments (cpu or cuda)")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="torch device of the environments (cpu or cuda)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per process (default 1)")
     parser.add_argument("--flops-n", type=non_negative_int, default=64, help="count the batched round's FLOPs at this N (0: skip)")
     parser.add_argument("--flops-steps", type=positive_int, default=8, help="batched steps counted and timed for the arithmetic report")
     args = parser.parse_args()
-    try:
-        check_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
     base = {"scenario": args.scenario, "device": args.device, "threads": args.threads, "fidelity": "embedding"}
 
     print(f"scenario {args.scenario}, device {args.device}, torch threads per process {args.threads}, {os.cpu_count()} CPUs")

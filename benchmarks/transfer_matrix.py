@@ -23,7 +23,7 @@ from fractions import Fraction
 
 import torch
 
-from cmai_env.cli.common import positive_int
+from cmai_env.cli.common import device_arg, positive_int
 from cmai_env.attacks import PairBatch, ZeroShotTask, attack_success_rate, make_attack
 from cmai_env.data import load_dataset
 from cmai_env.models import load_backbone
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=positive_int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

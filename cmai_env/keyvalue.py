@@ -90,6 +90,8 @@ def load_yaml(path: Path) -> Any:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=FloatLoader)  # noqa: S506
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: invalid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); expected YAML") from None
 
 
 def load_yaml_mapping(path: Path, what: str) -> dict[str, Any]:

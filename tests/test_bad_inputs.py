@@ -147,3 +147,59 @@ def test_a_generative_backbone_in_a_scenario_is_refused_not_silently_replaced(fi
         PixelFidelity(env.scenario)
     with pytest.raises(ValueError, match=r"backbone.name = 'cmai-tiny' is not a generative backbone"):
         defended_backbone(load_scenario("quickstart"), generative=True)
+
+
+# ------------------------------------------------------------------------------ command-line values
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["backbone", "eval", "--device", "cuda"], "CUDA is not available on this machine"),
+        (["attack", "eval", "--attack", "fgsm", "--device", "bogus"], "expected cpu, cuda or cuda:N"),
+        (["backbone", "eval", "--n", "0"], "argument --n: expected an integer ≥ 1, got '0'"),
+        (["attack", "eval", "--attack", "fgsm", "--seed", "-1"], "argument --seed: expected an integer ≥ 0, got '-1'"),
+        (["attack", "eval", "--attack", "fgsm", "--eps", "1e400"], "expected a number or fraction like 8/255, got '1e400'"),
+    ],
+)
+def test_bad_command_line_values_are_argparse_errors_naming_the_option(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--seed", "-1"], "seed must be >= 0, got -1"),
+        (["--set", "learning_rate=fast"], "learning_rate: expected a number or a linear schedule like lin_3e-4, got 'fast'"),
+    ],
+)
+def test_train_refuses_before_writing_a_run_folder(tmp_path, capsys, argv, needle):
+    assert main(["train", "--timesteps", "64", "--out", str(tmp_path / "runs"), *argv]) == 1
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_hyperparameter_file_that_is_not_text_is_named(tmp_path, capsys):
+    hyperparams = write(tmp_path, "hp.yml", b"default:\n  n_steps: \xff\xfe\n")
+    assert main(["train", "--hyperparams", str(hyperparams), "--timesteps", "64", "--out", str(tmp_path / "runs")]) == 1
+    assert f"{hyperparams}: not a UTF-8 text file" in capsys.readouterr().err
+
+
+def test_tune_validates_like_train_before_any_trial(tmp_path, capsys):
+    hyperparams = write(tmp_path, "hp.yml", "default: {n_steps: 32, batch_size: 32}\n")  # no policy: train's default
+    big = write(tmp_path, "big.yml", "default: {policy: MlpPolicy, buffer_size: 10000000000000}\n")
+    assert main(["tune", "--algo", "sac", "--hyperparams", str(big), "--trials", "1", "--out", str(tmp_path / "t1")]) == 1
+    assert "buffer" in capsys.readouterr().err and not (tmp_path / "t1").exists()
+    assert main(["tune", "--hyperparams", str(hyperparams), "--trials", "1", "--timeout", "0", "--out", str(tmp_path / "t2")]) == 1
+    assert "timeout must be > 0 seconds, got 0" in capsys.readouterr().err
+
+
+def test_benchmark_checks_bootstrap_reps_before_evaluating(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["benchmark", "--scenarios", "quickstart", "--seeds", "0", "--baselines", "no_defense", "--no-plots",
+            "--bootstrap-reps", "50", "--out", str(out)]
+    started = time.perf_counter()
+    assert main(argv) == 1
+    assert "--bootstrap-reps must be at least 100, got 50" in capsys.readouterr().err
+    assert time.perf_counter() - started < 10 and not list(out.rglob("*.json"))

@@ -53,18 +53,20 @@ def test_matmul_peak_is_a_rate_of_the_adapters_shape(bench):
     assert 0.1 < bench.matmul_peak("cpu", 2, 64, 64, 64, windows=2, seconds=0.02) < 1e4
 
 
-def test_device_check(bench):
-    assert bench.check_device("cpu") == "cpu"
-    with pytest.raises(ValueError, match="cpu or cuda"):
-        bench.check_device("tpu")
+def test_device_check():
+    from cmai_env.cli.common import validate_device
+
+    assert validate_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
+        validate_device("tpu")
     if torch.cuda.is_available():
-        assert bench.check_device("cuda") == "cuda"
+        assert validate_device("cuda") == "cuda"
     else:
-        with pytest.raises(ValueError, match="sees no CUDA device"):
-            bench.check_device("cuda:0")
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            validate_device("cuda:0")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cli_refuses_cuda_without_a_gpu():
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "sees no CUDA device" in done.stderr and "rounds/s" not in done.stdout
+    assert done.returncode == 2 and "CUDA is not available on this machine" in done.stderr and "rounds/s" not in done.stdout

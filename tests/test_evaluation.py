@@ -318,6 +318,19 @@ def test_cli_quickstart_trains_evaluates_and_writes_the_table(tmp_path, capsys):
         assert 0.0 <= row["system_asr"]["mean"] <= 1.0  # the reward's ASR, beside the model's
     assert "return − uniform" in (out / "quickstart.md").read_text() and "| system ASR |" in (out / "quickstart.md").read_text()
     assert "ppo" in capsys.readouterr().out
+    # One rollout is 4 envs x 64 rounds, more than --timesteps 64: the report says what was trained.
+    record = json.loads((Path(report["run_dir"]) / "run.json").read_text())
+    assert report["timesteps_requested"] == 64 and report["timesteps"] == record["timesteps_done"] == 256
+    assert "256" in (out / "quickstart.md").read_text()
+
+
+def test_evaluate_overwrite_leaves_no_figures_of_the_run_it_replaced(tmp_path):
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--scenario", "quickstart", "--out", str(out), "--quiet", "--env-kwargs", *TINY]
+    assert main([*argv, "--policy", "baseline:uniform", "--seeds", "0", "1"]) == 0
+    assert (out / "episode_seed1.png").exists() and (out / "mean_over_seeds.png").exists()
+    assert main([*argv, "--policy", "baseline:no_defense", "--seeds", "0", "--overwrite", "--no-plots"]) == 0
+    assert not list(out.glob("*.png"))
 
 
 def test_benchmark_refuses_two_scenarios_of_one_name_before_running_any(tmp_path, capsys):

@@ -156,3 +156,18 @@ def test_pretrain_config_refuses_a_batch_larger_than_its_pool_and_other_bad_valu
             PretrainConfig(**kwargs)
     assert cmai(["backbone", "pretrain", "--batch-size", "100000", "--out", "/nonexistent/never-written"]) != 0
     assert "must be ≤ pool_size (20000)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["clip", "flamingo"])
+def test_pretrain_never_replaces_a_checkpoint_without_overwrite(tmp_path, capsys, arch):
+    from cmai_env.models.registry import weights_dir
+
+    shipped = {p.name: p.read_bytes() for p in weights_dir().glob("*.pt")}
+    name = "cmai-tiny-flamingo" if arch == "flamingo" else "cmai-tiny"
+    assert cmai(["backbone", "pretrain", "--arch", arch, "--steps", "1"]) == 1  # no --out: the shipped weights
+    assert f"{name}.pt already exists (the shipped weights" in capsys.readouterr().err
+    (tmp_path / f"{name}.pt").write_bytes(b"an earlier run")
+    assert cmai(["backbone", "pretrain", "--arch", arch, "--steps", "1", "--out", str(tmp_path)]) == 1
+    assert "--overwrite to replace it" in capsys.readouterr().err
+    assert (tmp_path / f"{name}.pt").read_bytes() == b"an earlier run"
+    assert {p.name: p.read_bytes() for p in weights_dir().glob("*.pt")} == shipped

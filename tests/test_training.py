@@ -374,11 +374,38 @@ def test_cli_failed_run_keeps_existing_checkpoint(tmp_path, capsys, monkeypatch)
     def crash(self, *args, **kwargs):
         raise RuntimeError("interrupted mid-training")
 
+    # refused without --overwrite, before anything runs
+    assert main(["adv-train", "--out", str(out), "--eval-n", "32", "--train-n", "48"]) == 1
+    assert "already holds results (model.pt)" in capsys.readouterr().err
     monkeypatch.setattr(ModalityBridgingTrainer, "fit", crash)
     with pytest.raises(RuntimeError, match="interrupted"):
-        _adv_train(tmp_path, capsys)
+        _adv_train(tmp_path, capsys, "--overwrite")
     assert (out / "model.pt").read_bytes() == original
     load_backbone("cmai-tiny", pretrained=str(out / "model.pt"))
+
+
+def test_cli_failure_after_training_keeps_previous_pair(tmp_path, capsys, monkeypatch):
+    # model.pt and report.json are replaced together: a run that fails in its "after" evaluation
+    # leaves the earlier run's checkpoint beside the earlier run's report.
+    from cmai_env.cli import adv_train
+
+    _adv_train(tmp_path, capsys, "--robust-eval", "none")
+    out = tmp_path / "run"
+    before = {name: (out / name).read_bytes() for name in ("model.pt", "report.json")}
+    calls = []
+    real = adv_train._evaluate
+
+    def evaluate_then_crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed in the after evaluation")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adv_train, "_evaluate", evaluate_then_crash)
+    with pytest.raises(RuntimeError, match="after evaluation"):
+        _adv_train(tmp_path, capsys, "--robust-eval", "none", "--overwrite", "--seed", "1")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "report.json"]
 
 
 def test_cli_rejects_bad_weights(capsys):

@@ -111,6 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall", help="measure the budget in wall time or in this process's CPU time (default: wall)")
     p.add_argument("--out", default="runs/adv-train", help="folder for model.pt and report.json (default: runs/adv-train)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--overwrite", action="store_true", help="replace a model.pt/report.json already in --out (default: refuse, so nothing is lost)")
     p.add_argument("--defended", choices=["adapter", "projection", "last_blocks", "all"], default="all", help="parameters to update (default: all)")
     p.add_argument("--last-blocks", type=int, default=1, help="blocks per tower for --defended last_blocks (default: 1)")
     p.add_argument("--eps-v", type=parse_budget, default=None, help="ℓ∞ pixel budget ε_v of the training pairs (default: 6/255; FARE on a generative backbone: 8/255)")
@@ -177,20 +178,40 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def run_adv_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from cmai_env.attacks import PairBatch, ZeroShotTask
-    from cmai_env.data import load_dataset
-    from cmai_env.models import load_backbone
-    from cmai_env.training import ModalityBridgingTrainer, TrainerConfig, save_checkpoint
+    from agents.output_dir import claim_output_dir
 
     started, cpu_started = time.perf_counter(), time.process_time()
     for flag in ("--batch-size", "--attack-steps", "--eval-n", "--train-n"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be ≥ 1, got {value}")
-    if args.budget_minutes < 0:
+    if not args.budget_minutes >= 0:  # NaN too: it would train 0 steps
         raise ValueError(f"--budget-minutes must be ≥ 0, got {args.budget_minutes}")
+    if not 0.0 <= args.warmup < 1.0:  # checked by the trainer too, but only after the "before" evaluation
+        raise ValueError(f"--warmup must be in [0, 1), got {args.warmup}")
+    # One writer per --out; an earlier run's model.pt/report.json are kept unless --overwrite.
+    with claim_output_dir(args.out, ("model.pt", "report.json"), overwrite=args.overwrite) as out:
+        try:
+            return _run_adv_train(args, started, cpu_started)
+        finally:
+            (out / f".model.pt.staged{os.getpid()}").unlink(missing_ok=True)  # a run that failed after training
+
+
+def _staged_checkpoint(backbone, out: Path) -> Path:
+    """Save the trained model beside ``model.pt``; :func:`_finish` promotes it with the report."""
+    from cmai_env.training import save_checkpoint
+
+    return save_checkpoint(backbone, out / f".model.pt.staged{os.getpid()}")
+
+
+def _run_adv_train(args: argparse.Namespace, started: float, cpu_started: float) -> int:
+    import torch
+
+    from cmai_env.attacks import PairBatch, ZeroShotTask
+    from cmai_env.data import load_dataset
+    from cmai_env.models import load_backbone
+    from cmai_env.training import ModalityBridgingTrainer, TrainerConfig
+
     set_torch_threads(args.threads)
     torch.manual_seed(args.seed)
     backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
@@ -220,8 +241,7 @@ def run_adv_train(args: argparse.Namespace) -> int:
         clock=time.process_time if args.budget_clock == "cpu" else time.perf_counter,
     )
     backbone.eval()
-    checkpoint = out / "model.pt"
-    save_checkpoint(backbone, checkpoint)
+    checkpoint, staged = out / "model.pt", _staged_checkpoint(backbone, out)
     after = _evaluate(task, test_pairs, val_pairs, args.seed, args.robust_eval)
 
     training = {
@@ -240,13 +260,14 @@ def run_adv_train(args: argparse.Namespace) -> int:
     }
     return _finish(
         args, backbone, out, args.dataset, checkpoint, before, after, training, config.as_dict(), len(test), started, cpu_started,
-        f"{summary.steps} steps ({summary.epochs:.2f} epochs) in {summary.seconds:.0f}s → {checkpoint}", "clean",
+        f"{summary.steps} steps ({summary.epochs:.2f} epochs) in {summary.seconds:.0f}s → {checkpoint}", "clean", staged,
     )
 
 
 def _finish(args, backbone, out: Path, dataset: str, checkpoint: Path, before: dict, after: dict, training: dict, config: dict,
-            eval_n: int, started: float, cpu_started: float, headline: str, clean_label: str) -> int:
-    """Write ``<out>/report.json`` (the layout both trainers share) and print it or its table."""
+            eval_n: int, started: float, cpu_started: float, headline: str, clean_label: str, staged: Path) -> int:
+    """Move the staged checkpoint to ``checkpoint``, write ``<out>/report.json`` (the layout both
+    trainers share) and print it or its table. Until here an earlier run's pair stays intact."""
     import torch
 
     report = {
@@ -275,6 +296,7 @@ def _finish(args, backbone, out: Path, dataset: str, checkpoint: Path, before: d
         "total_seconds": time.perf_counter() - started,
         "total_cpu_seconds": time.process_time() - cpu_started,
     }
+    os.replace(staged, checkpoint)
     _write_json_atomic(out / "report.json", report)
     if args.json:
         emit(report, as_json=True)
@@ -334,7 +356,7 @@ def _run_fare(args: argparse.Namespace, backbone, started: float, cpu_started: f
     before = evaluate()
     progress = not args.json and sys.stderr.isatty()
     summary = adversarial_finetune(backbone, config, progress=progress, clock=time.process_time if args.budget_clock == "cpu" else time.perf_counter)
-    checkpoint = save_checkpoint(backbone, out / "model.pt")
+    checkpoint, staged = out / "model.pt", _staged_checkpoint(backbone, out)
     after = evaluate()
     training = {
         "method": "fare",
@@ -351,7 +373,7 @@ def _run_fare(args: argparse.Namespace, backbone, started: float, cpu_started: f
     }
     return _finish(
         args, backbone, out, "shapes", checkpoint, before, after, training, summary["config"], len(test), started, cpu_started,
-        f"FARE: {summary['steps_run']} steps in {summary['cpu_minutes']:.2f} CPU-min → {checkpoint}", "caption",
+        f"FARE: {summary['steps_run']} steps in {summary['cpu_minutes']:.2f} CPU-min → {checkpoint}", "caption", staged,
     )
     print(f"FARE: {summary['steps_run']} steps in {summary['cpu_minutes']:.2f} CPU-min → {checkpoint}")
     print(f"{'attack':<22} {'caption before':>14} {'caption after':>13} {'ASR before':>11} {'ASR after':>10}")

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cmai_env.cli.common import add_backbone_args, add_dataset_args, emit
+from cmai_env.cli.common import add_backbone_args, add_dataset_args, device_arg, emit
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pt.add_argument("--lr", type=float, default=None, help="default: 2e-3 (clip), 3e-3 (flamingo)")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--budget-minutes", type=float, default=None, help="default: 15 wall minutes (clip), 10 CPU minutes (flamingo)")
-    pt.add_argument("--device", default="cpu")
+    pt.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default: cpu)")
     pt.add_argument("--out", default=None, help="folder for <name>.pt/.json (default: the package's weights/)")
+    pt.add_argument("--overwrite", action="store_true",
+                    help="replace a <name>.pt already in the folder (without --out: the shipped weights every command loads by default)")
     pt.set_defaults(func=run_pretrain)
 
     ls = sub.add_parser("list", help="architectures load_backbone accepts")
@@ -78,6 +80,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.arch == "flamingo":
         from cmai_env.models.flamingo_pretrain import FlamingoPretrainConfig, pretrain_flamingo
 
+        _refuse_replacing(args, FlamingoPretrainConfig(seed=args.seed, device=args.device, **overrides).name)
+
         if args.budget_minutes is not None:
             overrides["budget_cpu_minutes"] = args.budget_minutes
         record = pretrain_flamingo(
@@ -90,9 +94,24 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.budget_minutes is not None:
         overrides["budget_minutes"] = args.budget_minutes
     config = PretrainConfig(seed=args.seed, device=args.device, **overrides)
+    _refuse_replacing(args, config.name)
     record = pretrain(config, out=Path(args.out) if args.out else None, command=command)
     print(f"zero-shot accuracy on {record['zero_shot_accuracy']['n']} held-out images: {record['zero_shot_accuracy']['value']:.4f}")
     return 0
+
+
+def _refuse_replacing(args: argparse.Namespace, name: str) -> None:
+    """Refuse, before training, to replace ``<out>/<name>.pt`` without ``--overwrite``.
+
+    Without ``--out`` that file is the package's shipped checkpoint, which every command loads by
+    default and which a pip install cannot restore.
+    """
+    from cmai_env.models.registry import weights_dir
+
+    target = (Path(args.out) if args.out else weights_dir()) / f"{name}.pt"
+    if target.exists() and not args.overwrite:
+        shipped = "" if args.out else " (the shipped weights every command loads by default)"
+        raise ValueError(f"{target} already exists{shipped}; give --out DIR to write elsewhere, or --overwrite to replace it")
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ def parse_budget(text: str) -> float:
     """A budget written as a float or a fraction: ``0.03``, ``8/255``."""
     try:
         return float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError) as exc:
+    except (ValueError, ZeroDivisionError, OverflowError) as exc:
         raise argparse.ArgumentTypeError(f"expected a number or fraction like 8/255, got {text!r}") from exc
 
 
@@ -28,7 +28,8 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    """An argparse type: an integer ≥ 0 (counts where 0 means "skip this part")."""
+    """An argparse type: an integer ≥ 0 (``--seed``, which numpy and gymnasium refuse below 0;
+    counts where 0 means "skip this part")."""
     try:
         value = int(text)
     except ValueError:
@@ -83,18 +84,50 @@ def set_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def validate_device(device: str, option: str = "--device") -> str:
+    """``device`` unchanged if torch can place tensors there; a ``ValueError`` naming it otherwise.
+
+    Checked before a run loads or writes anything, so ``--device cuda`` on a machine without a GPU
+    (or ``--device gpu``) is a one-line error, not torch's traceback from deep inside a model.
+    """
+    if device == "cpu":
+        return device  # the default: no torch import just to parse arguments
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option} {device!r}: expected cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {device!r}: CUDA is not available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type not in ("cpu", "mps"):
+        raise ValueError(f"{option} {device!r}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: :func:`validate_device`."""
+    try:
+        return validate_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="cmai-tiny", help="architecture name (default: cmai-tiny)")
     parser.add_argument("--pretrained", default=None, help="open_clip tag or checkpoint path (default: embedded weights)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default: cpu)")
 
 
 def add_dataset_args(parser: argparse.ArgumentParser, default_n: int = 1000) -> None:
     parser.add_argument("--dataset", default="shapes", help="dataset name (default: shapes)")
     parser.add_argument("--data-root", default=None, help="file or folder for real-format datasets")
     parser.add_argument("--split", default="test", help="train, val or test (default: test)")
-    parser.add_argument("--n", type=int, default=default_n, help=f"number of samples (default: {default_n})")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data and randomness (default: 0)")
+    parser.add_argument("--n", type=positive_int, default=default_n, help=f"number of samples (default: {default_n})")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for data and randomness (default: 0)")
 
 
 def emit(result: dict, as_json: bool) -> None:
