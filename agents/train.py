@@ -52,6 +52,7 @@ import hashlib
 import inspect
 import io
 import json
+import math
 import re
 import shutil
 import sys
@@ -200,6 +201,9 @@ def validate_hyperparams(algo: str, hyperparams: Mapping[str, Any]) -> None:
     for key in ("replay_buffer_class", "replay_buffer_kwargs"):
         if isinstance(hyperparams.get(key), str):
             raise ValueError(f"hyperparameter {key} must not be a string (rl-zoo3 would evaluate it as Python code), got {hyperparams[key]!r}")
+    for key, value in [*hyperparams.items(), *((f"policy_kwargs.{k}", v) for k, v in policy_kwargs.items())]:
+        if isinstance(value, float) and not math.isfinite(value):  # SB3 would train on NaN and fail mid-run
+            raise ValueError(f"hyperparameter {key} must be a finite number, got {value!r}")
     noise = hyperparams.get("noise_type")
     if noise is not None and noise not in NOISE_TYPES:
         raise ValueError(f"unknown noise_type {noise!r}; choose one of {', '.join(NOISE_TYPES)}")
@@ -363,6 +367,8 @@ def prepare(args: TrainArgs) -> PreparedRun:
     if args.eval_episodes < 1:
         raise ValueError(f"eval_episodes must be at least 1, got {args.eval_episodes}")
     validate_threads(args.threads)
+    if args.tensorboard is not None and Path(args.tensorboard).exists() and not Path(args.tensorboard).is_dir():
+        raise ValueError(f"--tensorboard {args.tensorboard} is a file, not a folder")
     if args.seed < 0:  # gymnasium refuses it when the envs are built, with a traceback
         raise ValueError(f"seed must be >= 0, got {args.seed}")
     hyperparams["n_timesteps"] = int(timesteps)

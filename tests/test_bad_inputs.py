@@ -158,6 +158,7 @@ def test_a_generative_backbone_in_a_scenario_is_refused_not_silently_replaced(fi
         (["attack", "eval", "--attack", "fgsm", "--device", "bogus"], "expected cpu, cuda or cuda:N"),
         (["backbone", "eval", "--n", "0"], "argument --n: expected an integer ≥ 1, got '0'"),
         (["attack", "eval", "--attack", "fgsm", "--seed", "-1"], "argument --seed: expected an integer ≥ 0, got '-1'"),
+        (["attack", "eval", "--attack", "fgsm", "--calibration-n", "0"], "argument --calibration-n: expected an integer ≥ 1, got '0'"),
         (["attack", "eval", "--attack", "fgsm", "--eps", "1e400"], "expected a number or fraction like 8/255, got '1e400'"),
     ],
 )
@@ -172,6 +173,8 @@ def test_bad_command_line_values_are_argparse_errors_naming_the_option(capsys, a
     [
         (["--seed", "-1"], "seed must be >= 0, got -1"),
         (["--set", "learning_rate=fast"], "learning_rate: expected a number or a linear schedule like lin_3e-4, got 'fast'"),
+        (["--set", "gamma=.nan"], "hyperparameter gamma must be a finite number, got nan"),
+        (["--tensorboard", __file__], "is a file, not a folder"),
     ],
 )
 def test_train_refuses_before_writing_a_run_folder(tmp_path, capsys, argv, needle):

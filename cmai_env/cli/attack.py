@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cmai_env.cli.common import add_backbone_args, add_dataset_args, emit, parse_budget
+from cmai_env.cli.common import add_backbone_args, add_dataset_args, emit, parse_budget, positive_int
 from cmai_env.keyvalue import parse_assignments
 
 
@@ -49,10 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_backbone_args(ev)
     add_dataset_args(ev)
     ev.add_argument("--calibration-split", default="val", help="clean split τ is calibrated on (default: val)")
-    ev.add_argument("--calibration-n", type=int, default=None, help="calibration pairs (default: --n)")
-    ev.add_argument("--fit-n", type=int, default=512, help="train pairs a universal perturbation is fitted on (default: 512)")
+    ev.add_argument("--calibration-n", type=positive_int, default=None, help="calibration pairs (default: --n)")
+    ev.add_argument("--fit-n", type=positive_int, default=512, help="train pairs a universal perturbation is fitted on (default: 512)")
     ev.add_argument("--target-fpr", type=float, default=0.05, help="detector target false-positive rate (default: 0.05)")
-    ev.add_argument("--batch-size", type=int, default=128, help="pairs per attack call (default: 128)")
+    ev.add_argument("--batch-size", type=positive_int, default=128, help="pairs per attack call (default: 128)")
     ev.add_argument(
         "--no-counterpart", action="store_true",
         help="for a detector-aware attack, skip evaluating its non-adaptive counterpart at the same budget",
