@@ -205,12 +205,12 @@ def run_quickstart(args: QuickstartArgs, log=None) -> dict[str, Any]:
         )
     )
     train_s = time.perf_counter() - started
-    if log is not None:
-        log(f"trained PPO for {timesteps_done} steps in {train_s:.0f} s: {run_dir}")
     # An on-policy rollout is n_envs x n_steps rounds: a budget below it trains one whole rollout.
     from agents.policies import read_run
 
     timesteps_done = int(read_run(run_dir).record.get("timesteps_done") or args.timesteps)
+    if log is not None:
+        log(f"trained PPO for {timesteps_done} steps in {train_s:.0f} s: {run_dir}")
     ppo = load_policy(run_dir)
     ppo.name = "ppo"
     results: dict[str, EvaluationResult] = {}

@@ -305,7 +305,8 @@ def test_cli_benchmark_fixed_grid_finds_the_best_fixed_beta_and_pairs_the_given_
 # ------------------------------------------------------------------------------ quickstart
 def test_cli_quickstart_trains_evaluates_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "qs"
-    code = main(["quickstart", "--timesteps", "64", "--seeds", "0", "1", "--n-envs", "4", "--out", str(out), "--env-kwargs", *TINY, "--quiet"])
+    # Not --quiet: the progress log names the steps trained (it used to read them before they were known).
+    code = main(["quickstart", "--timesteps", "64", "--seeds", "0", "1", "--n-envs", "4", "--out", str(out), "--env-kwargs", *TINY])
     assert code == 0
     report = json.loads((out / "quickstart.json").read_text())
     assert [row["policy"] for row in report["rows"]] == ["ppo", "uniform", "no_defense"]
@@ -317,7 +318,9 @@ def test_cli_quickstart_trains_evaluates_and_writes_the_table(tmp_path, capsys):
         assert math.isfinite(row["return"]["half_width"])
         assert 0.0 <= row["system_asr"]["mean"] <= 1.0  # the reward's ASR, beside the model's
     assert "return − uniform" in (out / "quickstart.md").read_text() and "| system ASR |" in (out / "quickstart.md").read_text()
-    assert "ppo" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "ppo" in captured.out
+    assert "trained PPO for 256 steps" in captured.err
     # One rollout is 4 envs x 64 rounds, more than --timesteps 64: the report says what was trained.
     record = json.loads((Path(report["run_dir"]) / "run.json").read_text())
     assert report["timesteps_requested"] == 64 and report["timesteps"] == record["timesteps_done"] == 256
