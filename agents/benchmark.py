@@ -453,8 +453,10 @@ def _benchmark_scenario(
             continue
         # Fresh policy objects per evaluation: stateful policies start clean.
         by_name[policy.name] = evaluate(policy, reference)
-        kinds[policy.name] = "trained"
-        given.append((policy, "trained"))
+        # baseline:NAME not among --baselines is still a baseline, not a trained policy
+        kind = "baseline" if _is_baseline(policy) else "trained"
+        kinds[policy.name] = kind
+        given.append((policy, kind))
 
     targets = given or [(make_baseline(DEFAULT_ABLATION_TARGET), "baseline")]
     ablations = []
@@ -486,8 +488,13 @@ def _benchmark_scenario(
     return scenario_name, block, by_name, kinds
 
 
+def _is_baseline(policy: "GatingPolicy") -> bool:
+    """Whether ``policy`` is one of :mod:`agents.baselines` (``baseline:NAME``), not a trained policy."""
+    return policy.name in available_baselines() and type(policy).__module__ == "agents.baselines"
+
+
 def _fresh(policy: "GatingPolicy") -> "GatingPolicy":
     """A policy object with clean state for a new evaluation (baselines are re-made by name)."""
-    if policy.name in available_baselines() and type(policy).__module__ == "agents.baselines":
+    if _is_baseline(policy):
         return make_baseline(policy.name)
     return policy

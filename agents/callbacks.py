@@ -23,7 +23,7 @@ tag                                    value (from the env's ``info``)
 ``cmai/latency/detection_ms``          the same in wall-clock ms
 ``cmai/latency/weight_response_rounds``  detection → first weight change, rounds
 ``cmai/latency/weight_response_ms``    the same in ms (includes the policy's inference time)
-``cmai/latency/recovery_rounds``       shift → probe ASR back at or below the target, rounds
+``cmai/latency/recovery_rounds``       shift → scored (by default system) ASR back at or below the target, rounds
 ``cmai/latency/recovery_ms``           the same in ms
 ``cmai/compute_cost``                  share of the maximum attack-crafting steps spent on L_adv
 ``cmai/reward``                        the round's reward, unnormalised (sum of ``reward_terms``)
@@ -52,7 +52,8 @@ latency at its detection round, its recovery latency at its recovery round), nev
 weight change, or ASR never back at the scenario's ``asr_target`` before the next shift or the episode's
 end) is simply absent from TensorBoard: no point is written, and nothing is written as 0. A detection
 latency of 0 rounds means the detector flagged the shift's own round (its traffic is observed before the
-agent acts).
+agent acts). Recovery is written only for shifts into attacking phases (a shift into a quiet phase
+"recovers" trivially), so ``cmai/episode/latency/recovery_*`` is the mean ``summary.json`` reports.
 """
 
 from __future__ import annotations
@@ -141,8 +142,10 @@ def round_scalars(info: dict, reward: float | None = None) -> dict[str, float]:
     :param reward: the step's reward, used when ``info`` has no ``reward_terms``.
     """
     out: dict[str, float] = {}
+    pairs = info.get("detector_pairs") or {}
+    undefined = {"detector_tpr": pairs.get("adversarial", 1) == 0, "detector_fpr": pairs.get("clean", 1) == 0}
     for tag, key in INFO_TAGS.items():
-        if info.get(key) is not None:
+        if info.get(key) is not None and not undefined.get(key, False):
             out[tag] = float(info[key])
     betas = info.get("betas")
     if betas is not None:
@@ -162,6 +165,12 @@ def mean_scalars(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """Tag-wise mean over the rows that have the tag."""
     keys = sorted({k for row in rows for k in row})
     return {k: float(np.mean([row[k] for row in rows if k in row])) for k in keys}
+
+
+def _counts(shift: dict, key: str) -> bool:
+    """Whether ``shift``'s ``key`` latency counts: recovery only after shifts into attacking phases
+    (a quiet phase "recovers" trivially), as in ``summary.json`` (:func:`agents.records.episode_record`)."""
+    return not key.startswith("recovery") or bool(shift.get("attacking"))
 
 
 class EpisodeStats:
@@ -186,7 +195,7 @@ class EpisodeStats:
         return {
             tag: float(latency[key])
             for tag, key in zip(LATENCY_TAGS, LATENCY_KEYS)
-            if latency.get(key) is not None and before.get(key) is None
+            if latency.get(key) is not None and before.get(key) is None and _counts(latency, key)
         }
 
     def summary(self) -> dict[str, float]:
@@ -196,7 +205,7 @@ class EpisodeStats:
         out["cmai/episode/length"] = float(len(self.rows))
         out["cmai/episode/shifts"] = float(len(self.shifts))
         for key in LATENCY_KEYS:
-            values = [s[key] for s in self.shifts.values() if s.get(key) is not None]
+            values = [s[key] for s in self.shifts.values() if s.get(key) is not None and _counts(s, key)]
             if values:
                 out[f"cmai/episode/latency/{key}"] = float(np.mean(values))
         return out

@@ -115,6 +115,7 @@ def round_row(policy_name: str, seed: int, episode: int, reward: float, info: di
     losses = info.get("losses") or {}
     latency = info.get("latency") or {}
     per_attack = {str(k): float(v) for k, v in (info.get("asr_per_attack") or {}).items()}
+    pairs = info.get("detector_pairs") or {}
     row = {
         "policy": policy_name,
         "seed": seed,
@@ -132,8 +133,9 @@ def round_row(policy_name: str, seed: int, episode: int, reward: float, info: di
         "false_rejection_rate": float(info["false_rejection_rate"]),
         "system_clean_acc": float(info["system_clean_acc"]),
         "consistency_score": float(info["consistency_score"]),
-        "detector_tpr": float(info["detector_tpr"]),
-        "detector_fpr": float(info["detector_fpr"]),
+        # a rate over no pairs is undefined: empty in rounds.csv and left out of the episode's mean
+        "detector_tpr": None if pairs.get("adversarial", 1) == 0 else float(info["detector_tpr"]),
+        "detector_fpr": None if pairs.get("clean", 1) == 0 else float(info["detector_fpr"]),
         "detector_flag_rate": float(info.get("detector_flag_rate", float("nan"))),
         "beta_task": float(betas[0]),
         "beta_consist": float(betas[1]),

@@ -171,7 +171,7 @@ class CMAIEnv(gym.Env):
     Every step: ``round``, ``phase``, ``attacks`` (active names), ``shift``, ``clean_acc``,
     ``asr``, ``asr_per_attack``, ``system_asr``, ``system_asr_per_attack``,
     ``false_rejection_rate``, ``system_clean_acc``, ``consistency_score``, ``detector_tpr``, ``detector_fpr``,
-    ``detector_flag_rate``, ``detector_threshold``, ``drift_detected``, ``betas``, ``losses``
+    ``detector_flag_rate``, ``detector_pairs`` (adversarial and clean pairs the TPR and FPR are over), ``detector_threshold``, ``drift_detected``, ``betas``, ``losses``
     (task, consistency, adv, total), ``attack_steps_used``, ``compute_cost``, ``reward_terms``,
     ``latency`` (the latest shift's detection / weight-response / recovery latency in rounds and
     ms, ``None`` until measured; see :mod:`cmai_env.latency`). The latencies' ``*_ms`` values are
@@ -366,6 +366,8 @@ class CMAIEnv(gym.Env):
             "consistency_score": probe.consistency_score,
             "detector_tpr": tpr,
             "detector_fpr": fpr,
+            # TPR is undefined without adversarial pairs, FPR without clean ones (both read 0.0 above)
+            "detector_pairs": {"adversarial": int(is_adv.sum()), "clean": int(is_adv.size - is_adv.sum())},
             "detector_flag_rate": float(flags.mean()),
             "detector_threshold": float(self.detector.threshold),
             "drift_detected": self._drift,

@@ -13,8 +13,10 @@ stream changes phase) three latencies are measured, in rounds and in wall-clock 
   weights by more than ``beta_delta`` (L1, default 0.1) away from the weights in force when the
   detection happened. ms: from the moment round ``d``'s observation was returned to the moment
   round ``w``'s action arrived, so the policy's inference time is included.
-* **recovery**: from the shift to the first round ``r ≥ s`` whose probe ASR is at or below the
-  scenario's ``asr_target``. ms: from the start of round ``s`` to the end of round ``r``.
+* **recovery**: from the shift to the first round ``r ≥ s`` whose scored ASR (the one the reward
+  reads: the system's ``system_asr`` by default, the model's probe ASR under ``reward: {metrics:
+  model}``) is at or below the scenario's ``asr_target``. ms: from the start of round ``s`` to the
+  end of round ``r``.
 
 Latencies stay ``None`` until the event happens (or forever, if the episode ends first).
 """
@@ -117,7 +119,7 @@ class LatencyTracker:
             record.weight_response_ms = now_ms - self._observed_ms[record.detection_round]
 
     def round_finished(self, t: int, now_ms: float, asr: float) -> None:
-        """Round ``t``'s update and probe are done; ``asr`` is its probe ASR."""
+        """Round ``t``'s update and probe are done; ``asr`` is its scored ASR (system ASR by default)."""
         record = self.current
         if record is not None and record.recovery_rounds is None and asr <= self.asr_target:
             record.recovery_rounds = t - record.shift_round

@@ -311,6 +311,8 @@ class CMAIVectorEnv(VectorEnv):
             "consistency_score": score,
             "detector_tpr": tpr,
             "detector_fpr": fpr,
+            # TPR is undefined without adversarial pairs, FPR without clean ones (both read 0.0 above)
+            "detector_pairs": {"adversarial": int(is_adv.sum()), "clean": int(is_adv.size - is_adv.sum())},
             "detector_flag_rate": float(flags.mean()),
             "detector_threshold": float(slot.detector.threshold),
             "drift_detected": slot.drift,

@@ -212,6 +212,23 @@ def test_recorder_logs_latencies_only_once_measured(tmp_path):
     assert "cmai/latency/recovery_rounds" not in accumulator.Tags()["scalars"]
 
 
+def test_recovery_after_a_shift_into_a_quiet_phase_is_not_logged(tmp_path):
+    """summary.json counts recovery over shifts into attacking phases only; TensorBoard does too."""
+    base = {"asr": 0.0, "clean_acc": 0.9, "consistency_score": 0.8, "detector_tpr": 0.0, "detector_fpr": 0.1,
+            "compute_cost": 0.0, "betas": np.array([1 / 3, 1 / 3, 1 / 3]), "reward_terms": {"a": 1.0}}
+    empty = {"detection_rounds": None, "detection_ms": None, "weight_response_rounds": None, "weight_response_ms": None}
+    quiet = {**base, "latency": {**empty, "shift_round": 0, "attacking": False, "recovery_rounds": 0, "recovery_ms": 10.0}}
+    attacked = {**base, "latency": {**empty, "shift_round": 1, "attacking": True, "recovery_rounds": 0, "recovery_ms": 30.0}}
+    recorder = TensorBoardRecorder(tmp_path / "eval")
+    recorder.record_round(quiet, step=0)
+    recorder.record_round(attacked, step=1, done=True)
+    recorder.close()
+    assert recorder.last_episode["cmai/episode/latency/recovery_ms"] == pytest.approx(30.0)  # not the mean with the quiet shift's 10
+    accumulator = EventAccumulator(str(tmp_path / "eval"))
+    accumulator.Reload()
+    assert [(e.step, e.value) for e in accumulator.Scalars("cmai/latency/recovery_ms")] == [(1, 30.0)]
+
+
 def test_each_latency_reaches_tensorboard_once_per_shift_when_measured(tmp_path):
     """A scenario where recovery happens (asr_target 1.0: ASR is back at target in the shift round): every latency appears, once per shift."""
     tb = tmp_path / "tb"

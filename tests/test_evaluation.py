@@ -302,6 +302,43 @@ def test_cli_benchmark_fixed_grid_finds_the_best_fixed_beta_and_pairs_the_given_
     assert not any(name.startswith("fixed(") for name in report["aggregate"]["per_scenario"]["quickstart"])  # grid: own table only
 
 
+def test_benchmark_labels_a_baseline_given_with_policies_as_a_baseline(tmp_path):
+    """``--policies baseline:dwa`` without dwa among ``--baselines``: still a baseline, never "trained"."""
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--scenarios", "quickstart", "--seeds", "0", "1", "--fidelity", "embedding", "--out", str(out),
+                 "--baselines", "no_defense", "--policies", "baseline:dwa", "--bootstrap-reps", "100", "--no-plots", "--quiet",
+                 "--env-kwargs", *TINY]) == 0
+    report = json.loads((out / "results.json").read_text())
+    kinds = {row["policy"]: row["kind"] for row in report["scenarios"]["quickstart"]["comparison"]}
+    assert kinds["dwa"] == "baseline"
+    assert report["scenarios"]["quickstart"]["ablation"][0]["note"] == "baseline given with --policies"
+    assert not any(row["policy"] == "dwa" for row in report["aggregate"]["probability_of_improvement"])
+    assert "dwa *(trained)*" not in (out / "results.md").read_text()
+
+
+def test_detector_rates_over_no_pairs_are_left_out(tmp_path):
+    """A phase of adversarial traffic only has no clean pair to measure FPR on (and one whose share rounds to
+    no adversarial pair has no TPR): those rounds are left out of the mean instead of counting as 0."""
+    scenario = tmp_path / "rates.yaml"
+    scenario.write_text(
+        "name: rates\ndescription: all-adversarial rounds, then rounds with no adversarial pair\nbatch_size: 8\n"
+        "dataset: {train_n: 64, probe_n: 16}\nfidelity: embedding\nphases:\n"
+        "  - {name: all_adv, rounds: 3, adversarial_share: 1.0, attacks: [{name: pgd_linf, params: {eps: 8/255, steps: 2, step_size: 4/255}}]}\n"
+        "  - {name: few, rounds: 3, adversarial_share: 0.05, attacks: [{name: pgd_linf, params: {eps: 8/255, steps: 2, step_size: 4/255}}]}\n"
+    )
+    for seeds in (["0"], ["0", "1"]):  # the sequential and the batched loop
+        out = tmp_path / f"eval{len(seeds)}"
+        assert main(["evaluate", "--policy", "baseline:uniform", "--scenario", str(scenario), "--seeds", *seeds, "--out", str(out),
+                     "--no-plots", "--quiet", "--no-cache"]) == 0
+        rows = list(csv.DictReader((out / "rounds.csv").open()))
+        assert [r["detector_fpr"] for r in rows[:3]] == ["", "", ""] and [r["detector_tpr"] for r in rows[3:6]] == ["", "", ""]
+        summary = json.loads((out / "summary.json").read_text())
+        fprs = [float(r["detector_fpr"]) for r in rows[3:6]]
+        assert summary["metrics"]["detector_fpr"]["values"][0] == pytest.approx(sum(fprs) / 3)
+        tprs = [float(r["detector_tpr"]) for r in rows[:3]]
+        assert summary["metrics"]["detector_tpr"]["values"][0] == pytest.approx(sum(tprs) / 3)
+
+
 # ------------------------------------------------------------------------------ quickstart
 def test_cli_quickstart_trains_evaluates_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "qs"
