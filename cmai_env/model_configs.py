@@ -12,6 +12,14 @@ from pathlib import Path
 #: Where the shipped configs live (``cmai_env.models.registry.configs_dir`` resolves the same folder).
 CONFIGS_DIR = Path(__file__).resolve().parent / "models" / "configs"
 
+#: Attacks with a generative version (:func:`cmai_env.models.flamingo_task.generative_attack`),
+#: torch-free so that scenario validation can refuse the others.
+GENERATIVE_ATTACKS = (
+    "fgsm", "pgd_linf", "pgd_l2", "universal",
+    "bridge_image_to_text", "text_embedding_pgd", "bridge_text_to_image", "token_substitution",
+    "apgd_ce", "apgd_t", "fab_t", "square", "autoattack",
+)
+
 
 def is_generative_config(path: Path) -> bool:
     """Whether a config file describes a generative (flamingo) architecture rather than an open_clip one."""

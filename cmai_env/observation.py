@@ -17,8 +17,8 @@ cosine_min              1      minimum cos(e_v, e_t)                            
 flag_rate               1      share of incoming pairs the detector flags                    [0, 1]
 drift                   1      1 if the change detector fired this round                     {0, 1}
 rounds_since_drift      1      rounds since it last fired, /episode length (1 if never)      [0, 1]
-prev_clean_acc          1      previous round's probe clean accuracy                         [0, 1]
-prev_asr                1      previous round's probe ASR                                    [0, 1]
+prev_clean_acc          1      previous round's probe accuracy the reward scores (system)    [0, 1]
+prev_asr                1      previous round's probe ASR the reward scores (system_asr)     [0, 1]
 prev_consistency_score  1      previous round's probe consistency score (mean cosine)        [-1, 1]
 prev_detector_tpr       1      previous round's detector TPR on incoming traffic             [0, 1]
 prev_detector_fpr       1      previous round's detector FPR on incoming traffic             [0, 1]
@@ -86,7 +86,11 @@ def fixed_projection(embed_dim: int) -> torch.Tensor:
 
 @dataclass
 class PreviousRound:
-    """What the agent is told about the round before (zeros / uniform before the first)."""
+    """What the agent is told about the round before (zeros / uniform before the first).
+
+    ``clean_acc`` and ``asr`` are the figures the reward scores: ``system_clean_acc`` and
+    ``system_asr`` by default, ``clean_acc`` and ``asr`` with ``reward.metrics: model``.
+    """
 
     clean_acc: float = 0.0
     asr: float = 0.0

@@ -49,10 +49,10 @@ def plot_episode(
     if len(betas):
         for i, name in enumerate(["β_task", "β_consist", "β_adv"]):
             bottom.plot(rounds, betas[:, i], label=name, lw=1.5)
+        bottom.legend(loc="upper left", fontsize=7, ncol=3)  # no lines before the first round: no legend
     bottom.set_ylim(-0.05, 1.05)
     bottom.set_ylabel("loss weight")
     bottom.set_xlabel("round")
-    bottom.legend(loc="upper left", fontsize=7, ncol=3)
     if n_rounds:
         bottom.set_xlim(-0.5, n_rounds - 0.5)
     fig.tight_layout()

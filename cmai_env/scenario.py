@@ -511,6 +511,13 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
             issues.append((("defense", key), getattr(scenario.defense, key),
                            f"not used with the generative backbone {name!r}: its round always defends the language model's "
                            f"own copy of the vision tower (FARE's choice); remove defense.{key}"))
+    from cmai_env.model_configs import GENERATIVE_ATTACKS
+
+    for i, phase in enumerate(scenario.phases):
+        for j, attack in enumerate(phase.attacks):
+            if attack.name not in GENERATIVE_ATTACKS:
+                issues.append((("phases", i, "attacks", j, "name"), attack.name,
+                               f"{attack.name!r} has no generative version for {name!r}; allowed: {', '.join(sorted(GENERATIVE_ATTACKS))}"))
     if scenario.defense.embedding_lr is not None:
         issues.append((("defense", "embedding_lr"), scenario.defense.embedding_lr,
                        f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (defense.lr "

@@ -248,3 +248,22 @@ def test_a_scenario_naming_the_generative_backbone_is_refused_at_validation(tmp_
     path.write_text("name: fl\nbackbone: {name: cmai-tiny-flamingo}\nfidelity: embedding\nphases:\n  - {name: quiet, rounds: 2}\n")
     with pytest.raises(ScenarioError, match=r"(?s)flamingo.yaml.*backbone.name \(line 2\) = 'cmai-tiny-flamingo'.*generative.*Allowed: cmai-tiny"):
         load_scenario(path)
+
+
+def test_json_output_is_strict_and_alone_on_stdout_for_torchattacks_chains(capsys):
+    # apgd_ce comes from torchattacks, which printed "Failed to set device automatically" on stdout
+    # for a parameterless wrapper; detector_tpr_flipped is NaN when nothing flipped (JSON has no NaN).
+    argv = ["attack", "eval", "--backbone", "cmai-tiny-flamingo", "--n", "4", "--json"]
+    assert main([*argv, "--attack", "apgd_ce", "--steps", "2"]) == 0
+    json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
+    assert main([*argv, "--attack", "text_embedding_pgd", "--steps", "1", "--eps", "0.001"]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
+    assert report["asr"] == 0.0 and report["detector_tpr_flipped"] is None
+
+
+def test_flamingo_mistakes_are_refused_before_running(capsys, tmp_path):
+    assert main(["backbone", "pretrain", "--name", "cmai-tiny-flamingo", "--steps", "1", "--out", str(tmp_path)]) == 1
+    assert "use `cmai backbone pretrain --arch flamingo`" in capsys.readouterr().err
+    assert main(["backbone", "eval", "--backbone", "cmai-tiny-flamingo", "--dataset", "digits", "--n", "4"]) == 1
+    assert "has no word for" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -338,7 +338,7 @@ def _run_fare(args: argparse.Namespace, backbone, started: float, cpu_started: f
         batch_size=args.batch_size or defaults.batch_size,
         eps=args.eps_v if args.eps_v is not None else defaults.eps,
         pgd_steps=args.attack_steps or defaults.pgd_steps,
-        lr=args.lr or defaults.lr,
+        lr=args.lr if args.lr is not None else defaults.lr,  # --lr 0 is refused, as by the CLIP trainer
         pool_size=max(args.train_n or defaults.pool_size, args.batch_size or defaults.batch_size),
         seed=args.seed,
         budget_cpu_minutes=max(args.budget_minutes, 1e-9),

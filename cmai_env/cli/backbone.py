@@ -91,6 +91,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
             print(f"{key} on {record[key]['n']} held-out images: {record[key]['value']:.4f}")
         print(f"training CPU minutes: {record['train_cpu_minutes']}")
         return 0
+    from cmai_env.model_configs import is_generative_backbone
+
+    if args.name is not None and is_generative_backbone(args.name):
+        raise ValueError(f"{args.name} is a generative (flamingo) architecture; use `cmai backbone pretrain --arch flamingo`")
     if args.budget_minutes is not None:
         overrides["budget_minutes"] = args.budget_minutes
     config = PretrainConfig(seed=args.seed, device=args.device, **overrides)

@@ -133,8 +133,20 @@ def add_dataset_args(parser: argparse.ArgumentParser, default_n: int = 1000) -> 
 def emit(result: dict, as_json: bool) -> None:
     """Print one JSON object (``--json``) or aligned ``key: value`` lines."""
     if as_json:
-        json.dump(result, sys.stdout)
+        # Strict JSON: NaN/±inf (e.g. detector_tpr_flipped when nothing flipped) become null.
+        json.dump(_json_safe(result), sys.stdout, allow_nan=False)
         sys.stdout.write("\n")
         return
     for key, value in result.items():
         print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

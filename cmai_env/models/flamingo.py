@@ -323,6 +323,12 @@ class FlamingoBackbone(Backbone):
     def continuation_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``words(text) + [EOS]`` per text, right-padded: ids (C, L_c) and a bool mask (C, L_c)."""
         seqs = [[*self.lm_encode(t), 2] for t in texts]
+        unknown = [t for t, s in zip(texts, seqs) if 3 in s]  # [UNK]: every such class would score alike
+        if unknown:
+            raise ValueError(
+                f"{self.name}'s language model has no word for {unknown[:5]} (its vocabulary is the shapes words); "
+                "a generative backbone runs on the shapes dataset"
+            )
         length = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), length), dtype=torch.long, device=self.device)
         mask = torch.zeros((len(seqs), length), dtype=torch.bool, device=self.device)

@@ -62,6 +62,7 @@ from cmai_env.attacks.image import pgd_linf_ascent
 from cmai_env.attacks.text import pgd_token_ascent
 from cmai_env.consistency import consistency_terms
 from cmai_env.data import CaptionedDataset
+from cmai_env.model_configs import GENERATIVE_ATTACKS
 from cmai_env.models.flamingo import FlamingoBackbone
 
 
@@ -163,6 +164,7 @@ class GenerativeTask(ZeroShotTask):
 UNCHANGED = ("fgsm", "pgd_linf", "pgd_l2", "universal")
 ADAPTED = ("bridge_image_to_text", "text_embedding_pgd", "bridge_text_to_image", "token_substitution")
 CHAIN = ("apgd_ce", "apgd_t", "fab_t", "square", "autoattack")
+assert set(UNCHANGED + ADAPTED + CHAIN) == set(GENERATIVE_ATTACKS), "keep cmai_env.model_configs.GENERATIVE_ATTACKS in step"
 
 
 class GenerativeClassifier(torch.nn.Module):
@@ -176,6 +178,9 @@ class GenerativeClassifier(torch.nn.Module):
     def __init__(self, task: "GenerativeTask") -> None:
         super().__init__()
         self.task = task
+        # A submodule, as in ZeroShotClassifier: torchattacks reads the device from the model's
+        # parameters and otherwise prints "Failed to set device automatically" on stdout.
+        self.backbone = task.backbone
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.task.image_logits(images)
