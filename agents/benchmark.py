@@ -272,7 +272,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# CMAI benchmark",
         "",
-        f"cmai {protocol['cmai_version']}, commit `{protocol['git_commit']}`; fidelity `{protocol['fidelity']}`; "
+        f"cmai {protocol['cmai_version']}, commit `{protocol['git_commit']}`; fidelity `{protocol['fidelity'] or 'each scenario’s own'}`; "
         f"env overrides `{json.dumps(protocol['env_kwargs'])}`.",
         "Every cell is the mean ± 95% t-interval over seeds (per-seed means of the episodes); "
         "differences are paired per seed. ASR: the model's mean probe ASR over attacked rounds; system ASR: "

@@ -354,7 +354,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     benchmark.add_argument("--scenarios", nargs="+", required=True, help="scenario names or YAML files")
     benchmark.add_argument("--out", required=True, help="output folder")
     benchmark.add_argument("--policies", nargs="*", default=[], help="trained run folders (or baseline:NAME) to compare and ablate")
-    benchmark.add_argument("--baselines", nargs="*", default=None, help="subset of baselines (default: all)")
+    benchmark.add_argument("--baselines", nargs="*", default=None, help="subset of baselines (default: all); no_defense, static_adversarial, proeat_dynamic and static_consistency are always added (the report's references)")
     benchmark.add_argument("--fixed-grid", action="store_true",
                            help="also run every β of the simplex grid (step 1/3) held fixed, and compare each trained policy with the best of them")
     benchmark.add_argument("--bootstrap-reps", type=int, default=1000, help="rliable stratified-bootstrap resamples for IQM/mean/P(improvement) CIs, at least 100 (default: 1000)")
