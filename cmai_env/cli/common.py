@@ -16,49 +16,36 @@ def parse_budget(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number or fraction like 8/255, got {text!r}") from exc
 
 
+def _number(text: str, convert, admissible, expected: str):
+    """``convert(text)`` if it parses and is ``admissible``; argparse's error naming ``expected`` otherwise."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not admissible(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer ≥ 1 (``--threads``, ``--jobs``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "an integer ≥ 1")
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer ≥ 0 (``--seed``, which numpy and gymnasium refuse below 0;
     counts where 0 means "skip this part")."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "an integer ≥ 0")
 
 
 def positive_float(text: str) -> float:
     """An argparse type: a finite number > 0 (learning rates, time budgets, scales)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0.0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0.0 < v < float("inf"), "a finite number > 0")
 
 
 def non_negative_float(text: str) -> float:
     """An argparse type: a finite number ≥ 0 (loss weights)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0.0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0.0 <= v < float("inf"), "a finite number ≥ 0")
 
 
 def validate_threads(threads: int | None) -> int | None:
