@@ -522,6 +522,10 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
         issues.append((("defense", "embedding_lr"), scenario.defense.embedding_lr,
                        f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (defense.lr "
                        "sets its rate); remove defense.embedding_lr"))
+    if scenario.defense.embedding_train_radius_scale != defaults["embedding_train_radius_scale"].default:
+        issues.append((("defense", "embedding_train_radius_scale"), scenario.defense.embedding_train_radius_scale,
+                       f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (its L_adv "
+                       "examples are pixel attacks at eps_v / eps_t); remove defense.embedding_train_radius_scale"))
     return issues
 
 

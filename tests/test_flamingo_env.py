@@ -110,6 +110,8 @@ def test_defended_set_of_a_contrastive_model_is_refused_on_the_generative_one():
         apply_overrides(load_scenario("flamingo_shift"), {"defense.defended": "all"})
     with pytest.raises(ScenarioError, match=r"defense.embedding_lr = 0.01.*pixel fidelity only"):
         apply_overrides(load_scenario("flamingo_shift"), {"defense.embedding_lr": 0.01})
+    with pytest.raises(ScenarioError, match=r"defense.embedding_train_radius_scale = 3.0.*pixel fidelity only"):
+        apply_overrides(load_scenario("flamingo_shift"), {"defense.embedding_train_radius_scale": 3})
 
 
 def test_an_attack_without_generative_version_is_refused_naming_the_phase():
