@@ -579,8 +579,11 @@ def run_training(args: TrainArgs, run_dir: Path | None = None) -> TrainingResult
     except KeyboardInterrupt:
         manager.save_trained_model(model)
         _seal_model_files(run_dir, plan, record)
+        # the time spent so far counts: a resumed run adds its own to these when it finishes
         record.update(status="interrupted", timesteps_done=int(model.num_timesteps),
-                      interrupted=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                      interrupted=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      wall_time_s=round(time.perf_counter() - start + float(record.get("wall_time_s") or 0.0), 3),
+                      cpu_time_s=round(time.process_time() - cpu_start + float(record.get("cpu_time_s") or 0.0), 3))
         _write_record(run_dir, record)
         manager.close_envs()
         raise TrainingInterrupted(run_dir, int(model.num_timesteps)) from None

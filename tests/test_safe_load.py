@@ -228,6 +228,8 @@ def test_ctrl_c_saves_an_interrupted_run_that_resume_finishes(tmp_path, interrup
     run = stop.value.run_dir
     record = read_run(run).record
     assert record["status"] == "interrupted" and record["timesteps_done"] == 40
+    spent = record["wall_time_s"], record["cpu_time_s"]  # the interrupted part counts towards the run's time
+    assert spent[0] > 0 and spent[1] > 0
     policy = load_policy(run)  # the model so far is evaluable
     assert "(interrupted)" in policy.name and policy.model.num_timesteps == 40
     stop_interrupting()
@@ -237,6 +239,7 @@ def test_ctrl_c_saves_an_interrupted_run_that_resume_finishes(tmp_path, interrup
     # PPO collects whole rollouts of n_steps = 32: from step 40 it ends within one rollout past 96.
     assert record["status"] == "finished" and 96 <= record["timesteps_done"] < 96 + 32
     assert record["resumes"][0]["at_timesteps"] == 40 and record["resumes"][0]["from"] == "quickstart.zip"
+    assert record["wall_time_s"] > spent[0] and record["cpu_time_s"] > spent[1]
     assert load_policy(run).model.num_timesteps == record["timesteps_done"]
     assert main(["train", "--resume", str(run), "--no-progress", "--verbose", "0"]) == 1  # finished: nothing to resume
 
