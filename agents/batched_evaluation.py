@@ -1,11 +1,13 @@
 """The evaluation protocol's episodes for all seeds at once, on the batched vector environment.
 
 :func:`run_episodes_batched` returns what :func:`agents.runner.run_episodes` returns (the
-same rows and episode records, in the same order, and the same numbers: environment ``i`` of a
-:class:`cmai_env.vector_env.CMAIVectorEnv` is seeded ``EVAL_SEED_OFFSET + seeds[i]`` exactly as
-the sequential loop seeds its one environment, and every seed gets its own copy of the policy),
-but steps the seeds' episodes together. The one difference: a row's ``round_ms`` is the batched
-step's wall time divided by the number of seeds (the amortised cost of one round).
+same rows and episode records, in the same order, and the same numbers up to floating-point
+rounding: environment ``i`` of a :class:`cmai_env.vector_env.CMAIVectorEnv` is seeded
+``EVAL_SEED_OFFSET + seeds[i]`` exactly as the sequential loop seeds its one environment, and
+every seed gets its own copy of the policy), but steps the seeds' episodes together. Two
+differences: the losses can differ in their last digits (stacked matmuls sum in another order),
+and a row's ``round_ms`` is the batched step's wall time divided by the number of seeds (the
+amortised cost of one round).
 
 It falls back to the sequential loop where batching does not apply: pixel fidelity, a single
 seed, a per-step callback (TensorBoard logging writes one episode at a time), or schedules
