@@ -14,11 +14,12 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "models" / "configs"
 
 #: Attacks with a generative version (:func:`cmai_env.models.flamingo_task.generative_attack`),
 #: torch-free so that scenario validation can refuse the others.
-GENERATIVE_ATTACKS = (
-    "fgsm", "pgd_linf", "pgd_l2", "universal",
-    "bridge_image_to_text", "text_embedding_pgd", "bridge_text_to_image", "token_substitution",
-    "apgd_ce", "apgd_t", "fab_t", "square", "autoattack",
-)
+#: Grouped by how :mod:`cmai_env.models.flamingo_task` plays them: unchanged on the generative
+#: task's logits, adapted to the caption (bridges and text attacks), or the torchattacks chain.
+GENERATIVE_UNCHANGED = ("fgsm", "pgd_linf", "pgd_l2", "universal")
+GENERATIVE_ADAPTED = ("bridge_image_to_text", "text_embedding_pgd", "bridge_text_to_image", "token_substitution")
+GENERATIVE_CHAIN = ("apgd_ce", "apgd_t", "fab_t", "square", "autoattack")
+GENERATIVE_ATTACKS = GENERATIVE_UNCHANGED + GENERATIVE_ADAPTED + GENERATIVE_CHAIN
 
 
 def is_generative_config(path: Path) -> bool:

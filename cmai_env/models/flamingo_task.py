@@ -62,7 +62,7 @@ from cmai_env.attacks.image import pgd_linf_ascent
 from cmai_env.attacks.text import pgd_token_ascent
 from cmai_env.consistency import consistency_terms
 from cmai_env.data import CaptionedDataset
-from cmai_env.model_configs import GENERATIVE_ATTACKS
+from cmai_env.model_configs import GENERATIVE_ATTACKS, GENERATIVE_CHAIN, GENERATIVE_UNCHANGED
 from cmai_env.models.flamingo import FlamingoBackbone
 
 
@@ -161,12 +161,6 @@ class GenerativeTask(ZeroShotTask):
 
 
 # ---------------------------------------------------------------------------- attacks
-UNCHANGED = ("fgsm", "pgd_linf", "pgd_l2", "universal")
-ADAPTED = ("bridge_image_to_text", "text_embedding_pgd", "bridge_text_to_image", "token_substitution")
-CHAIN = ("apgd_ce", "apgd_t", "fab_t", "square", "autoattack")
-assert set(UNCHANGED + ADAPTED + CHAIN) == set(GENERATIVE_ATTACKS), "keep cmai_env.model_configs.GENERATIVE_ATTACKS in step"
-
-
 class GenerativeClassifier(torch.nn.Module):
     """Images in [0, 1] → the LM's class log-likelihoods (N, C) after the task's clean prompt.
 
@@ -216,9 +210,9 @@ class GenerativeAttack:
     def perturb(self, task: GenerativeTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
         if not isinstance(task, GenerativeTask):
             raise TypeError(f"{self.name} (generative version) needs a GenerativeTask, got {type(task).__name__}")
-        if self.name in UNCHANGED:
+        if self.name in GENERATIVE_UNCHANGED:
             return super().perturb(task, batch, generator)
-        if self.name in CHAIN:
+        if self.name in GENERATIVE_CHAIN:
             from cmai_env.attacks.autoattack import run_chain
 
             images, broken_by = run_chain(task, batch, self._components(), self.eps, self.norm, generator, model=GenerativeClassifier(task))
@@ -299,9 +293,9 @@ def generative_attack(attack: Attack) -> Attack:
 
     :raises ValueError: for attacks with no generative version (the message lists those that have one).
     """
-    if attack.name not in UNCHANGED + ADAPTED + CHAIN:
+    if attack.name not in GENERATIVE_ATTACKS:
         raise ValueError(
-            f"attack {attack.name!r} has no generative version; attacks that apply to a generative backbone: {sorted(UNCHANGED + ADAPTED + CHAIN)}"
+            f"attack {attack.name!r} has no generative version; attacks that apply to a generative backbone: {sorted(GENERATIVE_ATTACKS)}"
         )
     if isinstance(attack, GenerativeAttack):
         return attack
