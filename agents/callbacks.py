@@ -66,6 +66,7 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
 
+from agents.records import detector_rates
 from cmai_env.latency import LATENCY_FIELDS as LATENCY_KEYS
 
 PREFIX = "cmai/"
@@ -142,11 +143,10 @@ def round_scalars(info: dict, reward: float | None = None) -> dict[str, float]:
     :param reward: the step's reward, used when ``info`` has no ``reward_terms``.
     """
     out: dict[str, float] = {}
-    pairs = info.get("detector_pairs") or {}
-    undefined = {"detector_tpr": pairs.get("adversarial", 1) == 0, "detector_fpr": pairs.get("clean", 1) == 0}
+    values = {**info, **detector_rates(info)}  # an undefined rate (over no pairs) gets no point
     for tag, key in INFO_TAGS.items():
-        if info.get(key) is not None and not undefined.get(key, False):
-            out[tag] = float(info[key])
+        if values.get(key) is not None:
+            out[tag] = float(values[key])
     betas = info.get("betas")
     if betas is not None:
         for tag, beta in zip(BETA_TAGS, np.asarray(betas, dtype=np.float64).reshape(-1)):

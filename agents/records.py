@@ -108,6 +108,15 @@ def mean_defined(values: Iterable[float | None]) -> float | None:
     return float(np.mean(clean)) if clean else None
 
 
+def detector_rates(info: dict) -> dict[str, float | None]:
+    """A round's ``detector_tpr`` and ``detector_fpr``, ``None`` where undefined: TPR over no
+    adversarial pairs, FPR over no clean ones (``info['detector_pairs']``; the env's info reads 0.0
+    there, which the reward and observation use)."""
+    pairs = info.get("detector_pairs") or {}
+    return {key: None if pairs.get(side, 1) == 0 else float(info[key])
+            for key, side in (("detector_tpr", "adversarial"), ("detector_fpr", "clean")) if key in info}
+
+
 def round_row(policy_name: str, seed: int, episode: int, reward: float, info: dict, round_ms: float | None) -> dict[str, Any]:
     """One ``rounds.csv`` row from a step's ``info`` (plus ``_asr_per_attack``, a dict the episode
     record reads and :func:`agents.runner.run_episodes` removes before returning)."""
@@ -115,7 +124,6 @@ def round_row(policy_name: str, seed: int, episode: int, reward: float, info: di
     losses = info.get("losses") or {}
     latency = info.get("latency") or {}
     per_attack = {str(k): float(v) for k, v in (info.get("asr_per_attack") or {}).items()}
-    pairs = info.get("detector_pairs") or {}
     row = {
         "policy": policy_name,
         "seed": seed,
@@ -134,8 +142,7 @@ def round_row(policy_name: str, seed: int, episode: int, reward: float, info: di
         "system_clean_acc": float(info["system_clean_acc"]),
         "consistency_score": float(info["consistency_score"]),
         # a rate over no pairs is undefined: empty in rounds.csv and left out of the episode's mean
-        "detector_tpr": None if pairs.get("adversarial", 1) == 0 else float(info["detector_tpr"]),
-        "detector_fpr": None if pairs.get("clean", 1) == 0 else float(info["detector_fpr"]),
+        **detector_rates(info),
         "detector_flag_rate": float(info.get("detector_flag_rate", float("nan"))),
         "beta_task": float(betas[0]),
         "beta_consist": float(betas[1]),
