@@ -328,6 +328,15 @@ class TrainingResult:
     record: dict[str, Any]
 
 
+def check_run_memory(scenario: "Scenario", hyperparams: Mapping[str, Any], n_envs: int, fidelity: str, device: str,
+                     what: str, processes: bool = False) -> None:
+    """Before a run folder exists (``cmai train``, ``cmai tune``): environments or a rollout/replay
+    buffer the memory cannot hold are an error message (:class:`cmai_env.resources.ResourceError`),
+    not a kill for memory."""
+    check_memory(scenario, n_envs, fidelity, device=device, processes=processes, what=what)
+    check_buffer_memory(hyperparams, n_envs, OBS_SIZE, 3)
+
+
 def prepare(args: TrainArgs) -> PreparedRun:
     """Validate every input (algorithm, scenario, overrides, hyperparameters) without side effects.
 
@@ -356,10 +365,8 @@ def prepare(args: TrainArgs) -> PreparedRun:
     n_envs = args.n_envs if args.n_envs is not None else int(hyperparams.get("n_envs", 1))
     if n_envs < 1:
         raise ValueError(f"n_envs must be at least 1, got {n_envs}")
-    # before the run folder exists: a count the memory cannot hold is an error message, not a kill
-    check_memory(scenario.resolved, n_envs, env_overrides["fidelity"], device=args.device, processes=args.subproc and n_envs > 1,
-                 what="n_envs (--n-envs or the hyperparameters')")
-    check_buffer_memory(hyperparams, n_envs, OBS_SIZE, 3)
+    check_run_memory(scenario.resolved, hyperparams, n_envs, env_overrides["fidelity"], args.device,
+                     "n_envs (--n-envs or the hyperparameters')", processes=args.subproc and n_envs > 1)
     for name in ("eval_freq", "checkpoint_freq"):
         value = getattr(args, name)
         if value is not None and value < 0:

@@ -41,10 +41,8 @@ from stable_baselines3.common.utils import set_random_seed
 
 from agents.train_args import TuneArgs
 from agents.policies import ENV_ID_FOR_ALGO, algo_class, resolve_policy_kwargs
-from agents.train import load_hyperparams, parse_assignments, resolve_scenario, set_dotted, validate_hyperparams
+from agents.train import check_run_memory, load_hyperparams, parse_assignments, resolve_scenario, set_dotted, validate_hyperparams
 from cmai_env.cli.common import set_torch_threads, validate_device
-from cmai_env.observation import OBS_SIZE
-from cmai_env.resources import check_buffer_memory, check_memory
 
 
 def sample_hyperparams(trial: optuna.Trial, algo: str, n_envs: int = 1) -> dict[str, Any]:
@@ -142,9 +140,7 @@ def tune(args: TuneArgs) -> Path:
     base.update(n_timesteps=args.timesteps, n_envs=args.n_envs)
     base.setdefault("policy", "MlpPolicy")  # as cmai train does: a --hyperparams file may leave it out
     validate_hyperparams(args.algo, base)
-    # as cmai train does, before anything is built: counts the memory cannot hold are messages, not kills
-    check_memory(scenario.resolved, args.n_envs, env_kwargs["fidelity"], device=args.device, what="--n-envs")
-    check_buffer_memory(base, args.n_envs, OBS_SIZE, 3)
+    check_run_memory(scenario.resolved, base, args.n_envs, env_kwargs["fidelity"], args.device, "--n-envs")
     env_kwargs = {"scenario": scenario.argument, "device": args.device, **env_kwargs}
     out = Path(args.out) if args.out is not None else Path("runs/tune") / f"{args.algo}_{scenario.name}"
     out.mkdir(parents=True, exist_ok=True)
