@@ -133,8 +133,6 @@ class DatasetSpec(_Model):
         return self
 
 
-
-
 class BackboneSpec(_Model):
     """The defended model: an architecture name and an optional open_clip tag or checkpoint path."""
 
@@ -513,11 +511,9 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
                            f"own copy of the vision tower (FARE's choice); remove defense.{key}"))
     from cmai_env.model_configs import GENERATIVE_ATTACKS
 
-    for i, phase in enumerate(scenario.phases):
-        for j, attack in enumerate(phase.attacks):
-            if attack.name not in GENERATIVE_ATTACKS:
-                issues.append((("phases", i, "attacks", j, "name"), attack.name,
-                               f"{attack.name!r} has no generative version for {name!r}; allowed: {', '.join(sorted(GENERATIVE_ATTACKS))}"))
+    issues.extend(_unplayable_attacks(scenario, lambda attack: attack in GENERATIVE_ATTACKS,
+                                      lambda attack: f"{attack!r} has no generative version for {name!r}; "
+                                                     f"allowed: {', '.join(sorted(GENERATIVE_ATTACKS))}"))
     if scenario.defense.embedding_lr is not None:
         issues.append((("defense", "embedding_lr"), scenario.defense.embedding_lr,
                        f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (defense.lr "
@@ -539,12 +535,15 @@ def _embedding_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], A
     if scenario.defense.updates_per_round != 1:
         issues.append((("defense", "updates_per_round"), scenario.defense.updates_per_round,
                        "the embedding fidelity runs one adapter update per round; set 1 (or fidelity: pixel)"))
-    for i, phase in enumerate(scenario.phases):
-        for j, attack in enumerate(phase.attacks):
-            if declaration(attack.name).embedding is None:
-                issues.append((("phases", i, "attacks", j, "name"), attack.name,
-                               f"{attack.name!r} has no embedding-fidelity counterpart; run this scenario with fidelity: pixel"))
+    issues.extend(_unplayable_attacks(scenario, lambda attack: declaration(attack).embedding is not None,
+                                      lambda attack: f"{attack!r} has no embedding-fidelity counterpart; run this scenario with fidelity: pixel"))
     return issues
+
+
+def _unplayable_attacks(scenario: Scenario, playable, why) -> list[tuple[tuple[str | int, ...], Any, str]]:
+    """An issue at ``phases.i.attacks.j.name`` for every attack name that is not ``playable``, saying ``why(name)``."""
+    return [(("phases", i, "attacks", j, "name"), attack.name, why(attack.name))
+            for i, phase in enumerate(scenario.phases) for j, attack in enumerate(phase.attacks) if not playable(attack.name)]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -769,12 +768,10 @@ def apply_overrides(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenari
                     raise KeyError(part)
             if isinstance(node, list):
                 node[int(parts[-1])] = value
-            elif isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+            else:
                 # a nested dict overrides the fields it names (defense={"lr": 1e-3}), as the dotted
                 # keys do; the section's other fields keep the scenario's values
-                _merge(node[parts[-1]], value)
-            else:
-                node[parts[-1]] = copy.deepcopy(value)
+                _merge(node, {parts[-1]: value})
         except (KeyError, IndexError, ValueError, TypeError):
             raise ScenarioError(f"override {key}={value!r} of scenario {scenario.name!r}: no such field") from None
     return validate_scenario(data, f"scenario {scenario.name!r} with overrides {dict(overrides)}")
