@@ -4,6 +4,7 @@
         [--radius R [--exponent G]] [--calibrate] [--rank] [--rank-scenarios quickstart,abrupt_shift]
         [--rank-seeds 0,1,2] [--train-radius-scale K] [--like-for-like] [--data-seed S] [--quick]
         [--displacement] [--corruption NAME:SEVERITY] [--radius-spread SIGMA] [--laws FAMILY=SCALE,GAMMA ...]
+        [--pixel-travel]
 
 On the ``quickstart`` scenario's data (shapes, ``cmai-tiny``), for every attack in ``CASES`` and
 each of its budgets, the UNDEFENDED model (the pretrained backbone; at the embedding fidelity its
@@ -63,6 +64,15 @@ ASR rises more slowly with the budget than one radius for every pair gives). The
 fitted laws as a ``--laws`` argument, and ``--laws FAMILY=SCALE,GAMMA ...`` plays given laws
 instead of the environment's (families not named keep theirs), e.g. laws fitted on clean images
 checked on noisy ones with ``--corruption``.
+
+``--pixel-travel`` tests the embedding attack the radius laws approximate: each attacked pair's
+radius is ``c(family) · travel``, where ``travel`` is how far that cell's own pixel attack moved
+that pair's unit embedding on the undefended model (image and caption side each their own; the
+same adversarial examples the pixel column scores), and ``c`` one number per family
+(``PIXEL_TRAVEL_SCALE``; ``--calibrate`` refits it). The direction is still the embedding PGD's,
+against the current model, so the attack stays white-box; only each pair's budget is the pixel
+attack's. The environment does not play it (it would need every pixel attack run on every pool
+image of every phase's view); the table says how much of the gap per-pair travel closes.
 """
 
 from __future__ import annotations
@@ -102,6 +112,26 @@ TOLERANCE = 0.10
 GRID = tuple(round(0.025 * k, 3) for k in range(1, 41))
 #: budget exponents γ it tries (r = scale · (budget / default)^γ; γ = 1: radius proportional to the budget)
 EXPONENTS = (2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
+#: ``--pixel-travel``'s ``c`` per family (``r = c · travel``), grid-searched over ``TRAVEL_GRID`` by
+#: ``--pixel-travel --calibrate`` on quickstart's clean data (its dataset seed, 128 attacked pairs):
+#: the largest |Δ| of ASR and TPR over the family's cells, ties by the mean (measurement log).
+PIXEL_TRAVEL_SCALE: dict[str, float] = {
+    "image": 0.875,
+    "image_l2": 0.75,
+    "text": 0.8,
+    "bridge_image": 1.45,
+    "bridge_text": 0.775,
+    "both": 0.775,
+    "universal": 1.6,
+    "aware_image": 1.275,
+    "aware_rewrite": 0.7,
+}
+#: the ``c`` values ``--pixel-travel --calibrate`` tries (0.05 … 2.0, step 0.025)
+TRAVEL_GRID = tuple(round(0.025 * k, 3) for k in range(2, 81))
+#: families that move the caption only (their ``r`` column is the caption side's radius)
+TEXT_FAMILIES = ("text", "bridge_text")
+#: pairs per pixel attack call: ``evaluate_attack``'s chunks, which ``pixel_travel`` replays
+PIXEL_CHUNK = 128
 #: embedding families of the detector-aware attacks while their declarations carry none
 AWARE_FAMILIES = {"aware_pgd_linf": "aware_image", "aware_caption_rewrite": "aware_rewrite"}
 
@@ -291,8 +321,31 @@ def pixel_rates(setup: Setup, name: str, params: dict, seed: int) -> Rates:
     generator = torch.Generator().manual_seed(seed)
     if hasattr(attack, "fit"):  # universal: learned on training pairs, applied to the unseen probe pairs
         attack.fit(setup.task, setup.pool.subset(slice(0, min(len(setup.pool), 256))), generator)
-    report = evaluate_attack(setup.task, setup.attacked, attack, generator, ConsistencyDetector(0.05), setup.calibration)
+    report = evaluate_attack(setup.task, setup.attacked, attack, generator, ConsistencyDetector(0.05), setup.calibration, batch_size=PIXEL_CHUNK)
     return Rates(report.asr, report.detector_tpr, report.system_asr)
+
+
+def pixel_travel(setup: Setup, name: str, params: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per attacked pair, the L2 distance the pixel attack moves its unit image and its unit caption
+    embedding on the undefended model: the adversarial examples :func:`pixel_rates` scores (the same
+    seed, the same generator draws, chunk by chunk), made again (``--pixel-travel``)."""
+    attack = make_attack(name, **params)
+    generator = torch.Generator().manual_seed(seed)
+    if hasattr(attack, "fit"):
+        attack.fit(setup.task, setup.pool.subset(slice(0, min(len(setup.pool), 256))), generator)
+    backbone = setup.task.backbone
+    moved_v, moved_t = [], []
+    for start in range(0, len(setup.attacked), PIXEL_CHUNK):
+        chunk = setup.attacked.subset(slice(start, start + PIXEL_CHUNK))
+        adversarial = attack(setup.task, chunk, generator).batch
+        with torch.no_grad():
+            if adversarial.token_embeds is None:
+                text = backbone.encode_text(adversarial.tokens)
+            else:
+                text = backbone.encode_text_embeddings(adversarial.token_embeds, adversarial.tokens)
+            moved_v.append((backbone.encode_image(adversarial.images) - backbone.encode_image(chunk.images)).norm(dim=-1))
+            moved_t.append((text - backbone.encode_text(chunk.tokens)).norm(dim=-1))
+    return torch.cat(moved_v).cpu().numpy(), torch.cat(moved_t).cpu().numpy()
 
 
 class EmbeddingProbe:
@@ -317,11 +370,18 @@ class EmbeddingProbe:
         self.labels = labels
         self.clean_ok = {"image": (lv.argmax(-1)[0, :n] == labels), "text": (lt.argmax(-1)[0, :n] == labels)}
 
-    def rates(self, attack: EmbeddingAttack) -> Rates:
+    def rates(self, attack: EmbeddingAttack, radii: tuple[np.ndarray, np.ndarray] | None = None) -> Rates:
+        """The attack's rates on the attacked pairs; ``radii``: per pair, the image side's and the
+        caption side's radius instead of ``attack.radius`` (``--pixel-travel``)."""
         world, n = self.world, self.n
         orders = RowAttacks.empty((1, n))
         orders.fill(0, slice(0, n), attack, 0)
-        orders.radius[0] *= self.radius_factor
+        if radii is None:
+            orders.radius[0] *= self.radius_factor
+        else:
+            orders.radius[0] = radii[0]
+            orders.radius_t = orders.radius.copy()
+            orders.radius_t[0] = radii[1]
         adv_v, adv_t = world.craft(None, self.probe_v[None, :n], world.probe_t[None, :n], self.labels[None], orders, self.classes)
         with torch.no_grad():
             a_v, a_t, a_lv, a_lt = world.forward(adv_v, adv_t, self.classes, None)
@@ -347,6 +407,13 @@ class Cell:
     pixel: Rates
     embedding: Rates | None = None
     radius: float | None = None
+    #: per attacked pair, how far the pixel attack moved the unit image and caption embeddings (``--pixel-travel``)
+    travel: tuple[np.ndarray, np.ndarray] | None = None
+
+    def travel_radii(self, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """``--pixel-travel``'s per-pair radii ``scale · travel``, image side and caption side."""
+        assert self.travel is not None
+        return (scale * self.travel[0]).astype(np.float32), (scale * self.travel[1]).astype(np.float32)
 
     def deltas(self) -> tuple[float, float]:
         assert self.embedding is not None
@@ -373,12 +440,20 @@ def print_table(cells: Sequence[Cell], title: str) -> None:
     print(f"within ±{TOLERANCE:.2f} on both ASR and TPR: {inside}/{len(cells)} cells")
 
 
-def fill_embedding(cells: Sequence[Cell], probe: EmbeddingProbe, laws: dict[str, tuple[float, float]] | None) -> None:
-    """Embedding rates of every cell at ``laws[family]`` (``None`` or a family not in it: the environment's radii)."""
+def fill_embedding(
+    cells: Sequence[Cell], probe: EmbeddingProbe, laws: dict[str, tuple[float, float]] | None, travel_scale: dict[str, float] | None = None
+) -> None:
+    """Embedding rates of every cell at ``laws[family]`` (``None`` or a family not in it: the environment's radii),
+    or with ``travel_scale`` at the per-pair radii ``travel_scale[family] · travel`` (the ``r`` column: their median)."""
     for c in cells:
         attack = embedding_attack(c.attack, c.params, None if laws is None else laws.get(c.family))
-        c.radius = attack.radius
-        c.embedding = probe.rates(attack)
+        if travel_scale is None:
+            c.radius = attack.radius
+            c.embedding = probe.rates(attack)
+        else:
+            radii = c.travel_radii(travel_scale[c.family])
+            c.radius = float(np.median(radii[1] if c.family in TEXT_FAMILIES else radii[0]))
+            c.embedding = probe.rates(attack, radii)
 
 
 def calibrate(cells: Sequence[Cell], probe: EmbeddingProbe, exponents: Sequence[float]) -> dict[str, tuple[float, float, float, float]]:
@@ -397,6 +472,25 @@ def calibrate(cells: Sequence[Cell], probe: EmbeddingProbe, exponents: Sequence[
                 key = (round(max(errors), 6), float(np.mean(errors)))
                 if best is None or key < best[2:]:
                     best = (scale, exponent, *key)
+        chosen[family] = best
+    return chosen
+
+
+def calibrate_travel(cells: Sequence[Cell], probe: EmbeddingProbe) -> dict[str, tuple[float, float, float]]:
+    """Per family, the ``c`` of ``TRAVEL_GRID`` minimising the largest |Δ| of ASR and TPR over that
+    family's cells at the radii ``c · travel`` (ties: the smallest mean |Δ|) → ``(c, max |Δ|, mean |Δ|)``."""
+    chosen: dict[str, tuple[float, float, float]] = {}
+    for family in dict.fromkeys(c.family for c in cells):
+        members = [c for c in cells if c.family == family]
+        best = None
+        for scale in TRAVEL_GRID:
+            errors = []
+            for c in members:
+                e = probe.rates(embedding_attack(c.attack, c.params, None), c.travel_radii(scale))
+                errors += [abs(e.asr - c.pixel.asr), abs(e.tpr - c.pixel.tpr)]
+            key = (round(max(errors), 6), float(np.mean(errors)))
+            if best is None or key < best[1:]:
+                best = (scale, *key)
         chosen[family] = best
     return chosen
 
@@ -515,15 +609,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="multiply each attacked pair's embedding radius by exp(SIGMA·z), z ~ N(0,1) per pair (default 0: as the environment)")
     parser.add_argument("--laws", nargs="+", default=None, metavar="FAMILY=SCALE,GAMMA",
                         help="play these radius laws r = SCALE·(budget/default)^GAMMA instead of the environment's (as --calibrate prints them)")
+    parser.add_argument("--pixel-travel", action="store_true",
+                        help="each pair's radius = c(family) × how far its pixel attack moved that side's embedding (not played by the environment)")
     args = parser.parse_args(argv)
     given_laws = None if args.laws is None else parse_laws(parser, args.laws)
     if not (0.0 <= args.radius_spread <= 3.0):
         parser.error(f"--radius-spread must be between 0 and 3, got {args.radius_spread}")
     if given_laws is not None and args.radius is not None:
         parser.error("give --radius or --laws, not both")
-    if args.rank and (given_laws is not None or args.radius_spread):
+    if args.pixel_travel and (given_laws is not None or args.radius is not None or args.radius_spread):
+        parser.error("--pixel-travel sets every pair's radius itself; it takes no --laws, --radius or --radius-spread")
+    if args.rank and (given_laws is not None or args.radius_spread or args.pixel_travel):
         # --rank plays whole episodes of the environment, which has neither; refused rather than ignored
-        parser.error("--laws and --radius-spread change the table only; --rank plays the environment's radii (or --radius)")
+        parser.error("--laws, --radius-spread and --pixel-travel change the table only; --rank plays the environment's radii (or --radius)")
     corruption = None if args.corruption is None else parse_corruption(parser, args.corruption)
     try:  # checked before the table, not after it
         rank_seeds = distinct_seeds([int(s) for s in args.rank_seeds.split(",")], "--rank-seeds")
@@ -569,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             params = attack_params(case.attack, budget, args.steps)
             tic = time.process_time()
             rates = pixel_rates(setup, case.attack, params, args.seed)
-            cells.append(Cell(case.attack, family_of(case.attack), budget, params, rates))
+            travel = pixel_travel(setup, case.attack, params, args.seed) if args.pixel_travel else None
+            cells.append(Cell(case.attack, family_of(case.attack), budget, params, rates, travel=travel))
             print(f"  pixel {case.attack:<22} {fmt_budget(budget):>7}: asr {rates.asr:.3f} tpr {rates.tpr:.2f} ({time.process_time() - tic:.1f} CPU-s)", flush=True)
     laws = given_laws if args.radius is None else {c.family: (args.radius, args.exponent) for c in cells}
     fill_embedding(cells, probe, laws)
@@ -581,9 +680,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.radius_spread:
         label += f", each pair's radius × exp({args.radius_spread:g}·z)"
     print_table(cells, f"undefended model, embedding at {label}")
+    travel_label = "each pair's radius = c(family) · how far its pixel attack moved that side's embedding (r: median)"
+    if args.pixel_travel:
+        fill_embedding(cells, probe, None, PIXEL_TRAVEL_SCALE)
+        print_table(cells, f"undefended model, embedding with {travel_label}, c = PIXEL_TRAVEL_SCALE")
     if args.displacement:
         print_displacement(setup, cells, args.seed)
-    if args.calibrate:
+    if args.calibrate and args.pixel_travel:
+        chosen_travel = calibrate_travel(cells, probe)
+        print(f"\ngrid search of c per family: {TRAVEL_GRID[0]}…{TRAVEL_GRID[-1]} step 0.025; per family: c, max |Δ| and mean |Δ| over its ASR and TPR cells")
+        for family, (scale, worst, mean) in chosen_travel.items():
+            print(f"  {family:<14} c {scale:.3f}  max {worst:.3f}  mean {mean:.3f}")
+        fill_embedding(cells, probe, None, {family: best[0] for family, best in chosen_travel.items()})
+        print_table(cells, f"undefended model, embedding with {travel_label}, c fitted")
+    elif args.calibrate:
         for title, exponents in (("one scale per family, r ∝ budget (γ = 1)", (1.0,)), ("scale and budget exponent γ per family", EXPONENTS)):
             chosen = calibrate(cells, probe, exponents)
             print(f"\ngrid search, {title}: scales {GRID[0]}…{GRID[-1]} step 0.025, γ ∈ {list(exponents)}; "

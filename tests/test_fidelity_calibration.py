@@ -245,3 +245,64 @@ def test_radius_spread_and_given_laws(capsys):
     with pytest.raises(SystemExit):  # refused before the table is computed
         benchmark.main(["--quick", "--rank", "--rank-seeds", "0,0"])
     assert "--rank-seeds must be distinct" in capsys.readouterr().err
+
+
+def test_pixel_travel_gives_each_pair_the_distance_its_pixel_attack_moved_it(capsys):
+    """``--pixel-travel``: per-pair radii ``c · travel`` from the pixel attack's own examples, per side."""
+    import numpy as np
+
+    benchmark = load_benchmark()
+    setup = benchmark.load_setup("quickstart", 16)
+    params = benchmark.attack_params("pgd_linf", 4 / 255, 3)
+    moved_v, moved_t = benchmark.pixel_travel(setup, "pgd_linf", params, 0)
+    assert moved_v.shape == (setup.n,) and np.all(moved_v > 0) and np.all(moved_v <= 2.0)
+    assert np.all(moved_t == 0)  # an image attack leaves the caption alone
+    again = benchmark.pixel_travel(setup, "pgd_linf", params, 0)
+    np.testing.assert_array_equal(moved_v, again[0])  # the same seed replays the same examples
+    text_v, text_t = benchmark.pixel_travel(setup, "text_embedding_pgd", benchmark.attack_params("text_embedding_pgd", 0.2, 3), 0)
+    assert np.all(text_v == 0) and np.all(text_t > 0)
+
+    probe = benchmark.EmbeddingProbe(setup)
+    attack = benchmark.embedding_attack("pgd_linf", params, None)
+    same = np.full(setup.n, attack.radius, dtype=np.float32)
+    assert probe.rates(attack, (same, same)) == probe.rates(attack)  # per-pair radii equal to the law's: the same rates
+    nothing = np.zeros(setup.n, dtype=np.float32)
+    assert probe.rates(attack, (nothing, same)).asr == 0.0  # a zero image radius moves no image
+
+    benchmark.main(["--quick", "--attacks", "pgd_linf,text_embedding_pgd", "--pixel-travel", "--calibrate"])
+    out = capsys.readouterr().out
+    assert "c = PIXEL_TRAVEL_SCALE" in out and "grid search of c per family" in out and "c fitted" in out
+    fitted = {line.split()[0]: float(line.split()[2]) for line in out.splitlines() if line.startswith("  ") and " c " in line}
+    assert set(fitted) == {"image", "text"} and all(v in benchmark.TRAVEL_GRID for v in fitted.values())
+    assert set(benchmark.PIXEL_TRAVEL_SCALE) == set(FAMILY_RADIUS_LAW)
+    for extra in (["--laws", "image=1,1"], ["--radius", "0.5"], ["--radius-spread", "0.5"], ["--rank"]):
+        with pytest.raises(SystemExit):
+            benchmark.main(["--quick", "--pixel-travel", *extra])
+        assert "--pixel-travel" in capsys.readouterr().err
+
+
+def test_a_text_radius_of_its_own_moves_only_the_caption_side():
+    """``RowAttacks.radius_t`` (used by ``--pixel-travel``): the text side's radius when it differs from the image side's."""
+    import numpy as np
+    import torch
+
+    from cmai_env.fidelity.stacked import RowAttacks, StackedEmbeddingWorld
+
+    scenario = apply_overrides(load_scenario("quickstart"), {"fidelity": "embedding", "dataset.probe_n": 16})
+    world = StackedEmbeddingWorld(scenario, 1)
+    attack = EmbeddingAttack.from_entry(AttackSpec(name="co_attack", params={}))
+    n = 8
+    raw_v, raw_t, labels = world.probe_v[None, :n], world.probe_t[None, :n], world.probe_y[None, :n]
+    with torch.no_grad():
+        classes = world.classes(None)
+
+    def crafted(radius_t):
+        orders = RowAttacks.empty((1, n))
+        orders.fill(0, slice(0, n), attack, 0)
+        orders.radius_t = radius_t
+        return world.craft(None, raw_v, raw_t, labels, orders, classes)
+
+    both_v, both_t = crafted(None)
+    assert (both_v - raw_v).norm(dim=-1).max() > 0 and (both_t - raw_t).norm(dim=-1).max() > 0
+    image_only_v, image_only_t = crafted(np.zeros((1, n), dtype=np.float32))
+    assert torch.equal(image_only_t, raw_t) and torch.allclose(image_only_v, both_v)

@@ -175,6 +175,10 @@ class RowAttacks:
     :param radius: L2 radius per row. :param steps: PGD steps per row (0: untouched).
     :param group: universal-perturbation group per row (-1: own δ); rows of one env and group share δ.
     :param aware: ``(E, R, 3)`` detector-aware parameters ``λ, κ, μ`` per row (modes 3 and 4).
+    :param radius_t: L2 radius per row for the text side when it differs from the image side's;
+        ``None`` (what the environment plays): ``radius`` for both sides. Set by
+        ``benchmarks/fidelity_calibration.py --pixel-travel``, which gives each side the distance
+        the pixel attack moved that side's embedding.
     """
 
     mode_v: np.ndarray
@@ -183,6 +187,7 @@ class RowAttacks:
     steps: np.ndarray
     group: np.ndarray
     aware: np.ndarray
+    radius_t: np.ndarray | None = None
 
     @classmethod
     def empty(cls, shape: tuple[int, int]) -> "RowAttacks":
@@ -518,16 +523,19 @@ class StackedEmbeddingWorld:
                 else:
                     e_p = self._text(raw_t, envs)
                     partner = (e_p, self._logits(e_p, classes))
-        new_v = self._craft_side(envs, raw_v, labels, orders.mode_v, orders, classes, self._image, shared=True, target_class=target_v, partner=partner)
+        new_v = self._craft_side(
+            envs, raw_v, labels, orders.mode_v, orders, orders.radius, classes, self._image, shared=True, target_class=target_v, partner=partner
+        )
         text_orders = np.where(rewrite_np, 0, orders.mode_t)
-        new_t = self._craft_side(envs, raw_t, labels, text_orders, orders, classes, self._text, shared=False, target_class=target_t)
+        radius_t = orders.radius if orders.radius_t is None else orders.radius_t
+        new_t = self._craft_side(envs, raw_t, labels, text_orders, orders, radius_t, classes, self._text, shared=False, target_class=target_t)
         return new_v, new_t
 
     def _craft_side(
-        self, envs: EnvIndex, raw: torch.Tensor, labels: torch.Tensor, mode_np: np.ndarray, orders: RowAttacks, classes, embed, shared: bool,
-        target_class: torch.Tensor | None = None, partner: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, envs: EnvIndex, raw: torch.Tensor, labels: torch.Tensor, mode_np: np.ndarray, orders: RowAttacks, radius_np: np.ndarray, classes,
+        embed, shared: bool, target_class: torch.Tensor | None = None, partner: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        """L2-PGD on one modality's rows whose ``mode_np`` > 0 (see :meth:`craft`).
+        """L2-PGD on one modality's rows whose ``mode_np`` > 0 (see :meth:`craft`), ``radius_np`` (E, R) per row.
 
         :param target_class: ``c*`` per row (E, R) for modes 2 and 4; ``None``: the nearest wrong class.
         :param partner: the other modality's normalised embeddings and logits (E, R, ·), for modes 3 and 4.
@@ -544,7 +552,7 @@ class StackedEmbeddingWorld:
             order = np.argsort(~active_np, axis=1, kind="stable")[:, :width]
             source = torch.as_tensor(order, device=device)
             pick = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
-            mode_np, radius_np, steps_np, group_np = pick(mode_np), pick(orders.radius), pick(orders.steps), pick(orders.group)
+            mode_np, radius_np, steps_np, group_np = pick(mode_np), pick(radius_np), pick(orders.steps), pick(orders.group)
             aware_np = np.take_along_axis(orders.aware, order[..., None], axis=1)
             full = raw
             rows = lambda x: torch.gather(x, 1, source.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
@@ -555,7 +563,7 @@ class StackedEmbeddingWorld:
             if partner is not None:
                 partner = (rows(partner[0]), rows(partner[1]))
         else:
-            radius_np, steps_np, group_np, aware_np = orders.radius, orders.steps, orders.group, orders.aware
+            steps_np, group_np, aware_np = orders.steps, orders.group, orders.aware
         mode = torch.as_tensor(mode_np, device=device)
         steps = torch.as_tensor(steps_np, device=device)
         radius = torch.as_tensor(radius_np, dtype=torch.float32, device=device).unsqueeze(-1)
