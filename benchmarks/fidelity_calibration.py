@@ -69,10 +69,9 @@ checked on noisy ones with ``--corruption``.
 radius is ``c(family) · travel``, where ``travel`` is how far that cell's own pixel attack moved
 that pair's unit embedding on the undefended model (image and caption side each their own; the
 same adversarial examples the pixel column scores), and ``c`` one number per family
-(``PIXEL_TRAVEL_SCALE``; ``--calibrate`` refits it). The direction is still the embedding PGD's,
+(:data:`cmai_env.fidelity.travel.PIXEL_TRAVEL_SCALE`; ``--calibrate`` refits it). The direction is still the embedding PGD's,
 against the current model, so the attack stays white-box; only each pair's budget is the pixel
-attack's. The environment does not play it (it would need every pixel attack run on every pool
-image of every phase's view); the table says how much of the gap per-pair travel closes.
+attack's. A scenario plays it with ``embedding_attack_radius: pixel_travel`` (:mod:`cmai_env.fidelity.travel`).
 """
 
 from __future__ import annotations
@@ -103,6 +102,8 @@ from cmai_env.data import load_dataset  # noqa: E402
 from cmai_env.fidelity import stacked  # noqa: E402
 from cmai_env.fidelity.base import defended_backbone  # noqa: E402
 from cmai_env.fidelity.stacked import EmbeddingAttack, RowAttacks, StackedEmbeddingWorld  # noqa: E402
+from cmai_env.fidelity.travel import CHUNK, PIXEL_TRAVEL_SCALE, entry_attack  # noqa: E402
+from cmai_env.fidelity.travel import pixel_travel as travel_of  # noqa: E402
 from cmai_env.robustness import evaluate_attack  # noqa: E402
 from cmai_env.scenario import AttackSpec, Scenario, apply_overrides, load_scenario, scenario_option  # noqa: E402
 
@@ -112,26 +113,10 @@ TOLERANCE = 0.10
 GRID = tuple(round(0.025 * k, 3) for k in range(1, 41))
 #: budget exponents γ it tries (r = scale · (budget / default)^γ; γ = 1: radius proportional to the budget)
 EXPONENTS = (2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
-#: ``--pixel-travel``'s ``c`` per family (``r = c · travel``), grid-searched over ``TRAVEL_GRID`` by
-#: ``--pixel-travel --calibrate`` on quickstart's clean data (its dataset seed, 128 attacked pairs):
-#: the largest |Δ| of ASR and TPR over the family's cells, ties by the mean (measurement log).
-PIXEL_TRAVEL_SCALE: dict[str, float] = {
-    "image": 0.875,
-    "image_l2": 0.75,
-    "text": 0.8,
-    "bridge_image": 1.45,
-    "bridge_text": 0.775,
-    "both": 0.775,
-    "universal": 1.6,
-    "aware_image": 1.275,
-    "aware_rewrite": 0.7,
-}
 #: the ``c`` values ``--pixel-travel --calibrate`` tries (0.05 … 2.0, step 0.025)
 TRAVEL_GRID = tuple(round(0.025 * k, 3) for k in range(2, 81))
 #: families that move the caption only (their ``r`` column is the caption side's radius)
 TEXT_FAMILIES = ("text", "bridge_text")
-#: pairs per pixel attack call: ``evaluate_attack``'s chunks, which ``pixel_travel`` replays
-PIXEL_CHUNK = 128
 #: embedding families of the detector-aware attacks while their declarations carry none
 AWARE_FAMILIES = {"aware_pgd_linf": "aware_image", "aware_caption_rewrite": "aware_rewrite"}
 
@@ -317,11 +302,9 @@ def print_displacement(setup: Setup, cells: Sequence[Cell], seed: int) -> None:
 
 def pixel_rates(setup: Setup, name: str, params: dict, seed: int) -> Rates:
     """The registered attack on the attacked half; τ calibrated on the other half."""
-    attack = make_attack(name, **params)
     generator = torch.Generator().manual_seed(seed)
-    if hasattr(attack, "fit"):  # universal: learned on training pairs, applied to the unseen probe pairs
-        attack.fit(setup.task, setup.pool.subset(slice(0, min(len(setup.pool), 256))), generator)
-    report = evaluate_attack(setup.task, setup.attacked, attack, generator, ConsistencyDetector(0.05), setup.calibration, batch_size=PIXEL_CHUNK)
+    attack = entry_attack(name, params, setup.task, setup.pool, generator)  # universal: fitted on training pairs first
+    report = evaluate_attack(setup.task, setup.attacked, attack, generator, ConsistencyDetector(0.05), setup.calibration, batch_size=CHUNK)
     return Rates(report.asr, report.detector_tpr, report.system_asr)
 
 
@@ -329,23 +312,9 @@ def pixel_travel(setup: Setup, name: str, params: dict, seed: int) -> tuple[np.n
     """Per attacked pair, the L2 distance the pixel attack moves its unit image and its unit caption
     embedding on the undefended model: the adversarial examples :func:`pixel_rates` scores (the same
     seed, the same generator draws, chunk by chunk), made again (``--pixel-travel``)."""
-    attack = make_attack(name, **params)
     generator = torch.Generator().manual_seed(seed)
-    if hasattr(attack, "fit"):
-        attack.fit(setup.task, setup.pool.subset(slice(0, min(len(setup.pool), 256))), generator)
-    backbone = setup.task.backbone
-    moved_v, moved_t = [], []
-    for start in range(0, len(setup.attacked), PIXEL_CHUNK):
-        chunk = setup.attacked.subset(slice(start, start + PIXEL_CHUNK))
-        adversarial = attack(setup.task, chunk, generator).batch
-        with torch.no_grad():
-            if adversarial.token_embeds is None:
-                text = backbone.encode_text(adversarial.tokens)
-            else:
-                text = backbone.encode_text_embeddings(adversarial.token_embeds, adversarial.tokens)
-            moved_v.append((backbone.encode_image(adversarial.images) - backbone.encode_image(chunk.images)).norm(dim=-1))
-            moved_t.append((text - backbone.encode_text(chunk.tokens)).norm(dim=-1))
-    return torch.cat(moved_v).cpu().numpy(), torch.cat(moved_t).cpu().numpy()
+    attack = entry_attack(name, params, setup.task, setup.pool, generator)
+    return travel_of(setup.task, setup.attacked, attack, generator)
 
 
 class EmbeddingProbe:
@@ -532,6 +501,7 @@ def rank_correlation(
     other_law: tuple[float, float] | None = None,
     train_scale: float | None = None,
     like_for_like: bool = False,
+    travel: bool = False,
 ) -> dict[str, list[float]]:
     """Mean return of every baseline at both fidelities and the Spearman correlation between them.
 
@@ -542,6 +512,8 @@ def rank_correlation(
     :param like_for_like: where the scenario's pixel defence is not the embedding fidelity's
         (:func:`pixel_defence_like_embedding`), also play pixel defending the adapters at the
         embedding's rate, and correlate every embedding run with both pixel runs.
+    :param travel: also play the embedding fidelity with ``embedding_attack_radius: pixel_travel``
+        (each attacked pair at the distance its own pixel attack moved it).
     :returns: ``{run label: mean return per baseline}`` in :func:`available_baselines` order.
     """
     from scipy.stats import spearmanr
@@ -560,6 +532,8 @@ def rank_correlation(
         runs.append((f"embedding r={other_law[0]:g}·b^{other_law[1]:g}", "embedding", other_law, {}))
     if train_scale is not None:
         runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", None, {"defense.embedding_train_radius_scale": train_scale}))
+    if travel:
+        runs.append(("embedding, pixel travel", "embedding", None, {"embedding_attack_radius": "pixel_travel"}))
     returns: dict[str, list[float]] = {}
     pixel_labels = [label for label, fidelity, _, _ in runs if fidelity == "pixel"]
     for label, fidelity, law, overrides in runs:
@@ -610,7 +584,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--laws", nargs="+", default=None, metavar="FAMILY=SCALE,GAMMA",
                         help="play these radius laws r = SCALE·(budget/default)^GAMMA instead of the environment's (as --calibrate prints them)")
     parser.add_argument("--pixel-travel", action="store_true",
-                        help="each pair's radius = c(family) × how far its pixel attack moved that side's embedding (not played by the environment)")
+                        help="also the table with each pair's radius = c(family) × how far its pixel attack moved that side's embedding; "
+                             "with --rank also the embedding episodes with embedding_attack_radius: pixel_travel")
     args = parser.parse_args(argv)
     given_laws = None if args.laws is None else parse_laws(parser, args.laws)
     if not (0.0 <= args.radius_spread <= 3.0):
@@ -619,9 +594,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("give --radius or --laws, not both")
     if args.pixel_travel and (given_laws is not None or args.radius is not None or args.radius_spread):
         parser.error("--pixel-travel sets every pair's radius itself; it takes no --laws, --radius or --radius-spread")
-    if args.rank and (given_laws is not None or args.radius_spread or args.pixel_travel):
+    if args.rank and (given_laws is not None or args.radius_spread):
         # --rank plays whole episodes of the environment, which has neither; refused rather than ignored
-        parser.error("--laws, --radius-spread and --pixel-travel change the table only; --rank plays the environment's radii (or --radius)")
+        parser.error("--laws and --radius-spread change the table only; --rank plays the environment's radii (or --radius, or --pixel-travel)")
     corruption = None if args.corruption is None else parse_corruption(parser, args.corruption)
     try:  # checked before the table, not after it
         rank_seeds = distinct_seeds([int(s) for s in args.rank_seeds.split(",")], "--rank-seeds")
@@ -707,7 +682,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.rank:
         for scenario in args.rank_scenarios.split(","):
             rank_correlation(
-                scenario, rank_seeds, 1, None if args.radius is None else (args.radius, args.exponent), args.train_radius_scale, args.like_for_like
+                scenario, rank_seeds, 1, None if args.radius is None else (args.radius, args.exponent), args.train_radius_scale, args.like_for_like,
+                args.pixel_travel,
             )
         print(f"{time.process_time() - start_cpu:.0f} CPU-s in all")
 

@@ -403,6 +403,12 @@ class Scenario(_Model):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     fidelity: Literal["pixel", "embedding"] = "pixel"
+    #: how the embedding fidelity sizes each attacked pair's perturbation: ``law``, one L2 radius per
+    #: attack configuration from its family's calibrated law (``FAMILY_RADIUS_LAW``; every shipped
+    #: scenario was measured with it), or ``pixel_travel``, each pair at the distance its own pixel
+    #: attack moved it on the undefended model (:mod:`cmai_env.fidelity.travel`: closer to the pixel
+    #: fidelity on issue 10's calibration cells; the world runs the phases' pixel attacks once when built)
+    embedding_attack_radius: Literal["law", "pixel_travel"] = "law"
     #: incoming pairs per round
     batch_size: int = Field(64, gt=0, le=MAX_BATCH_SIZE)
     #: rounds per episode (None: the schedule's total; shorter truncates, longer extends the last phase)
@@ -522,6 +528,10 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
         issues.append((("defense", "embedding_train_radius_scale"), scenario.defense.embedding_train_radius_scale,
                        f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (its L_adv "
                        "examples are pixel attacks at eps_v / eps_t); remove defense.embedding_train_radius_scale"))
+    if scenario.embedding_attack_radius != Scenario.model_fields["embedding_attack_radius"].default:
+        issues.append((("embedding_attack_radius",), scenario.embedding_attack_radius,
+                       f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (its attacks "
+                       "are the pixel attacks themselves); remove embedding_attack_radius"))
     return issues
 
 

@@ -162,14 +162,15 @@ def test_rank_correlation_plays_each_run_with_its_overrides(monkeypatch, capsys)
         return FakeResult(-base if flip else base)
 
     monkeypatch.setattr(agents.evaluation, "evaluate_policy", fake_evaluate)
-    returns = benchmark.rank_correlation("quickstart", [0], 1, train_scale=2.0, like_for_like=True)
-    assert list(returns) == ["pixel", "pixel, adapters", "embedding", "embedding L_adv r×2"]
-    kwargs = [calls[i * len(names)] for i in range(4)]
+    returns = benchmark.rank_correlation("quickstart", [0], 1, train_scale=2.0, like_for_like=True, travel=True)
+    assert list(returns) == ["pixel", "pixel, adapters", "embedding", "embedding L_adv r×2", "embedding, pixel travel"]
+    kwargs = [calls[i * len(names)] for i in range(5)]
     assert kwargs == [
         ("pixel", None),
         ("pixel", {"defense.defended": "adapter", "defense.lr": 1e-2}),
         ("embedding", None),
         ("embedding", {"defense.embedding_train_radius_scale": 2.0}),
+        ("embedding", {"embedding_attack_radius": "pixel_travel"}),
     ]
     out = capsys.readouterr().out
     assert "embedding vs pixel: -1.000" in out and "embedding vs pixel, adapters: -1.000" in out
@@ -275,7 +276,7 @@ def test_pixel_travel_gives_each_pair_the_distance_its_pixel_attack_moved_it(cap
     fitted = {line.split()[0]: float(line.split()[2]) for line in out.splitlines() if line.startswith("  ") and " c " in line}
     assert set(fitted) == {"image", "text"} and all(v in benchmark.TRAVEL_GRID for v in fitted.values())
     assert set(benchmark.PIXEL_TRAVEL_SCALE) == set(FAMILY_RADIUS_LAW)
-    for extra in (["--laws", "image=1,1"], ["--radius", "0.5"], ["--radius-spread", "0.5"], ["--rank"]):
+    for extra in (["--laws", "image=1,1"], ["--radius", "0.5"], ["--radius-spread", "0.5"]):
         with pytest.raises(SystemExit):
             benchmark.main(["--quick", "--pixel-travel", *extra])
         assert "--pixel-travel" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from cmai_env.attacks import attack_class
 from cmai_env.corruptions import corrupted_split
 from cmai_env.data import load_dataset
 from cmai_env.fidelity.base import assign_attacks, defended_backbone, entry_key
+from cmai_env.fidelity.travel import entry_attack, memoised, pixel_travel, travel_radii
 from cmai_env.models.backbone import ResidualAdapter
 from cmai_env.round import (
     AttackOutcome,
@@ -190,18 +191,33 @@ class RowAttacks:
     radius_t: np.ndarray | None = None
 
     @classmethod
-    def empty(cls, shape: tuple[int, int]) -> "RowAttacks":
+    def empty(cls, shape: tuple[int, int], per_side: bool = False) -> "RowAttacks":
+        """No row attacked; ``per_side``: with a text-side ``radius_t`` of its own (filled like ``radius``)."""
         zeros = np.zeros(shape, dtype=np.int64)
         aware = np.broadcast_to(np.array(list(AWARE_PARAMS.values()), dtype=np.float32), (*shape, 3)).copy()
-        return cls(zeros, zeros.copy(), np.zeros(shape, dtype=np.float32), zeros.copy(), np.full(shape, -1, dtype=np.int64), aware)
+        radius_t = np.zeros(shape, dtype=np.float32) if per_side else None
+        return cls(zeros, zeros.copy(), np.zeros(shape, dtype=np.float32), zeros.copy(), np.full(shape, -1, dtype=np.int64), aware, radius_t)
 
     def fill(self, env: int, rows: slice | np.ndarray, attack: EmbeddingAttack, group: int) -> None:
         mode_v, mode_t = _MODES[attack.family]
         self.mode_v[env, rows], self.mode_t[env, rows] = mode_v, mode_t
         self.radius[env, rows], self.steps[env, rows] = attack.radius, attack.steps
+        if self.radius_t is not None:
+            self.radius_t[env, rows] = attack.radius
         self.aware[env, rows] = (attack.lam, attack.kappa, attack.ce_weight)
         if attack.family == "universal":
             self.group[env, rows] = group
+
+
+@dataclass(frozen=True)
+class TravelRadii:
+    """One attack configuration's per-pair radii on one view (``embedding_attack_radius: pixel_travel``):
+    image and caption side for every pool pair (``pool_v``, ``pool_t``) and probe pair."""
+
+    pool_v: np.ndarray
+    pool_t: np.ndarray
+    probe_v: np.ndarray
+    probe_t: np.ndarray
 
 
 # ---------------------------------------------------------------------------- stacked parameters
@@ -407,6 +423,45 @@ class StackedEmbeddingWorld:
         for phase in scenario.phases:  # unplayable attacks fail at construction, not mid-episode
             for attack in phase.attacks:
                 self.attack(attack)
+        #: ``embedding_attack_radius: pixel_travel``: per (attack configuration, view), the image- and
+        #: caption-side radius of every pool and probe pair (:mod:`cmai_env.fidelity.travel`); else empty
+        self.travel: dict[tuple[tuple, int], TravelRadii] = {}
+        if scenario.embedding_attack_radius == "pixel_travel":
+            entries = sorted({entry_key(entry) for phase in scenario.phases for entry in phase.attacks}, key=repr)
+            key = (scenario.backbone.model_dump_json(), scenario.dataset.model_dump_json(), str(self.device), tuple(self.corruptions), tuple(entries))
+            self.travel = memoised(key, lambda: self._pixel_travel(backbone, pool, probe))
+
+    def _pixel_travel(self, backbone, pool, probe) -> dict[tuple[tuple, int], "TravelRadii"]:
+        """Every attack configuration of the scenario, once per view it caches (a stream may play a
+        phase's attacks on a neighbouring phase's images, e.g. while drifting), as a pixel attack on the
+        undefended backbone over the pool and probe images: each pair's radius is ``c · travel``
+        (:mod:`cmai_env.fidelity.travel`)."""
+        from cmai_env.attacks import PairBatch, ZeroShotTask
+
+        spec = self.scenario.dataset
+        task = ZeroShotTask.from_dataset(backbone, pool)
+        pool_pairs, probe_pairs = PairBatch.from_dataset(backbone, pool), PairBatch.from_dataset(backbone, probe)
+        entries = {entry_key(entry): entry for phase in self.scenario.phases for entry in phase.attacks}
+        table: dict[tuple[tuple, int], TravelRadii] = {}
+        for view, corruption in enumerate(self.corruptions):
+            pool_view = PairBatch(corrupted_split(pool_pairs.images, corruption, spec.seed, "train"), pool_pairs.tokens, pool_pairs.labels)
+            probe_view = PairBatch(corrupted_split(probe_pairs.images, corruption, spec.seed, "val"), probe_pairs.tokens, probe_pairs.labels)
+            for key, entry in entries.items():
+                generator = torch.Generator().manual_seed(spec.seed)
+                attack = entry_attack(entry.name, entry.params, task, pool_view, generator)
+                family = self.attack(entry).family
+                radii = (*travel_radii(family, pixel_travel(task, pool_view, attack, generator)),
+                         *travel_radii(family, pixel_travel(task, probe_view, attack, generator)))
+                for array in radii:
+                    array.setflags(write=False)  # shared by every world built alike (travel.memoised)
+                table[(key, view)] = TravelRadii(*radii)
+        return table
+
+    def _travel_rows(self, orders: RowAttacks, env: int, columns: np.ndarray | slice, entry, view: int, pairs: np.ndarray, pool: bool) -> None:
+        """Set ``orders``' radii of ``columns`` of ``env`` to the travel radii of pool (or probe) ``pairs``."""
+        radii = self.travel[(entry_key(entry), view)]
+        image, text = (radii.pool_v, radii.pool_t) if pool else (radii.probe_v, radii.probe_t)
+        orders.radius[env, columns], orders.radius_t[env, columns] = image[pairs], text[pairs]
 
     @property
     def embed_dim(self) -> int:
@@ -428,7 +483,10 @@ class StackedEmbeddingWorld:
 
     def views(self, plans: Sequence[RoundPlan]) -> torch.Tensor:
         """Index into ``pool_views``/``probe_views`` of each plan's corruption, (E,)."""
-        return torch.as_tensor([self.corruptions.index(plan.corruption) for plan in plans], device=self.device)
+        return torch.as_tensor(self._view_indices(plans), device=self.device)
+
+    def _view_indices(self, plans: Sequence[RoundPlan]) -> list[int]:
+        return [self.corruptions.index(plan.corruption) for plan in plans]
 
     # ------------------------------------------------------------------ model
     def _size(self, envs: EnvIndex) -> int:
@@ -627,7 +685,8 @@ class StackedEmbeddingWorld:
             # padded with its clean pairs (untouched orders), so every written position is distinct.
             width = int(counts.max())
             source = np.zeros((len(plans), width), dtype=np.int64)
-            orders = RowAttacks.empty((len(plans), width))
+            orders = RowAttacks.empty((len(plans), width), per_side=bool(self.travel))
+            views = self._view_indices(plans)
             for e, plan in enumerate(plans):
                 positions = np.flatnonzero(attack_index[e] >= 0)
                 source[e] = np.concatenate([positions, np.flatnonzero(attack_index[e] < 0)[: width - len(positions)]])
@@ -635,6 +694,8 @@ class StackedEmbeddingWorld:
                     picked = np.flatnonzero(attack_index[e, positions] == k)
                     if len(picked):
                         orders.fill(e, picked, self.attack(entry), k)
+                        if self.travel:
+                            self._travel_rows(orders, e, picked, entry, views[e], rows[e, positions[picked]], pool=True)
             src = torch.as_tensor(source, device=self.device)
             gather = lambda x: torch.gather(x, 1, src.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
             with torch.no_grad():
@@ -785,12 +846,15 @@ class StackedEmbeddingWorld:
         outcomes: list[list[AttackOutcome]] = [[] for _ in plans]
         asr = np.zeros(size)
         if width:
-            orders = RowAttacks.empty((size, width * n))
+            orders = RowAttacks.empty((size, width * n), per_side=bool(self.travel))
             modality = np.zeros((size, width), dtype=np.int64)  # 0 image, 1 text, 2 both
+            views = self._view_indices(plans)
             for e, plan in enumerate(plans):
                 for k, entry in enumerate(plan.mixture):
                     attack = self.attack(entry)
                     orders.fill(e, slice(k * n, (k + 1) * n), attack, k)
+                    if self.travel:
+                        self._travel_rows(orders, e, slice(k * n, (k + 1) * n), entry, views[e], np.arange(n), pool=False)
                     modality[e, k] = ("image", "text", "both").index(attack.modality)
             tile = lambda x: x[:n].repeat(width, *([1] * (x.dim() - 1))).unsqueeze(0).expand(size, *([-1] * x.dim()))  # noqa: E731
             tiled_v = probe_v[:, :n].repeat(1, width, 1)

@@ -1,0 +1,111 @@
+"""Per-pair attack budgets for the embedding fidelity, from how far the pixel attacks move each pair.
+
+The radius laws (:data:`cmai_env.fidelity.stacked.FAMILY_RADIUS_LAW`) give every pair one L2 radius
+per attack configuration. A pixel attack moves some images' embeddings much farther than others'
+at the same budget, so its ASR rises with the budget more slowly than one radius for every pair
+gives, and on out-of-sample pairs the laws fit only 14–18 of issue 10's 30 calibration cells
+(``benchmarks/fidelity_calibration.py``). Playing each pair at the distance its own pixel attack
+travelled (times one constant per family, :data:`PIXEL_TRAVEL_SCALE`) fits 24–25 of them
+(docs/measurements.md). The embedding PGD still picks the direction against the current
+adapters, so the attacker stays white-box; only each pair's budget comes from the pixel attack.
+
+A scenario chooses it with ``embedding_attack_radius: pixel_travel``. Then
+:class:`~cmai_env.fidelity.stacked.StackedEmbeddingWorld` runs every phase's pixel attacks once at
+construction, on the undefended backbone, over every pool and probe image of the view that phase
+serves (1–2.5 CPU-s per attack configuration and view for 2,256 images of ``shapes``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from cmai_env.attacks import Attack, PairBatch, ZeroShotTask, make_attack
+
+#: Per embedding family, ``c`` of the per-pair radius ``r = c · travel``, where ``travel`` is how far
+#: the pair's own pixel attack moved that side's unit embedding. Grid-searched (0.05…2.0, step 0.025)
+#: by ``python benchmarks/fidelity_calibration.py --pixel-travel --calibrate`` on quickstart's clean
+#: data (dataset seed 0, 128 attacked pairs, undefended model): per family the ``c`` minimising the
+#: largest |Δ| of ASR and detector TPR between the fidelities over its cells (ties: the mean |Δ|).
+#: There 22/30 cells are within ±0.10; on dataset seeds 1 and 2 (not fitted on), 25/30 each.
+PIXEL_TRAVEL_SCALE: dict[str, float] = {
+    "image": 0.875,
+    "image_l2": 0.75,
+    "text": 0.8,
+    "bridge_image": 1.45,
+    "bridge_text": 0.775,
+    "both": 0.775,
+    "universal": 1.6,
+    "aware_image": 1.275,
+    "aware_rewrite": 0.7,
+}
+#: Tables kept by :func:`memoised` (a benchmark builds a new world for every batch of episodes).
+MEMO_SIZE = 8
+_MEMO: "OrderedDict[tuple, Any]" = OrderedDict()
+#: Pairs per pixel attack call (``cmai_env.robustness.evaluate_attack``'s default chunk).
+CHUNK = 128
+#: Training pairs a universal perturbation is fitted on (as the pixel fidelity fits it).
+UNIVERSAL_FIT_N = 256
+
+
+@torch.no_grad()
+def _unit_embeddings(task: ZeroShotTask, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    backbone = task.backbone
+    if batch.token_embeds is None:
+        text = backbone.encode_text(batch.tokens)
+    else:
+        text = backbone.encode_text_embeddings(batch.token_embeds, batch.tokens)
+    return backbone.encode_image(batch.images), text
+
+
+def pixel_travel(task: ZeroShotTask, pairs: PairBatch, attack: Attack, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, the L2 distance ``attack`` moves its unit image and its unit caption embedding.
+
+    The attack runs chunk by chunk (:data:`CHUNK` pairs), drawing from ``generator`` in order, as
+    :func:`cmai_env.robustness.evaluate_attack` does, so the same seed gives the examples it scores.
+    A side the attack leaves alone travels 0.
+    """
+    moved_v, moved_t = [], []
+    for start in range(0, len(pairs), CHUNK):
+        chunk = pairs.subset(slice(start, start + CHUNK))
+        adversarial = attack(task, chunk, generator).batch
+        clean_v, clean_t = _unit_embeddings(task, chunk)
+        adv_v, adv_t = _unit_embeddings(task, adversarial)
+        moved_v.append((adv_v - clean_v).norm(dim=-1))
+        moved_t.append((adv_t - clean_t).norm(dim=-1))
+    return torch.cat(moved_v).cpu().numpy(), torch.cat(moved_t).cpu().numpy()
+
+
+def entry_attack(name: str, params: dict, task: ZeroShotTask, fit_pairs: PairBatch, generator: torch.Generator) -> Attack:
+    """The registered pixel attack of a scenario entry, a universal one fitted on ``fit_pairs``
+    (at most :data:`UNIVERSAL_FIT_N`) first."""
+    attack = make_attack(name, **params)
+    if hasattr(attack, "fit"):
+        attack.fit(task, fit_pairs.subset(slice(0, min(len(fit_pairs), UNIVERSAL_FIT_N))), generator)
+    return attack
+
+
+def travel_radii(family: str, travel: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``PIXEL_TRAVEL_SCALE[family] · travel`` for the image and the caption side, float32."""
+    scale = PIXEL_TRAVEL_SCALE[family]
+    return (scale * np.asarray(travel[0])).astype(np.float32), (scale * np.asarray(travel[1])).astype(np.float32)
+
+
+def memoised(key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per ``key`` in this process, the last :data:`MEMO_SIZE` keys kept.
+
+    The radii are a pure function of the scenario's data, backbone, views and attack
+    configurations (every pixel attack is seeded by the dataset seed), so worlds built alike share
+    them instead of running every pixel attack again. Callers must not write to what it returns.
+    """
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]
+    value = compute()
+    _MEMO[key] = value
+    while len(_MEMO) > MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return value

@@ -1,0 +1,109 @@
+"""``embedding_attack_radius: pixel_travel``: each attacked pair at the distance its own pixel attack moved it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cmai_env.fidelity import travel
+from cmai_env.fidelity.base import entry_key
+from cmai_env.fidelity.embedding import EmbeddingFidelity
+from cmai_env.fidelity.stacked import FAMILY_RADIUS_LAW, StackedEmbeddingWorld
+from cmai_env.scenario import ScenarioError, apply_overrides, load_scenario
+from cmai_env.stream import AttackStream
+
+SMALL = {"fidelity": "embedding", "batch_size": 16, "dataset.train_n": 64, "dataset.probe_n": 16}
+TRAVEL = {**SMALL, "embedding_attack_radius": "pixel_travel"}
+
+
+def test_the_field_is_validated_and_law_by_default():
+    assert load_scenario("quickstart").embedding_attack_radius == "law"
+    assert set(travel.PIXEL_TRAVEL_SCALE) == set(FAMILY_RADIUS_LAW)
+    with pytest.raises(ScenarioError, match="embedding_attack_radius") as error:
+        apply_overrides(load_scenario("quickstart"), {"embedding_attack_radius": "replay"})
+    assert "pixel_travel" in str(error.value)
+    with pytest.raises(ScenarioError, match="embedding_attack_radius") as error:
+        apply_overrides(load_scenario("flamingo_shift"), {"embedding_attack_radius": "pixel_travel"})
+    assert "generative backbone" in str(error.value)
+
+
+def test_every_phase_attack_gets_per_pair_radii_from_its_own_pixel_attack():
+    scenario = apply_overrides(load_scenario("quickstart"), TRAVEL)
+    world = StackedEmbeddingWorld(scenario, 1)
+    # every configuration on every view the world caches: a drifting stream mixes phases' attacks and images
+    configurations = {entry_key(entry) for phase in scenario.phases for entry in phase.attacks}
+    assert set(world.travel) == {(key, view) for key in configurations for view in range(len(world.corruptions))}
+    assert len(world.corruptions) == 2  # quickstart has a clean and a noisy view
+    for (key, view), radii in world.travel.items():
+        attack = world._attacks[key]
+        assert radii.pool_v.shape == radii.pool_t.shape == (64,) and radii.probe_v.shape == (16,)
+        moved = (radii.pool_v > 0).mean(), (radii.pool_t > 0).mean()
+        assert moved[0] == (1.0 if attack.modality in ("image", "both") else 0.0), attack
+        assert moved[1] == (1.0 if attack.modality in ("text", "both") else 0.0), attack
+        assert radii.pool_v.std() > 0 or radii.pool_t.std() > 0  # per pair, not one radius for all
+    assert StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), SMALL), 1).travel == {}  # law: none
+
+    # The radii are c · the pixel attack's travel, as fidelity_calibration.py --pixel-travel measures it.
+    (key, view), radii = next((k, r) for k, r in world.travel.items() if world._attacks[k[0]].family == "image")
+    phase = next(p for p in scenario.phases for e in p.attacks if entry_key(e) == key)
+    entry = next(e for e in phase.attacks if entry_key(e) == key)
+    from cmai_env.attacks import PairBatch, ZeroShotTask
+    from cmai_env.corruptions import corrupted_split
+    from cmai_env.data import load_dataset
+    from cmai_env.fidelity.base import defended_backbone
+
+    spec = scenario.dataset
+    backbone = defended_backbone(scenario)
+    pool = load_dataset(spec.name, split="train", n=spec.train_n, seed=spec.seed, image_size=backbone.image_size, root=spec.root)
+    pairs = PairBatch.from_dataset(backbone, pool)
+    corruption = world.corruptions[view]
+    pairs = PairBatch(corrupted_split(pairs.images, corruption, spec.seed, "train"), pairs.tokens, pairs.labels)
+    task = ZeroShotTask.from_dataset(backbone, pool)
+    generator = torch.Generator().manual_seed(spec.seed)
+    moved_v, _ = travel.pixel_travel(task, pairs, travel.entry_attack(entry.name, entry.params, task, pairs, generator), generator)
+    np.testing.assert_allclose(radii.pool_v, travel.PIXEL_TRAVEL_SCALE["image"] * moved_v, rtol=1e-5)
+
+
+def test_incoming_and_probe_play_each_pair_at_its_travel_radius(monkeypatch):
+    scenario = apply_overrides(load_scenario("quickstart"), TRAVEL)
+    fidelity = EmbeddingFidelity(scenario)
+    world = fidelity.world
+    calls = []
+    craft = StackedEmbeddingWorld.craft
+
+    def recording(self, envs, raw_v, raw_t, labels, orders, classes, clean=None):
+        calls.append((raw_v.detach().clone(), orders))
+        return craft(self, envs, raw_v, raw_t, labels, orders, classes, clean)
+
+    monkeypatch.setattr(StackedEmbeddingWorld, "craft", recording)
+    plan = next(plan for plan in AttackStream(scenario, np.random.default_rng(0)) if plan.mixture)
+    view = world.corruptions.index(plan.corruption)
+    [radii] = [world.travel[(entry_key(entry), view)] for entry in plan.mixture]
+
+    fidelity.incoming(plan, np.random.default_rng(1))
+    [(raw_v, orders)] = calls
+    attacked = np.flatnonzero((orders.mode_v[0] > 0) | (orders.mode_t[0] > 0))
+    assert len(attacked)
+    # which pool pair each crafted row is: its clean image embedding in the view the phase serves
+    pool_rows = torch.cdist(raw_v[0, attacked], world.pool_views[view]).argmin(-1).numpy()
+    np.testing.assert_array_equal(orders.radius[0, attacked], radii.pool_v[pool_rows])
+    np.testing.assert_array_equal(orders.radius_t[0, attacked], radii.pool_t[pool_rows])
+
+    calls.clear()
+    fidelity.probe(plan, np.random.default_rng(2))
+    [(_, orders)] = calls
+    n = orders.radius.shape[1]
+    np.testing.assert_array_equal(orders.radius[0], radii.probe_v[:n])
+    np.testing.assert_array_equal(orders.radius_t[0], radii.probe_t[:n])
+
+
+def test_worlds_built_alike_share_one_table_of_read_only_radii():
+    scenario = apply_overrides(load_scenario("quickstart"), TRAVEL)
+    first, second = StackedEmbeddingWorld(scenario, 1), StackedEmbeddingWorld(scenario, 2)
+    assert second.travel is first.travel  # the pixel attacks ran once (travel.memoised)
+    radii = next(iter(first.travel.values()))
+    with pytest.raises(ValueError, match="read-only"):
+        radii.pool_v[0] = 0.0
+    other = apply_overrides(scenario, {"dataset.seed": scenario.dataset.seed + 1})
+    assert StackedEmbeddingWorld(other, 1).travel is not first.travel  # other images, other radii
