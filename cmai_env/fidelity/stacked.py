@@ -177,9 +177,9 @@ class RowAttacks:
     :param group: universal-perturbation group per row (-1: own δ); rows of one env and group share δ.
     :param aware: ``(E, R, 3)`` detector-aware parameters ``λ, κ, μ`` per row (modes 3 and 4).
     :param radius_t: L2 radius per row for the text side when it differs from the image side's;
-        ``None`` (what the environment plays): ``radius`` for both sides. Set by
-        ``benchmarks/fidelity_calibration.py --pixel-travel``, which gives each side the distance
-        the pixel attack moved that side's embedding.
+        ``None`` (the radius laws): ``radius`` for both sides. ``embedding_attack_radius:
+        pixel_travel`` and ``benchmarks/fidelity_calibration.py --pixel-travel`` set it: each side
+        gets the distance the pixel attack moved that side's embedding.
     """
 
     mode_v: np.ndarray
