@@ -177,6 +177,16 @@ def assign_attacks(plan: RoundPlan, n: int, rng: np.random.Generator) -> np.ndar
     return labels[rng.permutation(n)]
 
 
+#: Training pairs a universal perturbation is fitted on before it is applied to unseen pairs.
+UNIVERSAL_FIT_N = 256
+
+
+def universal_fit_pairs(pool):
+    """The first :data:`UNIVERSAL_FIT_N` pairs of a pool (a ``PairBatch``): what an attack that
+    learns one perturbation for every image (``universal``) is fitted on, at both fidelities."""
+    return pool.subset(slice(0, min(len(pool), UNIVERSAL_FIT_N)))
+
+
 def entry_key(entry) -> tuple:
     """Hashable identity of a mixture entry's attack configuration."""
     return (entry.name, tuple(sorted(entry.params.items())))

@@ -19,6 +19,7 @@ from cmai_env.fidelity.base import (
     assign_attacks,
     defended_backbone,
     entry_key,
+    universal_fit_pairs,
 )
 from cmai_env.corruptions import corrupted_split
 from cmai_env.round import AttackOutcome, mixture_asr, observed_adversarial, probe_split
@@ -92,8 +93,7 @@ class PixelFidelity(Fidelity):
             attack = self._make_attack(entry)
             if hasattr(attack, "fit"):
                 # Universal perturbations are learned on the training pool, then applied to unseen pairs.
-                fit_n = min(len(self.pool_batch), 256)
-                attack.fit(self.task, self.pool_batch.subset(slice(0, fit_n)), torch_generator(rng))
+                attack.fit(self.task, universal_fit_pairs(self.pool_batch), torch_generator(rng))
             self._attacks[key] = attack
         return self._attacks[key]
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from cmai_env.attacks import Attack, PairBatch, ZeroShotTask, make_attack
+from cmai_env.fidelity.base import universal_fit_pairs
 
 #: Per embedding family, ``c`` of the per-pair radius ``r = c · travel``, where ``travel`` is how far
 #: the pair's own pixel attack moved that side's unit embedding. Grid-searched (0.05…2.0, step 0.025)
@@ -51,8 +52,6 @@ MEMO_SIZE = 8
 _MEMO: "OrderedDict[tuple, Any]" = OrderedDict()
 #: Pairs per pixel attack call (``cmai_env.robustness.evaluate_attack``'s default chunk).
 CHUNK = 128
-#: Training pairs a universal perturbation is fitted on (as the pixel fidelity fits it).
-UNIVERSAL_FIT_N = 256
 
 
 @torch.no_grad()
@@ -84,11 +83,11 @@ def pixel_travel(task: ZeroShotTask, pairs: PairBatch, attack: Attack, generator
 
 
 def entry_attack(name: str, params: dict, task: ZeroShotTask, fit_pairs: PairBatch, generator: torch.Generator) -> Attack:
-    """The registered pixel attack of a scenario entry, a universal one fitted on ``fit_pairs``
-    (at most :data:`UNIVERSAL_FIT_N`) first."""
+    """The registered pixel attack of a scenario entry, a universal one fitted first on
+    ``fit_pairs`` as the pixel fidelity fits it (:func:`~cmai_env.fidelity.base.universal_fit_pairs`)."""
     attack = make_attack(name, **params)
     if hasattr(attack, "fit"):
-        attack.fit(task, fit_pairs.subset(slice(0, min(len(fit_pairs), UNIVERSAL_FIT_N))), generator)
+        attack.fit(task, universal_fit_pairs(fit_pairs), generator)
     return attack
 
 
