@@ -32,7 +32,7 @@ from cmai_env.attacks import attack_class
 from cmai_env.corruptions import corrupted_split
 from cmai_env.data import load_dataset
 from cmai_env.fidelity.base import assign_attacks, defended_backbone, entry_key
-from cmai_env.fidelity.travel import entry_attack, memoised, pixel_travel, travel_radii
+from cmai_env.fidelity.travel import clean_embeddings, entry_attack, memoised, pixel_travel, travel_radii
 from cmai_env.models.backbone import ResidualAdapter
 from cmai_env.round import (
     AttackOutcome,
@@ -427,11 +427,12 @@ class StackedEmbeddingWorld:
         #: caption-side radius of every pool and probe pair (:mod:`cmai_env.fidelity.travel`); else empty
         self.travel: dict[tuple[tuple, int], TravelRadii] = {}
         if scenario.embedding_attack_radius == "pixel_travel":
-            entries = sorted({entry_key(entry) for phase in scenario.phases for entry in phase.attacks}, key=repr)
-            key = (scenario.backbone.model_dump_json(), scenario.dataset.model_dump_json(), str(self.device), tuple(self.corruptions), tuple(entries))
-            self.travel = memoised(key, lambda: self._pixel_travel(backbone, pool, probe))
+            entries = {entry_key(entry): entry for phase in scenario.phases for entry in phase.attacks}
+            key = (scenario.backbone.model_dump_json(), scenario.dataset.model_dump_json(), str(self.device), tuple(self.corruptions),
+                   tuple(sorted(entries, key=repr)))
+            self.travel = memoised(key, lambda: self._pixel_travel(backbone, pool, probe, entries))
 
-    def _pixel_travel(self, backbone, pool, probe) -> dict[tuple[tuple, int], "TravelRadii"]:
+    def _pixel_travel(self, backbone, pool, probe, entries: dict[tuple, object]) -> dict[tuple[tuple, int], "TravelRadii"]:
         """Every attack configuration of the scenario, once per view it caches (a stream may play a
         phase's attacks on a neighbouring phase's images, e.g. while drifting), as a pixel attack on the
         undefended backbone over the pool and probe images: each pair's radius is ``c · travel``
@@ -441,17 +442,17 @@ class StackedEmbeddingWorld:
         spec = self.scenario.dataset
         task = ZeroShotTask.from_dataset(backbone, pool)
         pool_pairs, probe_pairs = PairBatch.from_dataset(backbone, pool), PairBatch.from_dataset(backbone, probe)
-        entries = {entry_key(entry): entry for phase in self.scenario.phases for entry in phase.attacks}
         table: dict[tuple[tuple, int], TravelRadii] = {}
         for view, corruption in enumerate(self.corruptions):
             pool_view = PairBatch(corrupted_split(pool_pairs.images, corruption, spec.seed, "train"), pool_pairs.tokens, pool_pairs.labels)
             probe_view = PairBatch(corrupted_split(probe_pairs.images, corruption, spec.seed, "val"), probe_pairs.tokens, probe_pairs.labels)
+            pool_clean, probe_clean = clean_embeddings(task, pool_view), clean_embeddings(task, probe_view)  # once per view
             for key, entry in entries.items():
                 generator = torch.Generator().manual_seed(spec.seed)
                 attack = entry_attack(entry.name, entry.params, task, pool_view, generator)
                 family = self.attack(entry).family
-                radii = (*travel_radii(family, pixel_travel(task, pool_view, attack, generator)),
-                         *travel_radii(family, pixel_travel(task, probe_view, attack, generator)))
+                radii = (*travel_radii(family, pixel_travel(task, pool_view, attack, generator, pool_clean)),
+                         *travel_radii(family, pixel_travel(task, probe_view, attack, generator, probe_clean)))
                 for array in radii:
                     array.setflags(write=False)  # shared by every world built alike (travel.memoised)
                 table[(key, view)] = TravelRadii(*radii)

@@ -64,21 +64,30 @@ def _unit_embeddings(task: ZeroShotTask, batch: PairBatch) -> tuple[torch.Tensor
     return backbone.encode_image(batch.images), text
 
 
-def pixel_travel(task: ZeroShotTask, pairs: PairBatch, attack: Attack, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+def clean_embeddings(task: ZeroShotTask, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unit image and caption embeddings of ``pairs``, chunk by chunk as :func:`pixel_travel`
+    measures from them (one computation for every attack played on the same pairs)."""
+    parts = [_unit_embeddings(task, pairs.subset(slice(start, start + CHUNK))) for start in range(0, len(pairs), CHUNK)]
+    return torch.cat([v for v, _ in parts]), torch.cat([t for _, t in parts])
+
+
+def pixel_travel(
+    task: ZeroShotTask, pairs: PairBatch, attack: Attack, generator: torch.Generator, clean: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per pair, the L2 distance ``attack`` moves its unit image and its unit caption embedding.
 
     The attack runs chunk by chunk (:data:`CHUNK` pairs), drawing from ``generator`` in order, as
     :func:`cmai_env.robustness.evaluate_attack` does, so the same seed gives the examples it scores.
     A side the attack leaves alone travels 0.
+
+    :param clean: :func:`clean_embeddings` of ``pairs`` when the caller has them; computed here otherwise.
     """
+    clean_v, clean_t = clean if clean is not None else clean_embeddings(task, pairs)
     moved_v, moved_t = [], []
     for start in range(0, len(pairs), CHUNK):
-        chunk = pairs.subset(slice(start, start + CHUNK))
-        adversarial = attack(task, chunk, generator).batch
-        clean_v, clean_t = _unit_embeddings(task, chunk)
-        adv_v, adv_t = _unit_embeddings(task, adversarial)
-        moved_v.append((adv_v - clean_v).norm(dim=-1))
-        moved_t.append((adv_t - clean_t).norm(dim=-1))
+        adv_v, adv_t = _unit_embeddings(task, attack(task, pairs.subset(slice(start, start + CHUNK)), generator).batch)
+        moved_v.append((adv_v - clean_v[start : start + CHUNK]).norm(dim=-1))
+        moved_t.append((adv_t - clean_t[start : start + CHUNK]).norm(dim=-1))
     return torch.cat(moved_v).cpu().numpy(), torch.cat(moved_t).cpu().numpy()
 
 
