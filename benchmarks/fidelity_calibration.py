@@ -115,8 +115,6 @@ GRID = tuple(round(0.025 * k, 3) for k in range(1, 41))
 EXPONENTS = (2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
 #: the ``c`` values ``--pixel-travel --calibrate`` tries (0.05 … 2.0, step 0.025)
 TRAVEL_GRID = tuple(round(0.025 * k, 3) for k in range(2, 81))
-#: families that move the caption only (their ``r`` column is the caption side's radius)
-TEXT_FAMILIES = ("text", "bridge_text")
 #: embedding families of the detector-aware attacks while their declarations carry none
 AWARE_FAMILIES = {"aware_pgd_linf": "aware_image", "aware_caption_rewrite": "aware_rewrite"}
 
@@ -343,14 +341,12 @@ class EmbeddingProbe:
         """The attack's rates on the attacked pairs; ``radii``: per pair, the image side's and the
         caption side's radius instead of ``attack.radius`` (``--pixel-travel``)."""
         world, n = self.world, self.n
-        orders = RowAttacks.empty((1, n))
+        orders = RowAttacks.empty((1, n), per_side=radii is not None)
         orders.fill(0, slice(0, n), attack, 0)
         if radii is None:
             orders.radius[0] *= self.radius_factor
         else:
-            orders.radius[0] = radii[0]
-            orders.radius_t = orders.radius.copy()
-            orders.radius_t[0] = radii[1]
+            orders.radius[0], orders.radius_t[0] = radii
         adv_v, adv_t = world.craft(None, self.probe_v[None, :n], world.probe_t[None, :n], self.labels[None], orders, self.classes)
         with torch.no_grad():
             a_v, a_t, a_lv, a_lt = world.forward(adv_v, adv_t, self.classes, None)
@@ -421,7 +417,8 @@ def fill_embedding(
             c.embedding = probe.rates(attack)
         else:
             radii = c.travel_radii(travel_scale[c.family])
-            c.radius = float(np.median(radii[1] if c.family in TEXT_FAMILIES else radii[0]))
+            caption_only = stacked._MODES[c.family][0] == 0  # its r column is the caption side's radius
+            c.radius = float(np.median(radii[1] if caption_only else radii[0]))
             c.embedding = probe.rates(attack, radii)
 
 
