@@ -194,14 +194,19 @@ def run_adv_train(args: argparse.Namespace) -> int:
         try:
             return _run_adv_train(args, started, cpu_started)
         finally:
-            (out / f".model.pt.staged{os.getpid()}").unlink(missing_ok=True)  # a run that failed after training
+            _staged_path(out).unlink(missing_ok=True)  # a run that failed after training
+
+
+def _staged_path(out: Path) -> Path:
+    """Where this process stages its trained model beside ``model.pt``."""
+    return out / f".model.pt.staged{os.getpid()}"
 
 
 def _staged_checkpoint(backbone, out: Path) -> Path:
     """Save the trained model beside ``model.pt``; :func:`_finish` promotes it with the report."""
     from cmai_env.training import save_checkpoint
 
-    return save_checkpoint(backbone, out / f".model.pt.staged{os.getpid()}")
+    return save_checkpoint(backbone, _staged_path(out))
 
 
 def _run_adv_train(args: argparse.Namespace, started: float, cpu_started: float) -> int:
