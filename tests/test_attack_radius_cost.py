@@ -1,0 +1,31 @@
+"""benchmarks/attack_radius_cost.py: building and stepping at ``law`` and ``pixel_travel``, side by side."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "attack_radius_cost.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("attack_radius_cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prints_both_modes_and_the_memoised_rebuild(capsys):
+    load().main(["--scenarios", "quickstart", "--envs", "2", "--rounds", "1", "--set", "dataset.train_n=128", "dataset.probe_n=32", "batch_size=16"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("quickstart ")]
+    assert [row[1] for row in rows] == ["law", "pixel_travel"]
+    build, again, rounds = (float(x) for x in rows[1][2:])
+    assert build > again >= 0 and rounds >= 0  # the second build reuses the pixel attacks' radii
+
+
+def test_bad_overrides_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        load().main(["--set", "dataset.train_n"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
