@@ -82,9 +82,9 @@ class Episodes:
     clean_acc: np.ndarray
 
 
-def load_spec(scenario: str, overrides: dict) -> Scenario:
-    """The scenario with ``overrides`` applied."""
-    spec = load_scenario(scenario)
+def load_spec(scenario: str | Scenario, overrides: dict) -> Scenario:
+    """The scenario (a shipped name, a path or a :class:`Scenario`) with ``overrides`` applied."""
+    spec = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     return apply_overrides(spec, overrides) if overrides else spec
 
 

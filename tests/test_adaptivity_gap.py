@@ -115,3 +115,24 @@ def test_segments_split_each_phase_stretch_into_equal_parts():
     assert gap.slot_labels(["a", "b"], 2) == ["a[1/2]", "a[2/2]", "b[1/2]", "b[2/2]"]
     best_fixed, schedule, _ = gap.search("quickstart", [0], TINY, passes=1, segments=2)
     assert len(best_fixed) == len(schedule) == 2 * 3 and len(set(best_fixed)) == 1
+
+
+def test_held_out_regimes_builds_each_regime_from_unseen_attacks_and_measures_it():
+    spec = importlib.util.spec_from_file_location("held_out_regimes", SCRIPT.parent / "held_out_regimes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    source = module.load_scenario(module.SOURCE)
+    attacks = module.held_out_attacks(source)
+    assert [a["name"] for a in attacks] == ["universal", "co_attack"]  # each distinct entry once, mixtures included
+    co_attack = module.regime(source, attacks[1], 2.0, ("gaussian_noise", 2))
+    played = co_attack.phases[1]
+    assert not co_attack.evaluation_only and co_attack.defense == source.defense and co_attack.batch_size == source.batch_size
+    assert [p.name for p in co_attack.phases] == ["quiet", "attack"] and played.corruption.severity == 2
+    assert played.attacks[0].params["eps"] == pytest.approx(2 * attacks[1]["params"]["eps"])
+    assert played.attacks[0].params["text_eps"] == pytest.approx(2 * attacks[1]["params"]["text_eps"])
+    assert played.attacks[0].params["steps"] == attacks[1]["params"]["steps"]  # only budgets and step sizes scale
+    tiny = {"phases.0.rounds": 1, "phases.1.rounds": 2, "batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32}
+    row = module.measure(module.regime(source, attacks[1], 1.0, None), [0, 1], tiny)
+    assert 0.0 <= row["best_system_asr"] <= row["task_system_asr"].mean + 1e-12  # task-only is always admissible
+    assert row["drop"].mean == pytest.approx(row["task_system_asr"].mean - row["best_system_asr"])
+    assert module.defends({**row, "ratio": 0.5, "drop": row["drop"]}) == (row["drop"].low is not None and row["drop"].low > 0)
