@@ -32,6 +32,7 @@ import hashlib
 import importlib
 import importlib.resources
 import math
+import reprlib
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, Union, get_args, get_origin
@@ -904,46 +905,14 @@ def _nearest_line(path: tuple, lines: Mapping[tuple, int]) -> int | None:
     return None
 
 
-class _Full(Exception):
-    pass
-
-
 def _short(value: Any, limit: int = 120) -> str:
-    """``repr(value)``, cut at ``limit`` characters, built only that far: a value made of nested
-    YAML aliases (or a recursive one) has an exponentially long (or endless) full ``repr``."""
-    parts: list[str] = []
-    size = 0
-
-    def emit(text: str) -> None:
-        nonlocal size
-        parts.append(text)
-        size += len(text)
-        if size > limit:
-            raise _Full
-
-    def walk(item: Any) -> None:
-        if type(item) in (list, tuple):
-            emit("[" if isinstance(item, list) else "(")
-            for i, element in enumerate(item):
-                emit(", " if i else "")
-                walk(element)
-            emit("]" if isinstance(item, list) else ("," if len(item) == 1 else "") + ")")
-        elif type(item) is dict:
-            emit("{")
-            for i, (key, element) in enumerate(item.items()):
-                emit(", " if i else "")
-                walk(key)
-                emit(": ")
-                walk(element)
-            emit("}")
-        else:
-            emit(repr(item))
-
-    try:
-        walk(value)
-    except _Full:
-        pass
-    text = "".join(parts)
+    """``repr(value)`` cut at ``limit`` characters. :mod:`reprlib` stops at a depth and a width, so
+    a value made of nested YAML aliases (or a recursive one), whose full ``repr`` is exponentially
+    long (or endless), costs at most ``maxlist ** maxlevel`` steps."""
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxlist, shortener.maxtuple, shortener.maxdict = 5, 8, 8, 8
+    shortener.maxstring = shortener.maxother = limit
+    text = shortener.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
