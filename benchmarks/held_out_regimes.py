@@ -20,7 +20,9 @@ drop whose CI excludes 0: where there are none, a scenario made of these regimes
 β to switch to that beats holding task-only by the clause's margin (up to what one regime's
 training carries into the next).
 
-    python benchmarks/held_out_regimes.py [--budgets 1] [--corruptions clean gaussian_noise:2] [--env-kwargs KEY:VALUE ...]
+``--scenario S`` asks the same of any scenario's attacks (its defended system and detector).
+
+    python benchmarks/held_out_regimes.py [--scenario unseen_attacks] [--budgets 1] [--corruptions clean gaussian_noise:2] [--env-kwargs KEY:VALUE ...]
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from cmai_env.env import DISCRETE_BETAS  # noqa: E402
 from cmai_env.keyvalue import parse_assignments  # noqa: E402
 from cmai_env.scenario import Scenario, ScenarioError, apply_overrides, load_scenario, validate_scenario  # noqa: E402
 
-#: The evaluation scenario whose attacks, defended system and detector the regimes take.
+#: The scenario whose attacks, defended system and detector the regimes take, unless ``--scenario`` names another.
 SOURCE = "unseen_attacks"
 QUIET_ROUNDS = 6
 ATTACK_ROUNDS = 18
@@ -58,12 +60,16 @@ SCALED_PARAMS = ("eps", "step_size", "text_eps", "text_step_size")
 
 
 def held_out_attacks(source: Scenario) -> list[dict[str, Any]]:
-    """The distinct attack entries of ``source``'s phases (name and parameters), in order of appearance."""
+    """The distinct attack entries of ``source``'s phases (name, parameters and a label: the name,
+    numbered from the second entry of a name on), in order of appearance."""
     seen: dict[str, dict[str, Any]] = {}
     for phase in source.phases:
         for attack in phase.attacks:
             key = f"{attack.name} {sorted(attack.params.items())}"
-            seen.setdefault(key, {"name": attack.name, "params": dict(attack.params)})
+            if key not in seen:
+                repeat = sum(entry["name"] == attack.name for entry in seen.values())
+                label = attack.name if not repeat else f"{attack.name}{repeat + 1}"
+                seen[key] = {"name": attack.name, "params": dict(attack.params), "label": label}
     return list(seen.values())
 
 
@@ -73,7 +79,7 @@ def regime(source: Scenario, attack: dict[str, Any], budget: float, corruption: 
     raw = source.model_dump(exclude={"phases", "held_out_attacks", "evaluation_only", "episode_rounds"})
     label = "clean" if corruption is None else f"{corruption[0]}:{corruption[1]}"
     raw.update(
-        name=f"{attack['name']}_x{budget:g}_{label.replace(':', '')}",
+        name=f"{attack.get('label', attack['name'])}_x{budget:g}_{label.replace(':', '')}",
         description=f"held-out regime: {attack['name']} at {budget:g}× on {label} images",
         phases=[
             {"name": "quiet", "rounds": QUIET_ROUNDS, "attacks": []},
@@ -122,6 +128,7 @@ def corruption_arg(text: str) -> tuple[str, int] | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default=SOURCE, help=f"whose attack entries, defended system and detector (default: {SOURCE})")
     parser.add_argument("--budgets", type=positive_float, nargs="+", default=[0.5, 1.0, 2.0],
                         help="multiples of each attack's budgets in unseen_attacks (default: 0.5 1 2)")
     parser.add_argument("--corruptions", type=corruption_arg, nargs="+", default=[None, ("gaussian_noise", 2), ("gaussian_noise", 4)],
@@ -133,16 +140,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
-    source = load_scenario(SOURCE)
-    try:  # every regime and override checked before any runs
+    try:  # the scenario, every regime and every override checked before any runs
+        source = load_scenario(args.scenario)
         regimes = [regime(source, attack, budget, corruption)
                    for attack in held_out_attacks(source) for corruption in args.corruptions for budget in args.budgets]
-        for spec in regimes:
-            apply_overrides(spec, overrides)
-    except ScenarioError as error:
-        parser.error(str(error))
+        for spec in regimes:  # played at embedding fidelity (a generative backbone is refused here)
+            apply_overrides(spec, {**overrides, "fidelity": "embedding"})
+    except (ScenarioError, FileNotFoundError) as error:
+        parser.error(f"--scenario {args.scenario}: {error}" if isinstance(error, FileNotFoundError) else str(error))
     started = time.perf_counter()
-    print(f"held-out attacks of {SOURCE}, one regime at a time ({QUIET_ROUNDS} quiet rounds, then {ATTACK_ROUNDS} attacked); "
+    print(f"the attacks of {source.name}, one regime at a time ({QUIET_ROUNDS} quiet rounds, then {ATTACK_ROUNDS} attacked); "
           f"embedding fidelity, evaluation seeds {args.seeds}; best fixed β within {CLEAN_ALLOWANCE} clean accuracy of task-only")
     print(f"{'regime':34} {'task-only system ASR':>22} {'clean':>6}   {'best fixed β':22} {'system ASR':>10} {'drop (95% CI)':>22} {'ratio':>6}")
     rows = []
