@@ -20,9 +20,12 @@ drop whose CI excludes 0: where there are none, a scenario made of these regimes
 β to switch to that beats holding task-only by the clause's margin (up to what one regime's
 training carries into the next).
 
-``--scenario S`` asks the same of any scenario's attacks (its defended system and detector).
+``--scenario S`` asks the same of any scenario's attacks (its defended system and detector), and
+``--clean-allowance 0.05`` with point 4's allowance: where a phase of a scenario would need a
+budget or corruption at which the defence acts (README, Known limits: ``pixel_travel``).
 
-    python benchmarks/held_out_regimes.py [--scenario unseen_attacks] [--budgets 1] [--corruptions clean gaussian_noise:2] [--env-kwargs KEY:VALUE ...]
+    python benchmarks/held_out_regimes.py [--scenario unseen_attacks] [--budgets 1] [--corruptions clean gaussian_noise:2]
+                                          [--clean-allowance 0.02] [--env-kwargs KEY:VALUE ...]
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from defence_per_phase import play_fixed  # noqa: E402
 
 from agents.protocol import DistinctSeeds  # noqa: E402
 from agents.stats import bounds_for, paired_difference, t_interval  # noqa: E402
-from cmai_env.cli.common import positive_float, positive_int  # noqa: E402
+from cmai_env.cli.common import non_negative_float, positive_float, positive_int  # noqa: E402
 from cmai_env.env import DISCRETE_BETAS  # noqa: E402
 from cmai_env.keyvalue import parse_assignments  # noqa: E402
 from cmai_env.scenario import Scenario, ScenarioError, apply_overrides, load_scenario, validate_scenario  # noqa: E402
@@ -91,12 +94,12 @@ def regime(source: Scenario, attack: dict[str, Any], budget: float, corruption: 
     return validate_scenario(raw, f"held-out regime {raw['name']}")
 
 
-def measure(spec: Scenario, seeds: list[int], overrides: dict) -> dict[str, Any]:
-    """Task-only and the best admissible fixed β in the attack phase of ``spec``."""
+def measure(spec: Scenario, seeds: list[int], overrides: dict, clean_allowance: float = CLEAN_ALLOWANCE) -> dict[str, Any]:
+    """Task-only and the best fixed β within ``clean_allowance`` clean accuracy of it, in the attack phase of ``spec``."""
     names, system, clean = play_fixed(spec, seeds, overrides)
     k = names.index("attack")
     task_system, task_clean = system[TASK_ONLY, :, k], clean[TASK_ONLY, :, k]
-    admissible = [b for b in range(len(DISCRETE_BETAS)) if clean[b, :, k].mean() >= task_clean.mean() - CLEAN_ALLOWANCE]
+    admissible = [b for b in range(len(DISCRETE_BETAS)) if clean[b, :, k].mean() >= task_clean.mean() - clean_allowance]
     best = min(admissible, key=lambda b: system[b, :, k].mean())
     task_mean = float(task_system.mean())
     return {
@@ -133,6 +136,8 @@ def main() -> None:
                         help="multiples of each attack's budgets in unseen_attacks (default: 0.5 1 2)")
     parser.add_argument("--corruptions", type=corruption_arg, nargs="+", default=[None, ("gaussian_noise", 2), ("gaussian_noise", 4)],
                         metavar="clean|NAME:SEVERITY", help="image conditions (default: clean gaussian_noise:2 gaussian_noise:4)")
+    parser.add_argument("--clean-allowance", type=non_negative_float, default=CLEAN_ALLOWANCE,
+                        help=f"largest clean-accuracy cost a β may have against task-only (default: {CLEAN_ALLOWANCE}, the clause's; point 4 allows 0.05)")
     parser.add_argument("--seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4])
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE",
                         help="overrides for every regime, e.g. embedding_attack_radius:pixel_travel")
@@ -150,11 +155,11 @@ def main() -> None:
         parser.error(f"--scenario {args.scenario}: {error}" if isinstance(error, FileNotFoundError) else str(error))
     started = time.perf_counter()
     print(f"the attacks of {source.name}, one regime at a time ({QUIET_ROUNDS} quiet rounds, then {ATTACK_ROUNDS} attacked); "
-          f"embedding fidelity, evaluation seeds {args.seeds}; best fixed β within {CLEAN_ALLOWANCE} clean accuracy of task-only")
+          f"embedding fidelity, evaluation seeds {args.seeds}; best fixed β within {args.clean_allowance} clean accuracy of task-only")
     print(f"{'regime':34} {'task-only system ASR':>22} {'clean':>6}   {'best fixed β':22} {'system ASR':>10} {'drop (95% CI)':>22} {'ratio':>6}")
     rows = []
     for spec in regimes:
-        row = measure(spec, args.seeds, overrides)
+        row = measure(spec, args.seeds, overrides, args.clean_allowance)
         rows.append(row)
         betas = "(" + ", ".join(f"{b:.2f}" for b in row["best_betas"]) + ")"
         ratio = "—" if row["ratio"] is None else f"{row['ratio']:.2f}"

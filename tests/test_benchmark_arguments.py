@@ -32,6 +32,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("adaptivity_gap.py", "--segments", "0", "expected an integer ≥ 1"),
         ("defence_per_phase.py", "--threads", "0", "expected an integer ≥ 1"),
         ("held_out_regimes.py", "--budgets", "0", "expected a finite number > 0"),
+        ("held_out_regimes.py", "--clean-allowance", "-0.1", "expected a finite number ≥ 0"),
         ("learned_gate.py", "--timesteps", "0", "expected an integer ≥ 1"),
         ("fidelity_calibration.py", "--radius", "-1", "expected a finite number > 0"),
     ],
