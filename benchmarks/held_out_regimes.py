@@ -132,6 +132,8 @@ def corruption_arg(text: str) -> tuple[str, int] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default=SOURCE, help=f"whose attack entries, defended system and detector (default: {SOURCE})")
+    parser.add_argument("--attacks", nargs="+", default=None, metavar="LABEL",
+                        help="only these of the scenario's attack entries (their names; a name's second entry is NAME2)")
     parser.add_argument("--budgets", type=positive_float, nargs="+", default=[0.5, 1.0, 2.0],
                         help="multiples of each attack's budgets in unseen_attacks (default: 0.5 1 2)")
     parser.add_argument("--corruptions", type=corruption_arg, nargs="+", default=[None, ("gaussian_noise", 2), ("gaussian_noise", 4)],
@@ -147,8 +149,14 @@ def main() -> None:
     overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     try:  # the scenario, every regime and every override checked before any runs
         source = load_scenario(args.scenario)
+        entries = held_out_attacks(source)
+        unknown = sorted(set(args.attacks or ()) - {entry["label"] for entry in entries})
+        if unknown:
+            parser.error(f"--attacks {' '.join(unknown)}: not an attack entry of {source.name}; "
+                         f"its entries: {', '.join(entry['label'] for entry in entries)}")
+        entries = [entry for entry in entries if args.attacks is None or entry["label"] in args.attacks]
         regimes = [regime(source, attack, budget, corruption)
-                   for attack in held_out_attacks(source) for corruption in args.corruptions for budget in args.budgets]
+                   for attack in entries for corruption in args.corruptions for budget in args.budgets]
         for spec in regimes:  # played at embedding fidelity (a generative backbone is refused here)
             apply_overrides(spec, {**overrides, "fidelity": "embedding"})
     except (ScenarioError, FileNotFoundError) as error:

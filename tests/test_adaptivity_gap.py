@@ -140,3 +140,13 @@ def test_held_out_regimes_builds_each_regime_from_unseen_attacks_and_measures_it
     assert 0.0 <= row["best_system_asr"] <= row["task_system_asr"].mean + 1e-12  # task-only is always admissible
     assert row["drop"].mean == pytest.approx(row["task_system_asr"].mean - row["best_system_asr"])
     assert module.defends({**row, "ratio": 0.5, "drop": row["drop"]}) == (row["drop"].low is not None and row["drop"].low > 0)
+
+
+def test_held_out_regimes_refuses_an_attack_the_scenario_does_not_have():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "held_out_regimes.py"), "--attacks", "pgd_linf"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--attacks pgd_linf: not an attack entry of unseen_attacks; its entries: universal, co_attack" in done.stderr
