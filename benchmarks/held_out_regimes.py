@@ -62,7 +62,7 @@ TASK_ONLY = 0  # DISCRETE_BETAS[0] == (1, 0, 0)
 SCALED_PARAMS = ("eps", "step_size", "text_eps", "text_step_size")
 
 
-def held_out_attacks(source: Scenario) -> list[dict[str, Any]]:
+def attack_entries(source: Scenario) -> list[dict[str, Any]]:
     """The distinct attack entries of ``source``'s phases (name, parameters and a label: the name,
     numbered from the second entry of a name on), in order of appearance."""
     seen: dict[str, dict[str, Any]] = {}
@@ -83,7 +83,7 @@ def regime(source: Scenario, attack: dict[str, Any], budget: float, corruption: 
     label = "clean" if corruption is None else f"{corruption[0]}:{corruption[1]}"
     raw.update(
         name=f"{attack.get('label', attack['name'])}_x{budget:g}_{label.replace(':', '')}",
-        description=f"held-out regime: {attack['name']} at {budget:g}× on {label} images",
+        description=f"regime: {attack['name']} at {budget:g}× on {label} images",
         phases=[
             {"name": "quiet", "rounds": QUIET_ROUNDS, "attacks": []},
             {"name": "attack", "rounds": ATTACK_ROUNDS, "adversarial_share": ADVERSARIAL_SHARE,
@@ -91,7 +91,7 @@ def regime(source: Scenario, attack: dict[str, Any], budget: float, corruption: 
              "corruption": None if corruption is None else {"name": corruption[0], "severity": corruption[1]}},
         ],
     )
-    return validate_scenario(raw, f"held-out regime {raw['name']}")
+    return validate_scenario(raw, f"regime {raw['name']}")
 
 
 def measure(spec: Scenario, seeds: list[int], overrides: dict, clean_allowance: float = CLEAN_ALLOWANCE) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def main() -> None:
     overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
     try:  # the scenario, every regime and every override checked before any runs
         source = load_scenario(args.scenario)
-        entries = held_out_attacks(source)
+        entries = attack_entries(source)
         unknown = sorted(set(args.attacks or ()) - {entry["label"] for entry in entries})
         if unknown:
             parser.error(f"--attacks {' '.join(unknown)}: not an attack entry of {source.name}; "

@@ -122,12 +122,12 @@ def test_held_out_regimes_builds_each_regime_from_unseen_attacks_and_measures_it
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     source = module.load_scenario(module.SOURCE)
-    attacks = module.held_out_attacks(source)
+    attacks = module.attack_entries(source)
     assert [a["label"] for a in attacks] == ["universal", "co_attack"]  # each distinct entry once, mixtures included
     pgd = {"name": "pgd_linf", "params": {"eps": 2 / 255}}
     twice = module.validate_scenario({"name": "t", "phases": [{"name": "a", "rounds": 1, "attacks": [pgd, {**pgd, "params": {"eps": 8 / 255}}]},
                                                             {"name": "b", "rounds": 1, "attacks": [pgd]}]})
-    assert [a["label"] for a in module.held_out_attacks(twice)] == ["pgd_linf", "pgd_linf2"]  # one name at two budgets
+    assert [a["label"] for a in module.attack_entries(twice)] == ["pgd_linf", "pgd_linf2"]  # one name at two budgets
     co_attack = module.regime(source, attacks[1], 2.0, ("gaussian_noise", 2))
     played = co_attack.phases[1]
     assert not co_attack.evaluation_only and co_attack.defense == source.defense and co_attack.batch_size == source.batch_size
