@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmai_env.attacks import PairBatch
+from cmai_env.corruptions import corrupted_split
 from cmai_env.round import AttackOutcome
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
@@ -185,6 +187,12 @@ def universal_fit_pairs(pool):
     """The first :data:`UNIVERSAL_FIT_N` pairs of a pool (a ``PairBatch``): what an attack that
     learns one perturbation for every image (``universal``) is fitted on, at both fidelities."""
     return pool.subset(slice(0, min(len(pool), UNIVERSAL_FIT_N)))
+
+
+def corrupted_pairs(batch, key: tuple[str, int] | None, dataset_seed: int, split: str):
+    """``batch`` (a ``PairBatch``) with its images replaced by their view under corruption ``key``
+    (:func:`cmai_env.corruptions.corrupted_split`): the pairs a phase with that corruption serves."""
+    return PairBatch(corrupted_split(batch.images, key, dataset_seed, split), batch.tokens, batch.labels)
 
 
 def entry_key(entry) -> tuple:

@@ -17,11 +17,11 @@ from cmai_env.fidelity.base import (
     TrafficStats,
     UpdateResult,
     assign_attacks,
+    corrupted_pairs,
     defended_backbone,
     entry_key,
     universal_fit_pairs,
 )
-from cmai_env.corruptions import corrupted_split
 from cmai_env.round import AttackOutcome, mixture_asr, observed_adversarial, probe_split
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
@@ -54,7 +54,7 @@ class PixelFidelity(Fidelity):
         # (pool, probe) per corruption the scenario's phases name: the copies the embedding fidelity embeds.
         self._views: dict[tuple[str, int] | None, tuple[PairBatch, PairBatch]] = {None: (self.pool_batch, self.probe_batch)}
         for key in scenario.corruptions_used():
-            self._views[key] = (_corrupted(self.pool_batch, key, spec.seed, "train"), _corrupted(self.probe_batch, key, spec.seed, "val"))
+            self._views[key] = (corrupted_pairs(self.pool_batch, key, spec.seed, "train"), corrupted_pairs(self.probe_batch, key, spec.seed, "val"))
         self.trainer = self._make_trainer(TrainerConfig(**scenario.defense.trainer_fields()))
         self._initial = self.trainer.snapshot()
         self._attacks: dict[tuple, Attack] = {}
@@ -201,10 +201,6 @@ class PixelFidelity(Fidelity):
             eval_clean_correct=image_correct[:n],
             outcomes=outcomes,
         )
-
-
-def _corrupted(batch: PairBatch, key: tuple[str, int], dataset_seed: int, split: str) -> PairBatch:
-    return PairBatch(corrupted_split(batch.images, key, dataset_seed, split), batch.tokens, batch.labels)
 
 
 def _head(out, n: int):

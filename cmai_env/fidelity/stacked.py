@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from cmai_env.attacks import attack_class
 from cmai_env.corruptions import corrupted_split
 from cmai_env.data import load_dataset
-from cmai_env.fidelity.base import assign_attacks, defended_backbone, entry_key
+from cmai_env.fidelity.base import assign_attacks, corrupted_pairs, defended_backbone, entry_key
 from cmai_env.fidelity.travel import clean_embeddings, entry_attack, memoised, pixel_travel, travel_radii
 from cmai_env.models.backbone import ResidualAdapter
 from cmai_env.round import (
@@ -444,8 +444,8 @@ class StackedEmbeddingWorld:
         pool_pairs, probe_pairs = PairBatch.from_dataset(backbone, pool), PairBatch.from_dataset(backbone, probe)
         table: dict[tuple[tuple, int], TravelRadii] = {}
         for view, corruption in enumerate(self.corruptions):
-            pool_view = PairBatch(corrupted_split(pool_pairs.images, corruption, spec.seed, "train"), pool_pairs.tokens, pool_pairs.labels)
-            probe_view = PairBatch(corrupted_split(probe_pairs.images, corruption, spec.seed, "val"), probe_pairs.tokens, probe_pairs.labels)
+            pool_view = corrupted_pairs(pool_pairs, corruption, spec.seed, "train")
+            probe_view = corrupted_pairs(probe_pairs, corruption, spec.seed, "val")
             pool_clean, probe_clean = clean_embeddings(task, pool_view), clean_embeddings(task, probe_view)  # once per view
             for key, entry in entries.items():
                 generator = torch.Generator().manual_seed(spec.seed)
