@@ -80,10 +80,10 @@ def regime(source: Scenario, attack: dict[str, Any], budget: float, corruption: 
     """Quiet rounds, then ``attack`` at ``budget``× its budgets on images with ``corruption`` (``None``: clean)."""
     params = {k: (v * budget if k in SCALED_PARAMS else v) for k, v in attack["params"].items()}
     raw = source.model_dump(exclude={"phases", "held_out_attacks", "evaluation_only", "episode_rounds"})
-    label = "clean" if corruption is None else f"{corruption[0]}:{corruption[1]}"
+    condition = "clean" if corruption is None else f"{corruption[0]}:{corruption[1]}"
     raw.update(
-        name=f"{attack.get('label', attack['name'])}_x{budget:g}_{label.replace(':', '')}",
-        description=f"regime: {attack['name']} at {budget:g}× on {label} images",
+        name=f"{attack['label']}_x{budget:g}_{condition.replace(':', '')}",
+        description=f"regime: {attack['name']} at {budget:g}× on {condition} images",
         phases=[
             {"name": "quiet", "rounds": QUIET_ROUNDS, "attacks": []},
             {"name": "attack", "rounds": ATTACK_ROUNDS, "adversarial_share": ADVERSARIAL_SHARE,
@@ -146,7 +146,10 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
+    try:
+        overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
+    except ValueError as error:
+        parser.error(str(error))
     try:  # the scenario, every regime and every override checked before any runs
         source = load_scenario(args.scenario)
         entries = attack_entries(source)

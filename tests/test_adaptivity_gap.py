@@ -139,7 +139,7 @@ def test_held_out_regimes_builds_each_regime_from_unseen_attacks_and_measures_it
     row = module.measure(module.regime(source, attacks[1], 1.0, None), [0, 1], tiny)
     assert 0.0 <= row["best_system_asr"] <= row["task_system_asr"].mean + 1e-12  # task-only is always admissible
     assert row["drop"].mean == pytest.approx(row["task_system_asr"].mean - row["best_system_asr"])
-    assert module.defends({**row, "ratio": 0.5, "drop": row["drop"]}) == (row["drop"].low is not None and row["drop"].low > 0)
+    assert module.defends({**row, "ratio": 0.5}) == (row["drop"].low is not None and row["drop"].low > 0)
 
 
 def test_held_out_regimes_refuses_an_attack_the_scenario_does_not_have():
