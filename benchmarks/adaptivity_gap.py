@@ -54,7 +54,7 @@ import torch
 import cmai_env  # noqa: F401  (registers the environments)
 from agents.protocol import CONTINUOUS_ENV_ID, EVAL_ENV_ID, EVAL_SEED_OFFSET, DistinctSeeds
 from agents.stats import bounds_for, paired_difference, t_interval
-from cmai_env.cli.common import positive_int
+from cmai_env.cli.common import assignments_option, positive_int
 from cmai_env.env import DISCRETE_BETAS, action_from_betas
 from cmai_env.scenario import Scenario, apply_overrides, load_scenario, scenario_option, scenarios_available
 
@@ -299,9 +299,7 @@ def main() -> None:
     if not 0.0 <= args.clean_allowance <= 1.0:
         parser.error(f"--clean-allowance {args.clean_allowance}: allowed a clean-accuracy drop in [0, 1]")
     torch.set_num_threads(args.threads)
-    from cmai_env.keyvalue import parse_assignments
-
-    overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
+    overrides = assignments_option(parser, args.env_kwargs, ":", "--env-kwargs")
     scenario_option(parser, args.scenarios, overrides=overrides)  # every file and override checked before any search
     print(f"adaptivity gap, embedding fidelity, search seeds {args.search_seeds}, evaluation seeds {args.eval_seeds} "
           f"(mean ± 95% t-interval half-width; [low, high] where a rate's range clips it)")

@@ -31,9 +31,8 @@ from adaptivity_gap import ENV_ID, MAX_BATCH, load_spec, phase_names  # noqa: E4
 import cmai_env  # noqa: E402,F401  (registers the environments)
 from agents.protocol import EVAL_SEED_OFFSET, DistinctSeeds  # noqa: E402
 from agents.stats import bounds_for, paired_difference, t_interval  # noqa: E402
-from cmai_env.cli.common import positive_int  # noqa: E402
+from cmai_env.cli.common import assignments_option, positive_int  # noqa: E402
 from cmai_env.env import DISCRETE_BETAS, action_from_betas  # noqa: E402
-from cmai_env.keyvalue import parse_assignments  # noqa: E402
 from cmai_env.scenario import load_scenario, scenario_option, scenarios_available  # noqa: E402
 
 #: Point 4's thresholds: system-ASR drop to reach, clean-accuracy cost allowed.
@@ -120,7 +119,7 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
+    overrides = assignments_option(parser, args.env_kwargs, ":", "--env-kwargs")
     scenario_option(parser, args.scenarios, overrides=overrides)  # every file and override checked before any runs
     print(f"defence within an episode: per phase, task-only vs the fixed β (grid step 1/3) that lowers system ASR most "
           f"at ≤ {CLEAN_ALLOWANCE} clean-accuracy cost; embedding fidelity, evaluation seeds {args.seeds}; target drop ≥ {TARGET_DROP}")

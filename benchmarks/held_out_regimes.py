@@ -44,9 +44,8 @@ from defence_per_phase import play_fixed  # noqa: E402
 
 from agents.protocol import DistinctSeeds  # noqa: E402
 from agents.stats import bounds_for, paired_difference, t_interval  # noqa: E402
-from cmai_env.cli.common import non_negative_float, positive_float, positive_int  # noqa: E402
+from cmai_env.cli.common import assignments_option, non_negative_float, positive_float, positive_int  # noqa: E402
 from cmai_env.env import DISCRETE_BETAS  # noqa: E402
-from cmai_env.keyvalue import parse_assignments  # noqa: E402
 from cmai_env.scenario import Scenario, ScenarioError, apply_overrides, load_scenario, validate_scenario  # noqa: E402
 
 #: The scenario whose attacks, defended system and detector the regimes take, unless ``--scenario`` names another.
@@ -146,10 +145,7 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    try:
-        overrides = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
-    except ValueError as error:
-        parser.error(str(error))
+    overrides = assignments_option(parser, args.env_kwargs, ":", "--env-kwargs")
     try:  # the scenario, every regime and every override checked before any runs
         source = load_scenario(args.scenario)
         entries = attack_entries(source)

@@ -195,8 +195,7 @@ def print_held_out(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    from cmai_env.cli.common import positive_int
-    from cmai_env.keyvalue import parse_assignments
+    from cmai_env.cli.common import assignments_option, positive_int
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=None, help="default: every scenario with its own ppo.yml entry")
@@ -215,8 +214,8 @@ def main() -> None:
     parser.add_argument("--held-out-fidelity", choices=["embedding", "pixel"], default=None,
                         help="fidelity of the held-out evaluation (default: the gates' training fidelity)")
     args = parser.parse_args()
-    env_kwargs = parse_assignments(args.env_kwargs, ":", "--env-kwargs")
-    held_out_kwargs = parse_assignments(args.held_out_env_kwargs, ":", "--held-out-env-kwargs")
+    env_kwargs = assignments_option(parser, args.env_kwargs, ":", "--env-kwargs")
+    held_out_kwargs = assignments_option(parser, args.held_out_env_kwargs, ":", "--held-out-env-kwargs")
     scenarios = args.scenarios or scenarios_with_entries()
     # every file and override checked before the first training, not after it
     scenario_option(parser, scenarios, overrides=env_kwargs)

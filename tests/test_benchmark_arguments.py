@@ -53,3 +53,12 @@ def test_the_argument_types_take_their_range_and_nothing_else():
                         (non_negative_float, "-0.1"), (non_negative_float, "nan")]:
         with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
             parse(text)
+
+
+@pytest.mark.parametrize(("script", "flag"), [("adaptivity_gap.py", "--env-kwargs"), ("defence_per_phase.py", "--env-kwargs"),
+                                              ("held_out_regimes.py", "--env-kwargs"), ("learned_gate.py", "--held-out-env-kwargs")])
+def test_a_malformed_override_is_a_usage_error_naming_its_flag(script, flag):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), flag, "episode_rounds"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{flag} expects key:value (e.g. episode_rounds:20), got 'episode_rounds'" in done.stderr
+    assert "Traceback" not in done.stderr

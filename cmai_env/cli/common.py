@@ -48,6 +48,17 @@ def non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: 0.0 <= v < float("inf"), "a finite number ≥ 0")
 
 
+def assignments_option(parser: argparse.ArgumentParser, items, sep: str, option: str) -> dict:
+    """For scripts: :func:`cmai_env.keyvalue.parse_assignments` of ``items``, with a malformed item
+    a usage error (exit 2) naming ``option`` instead of a traceback."""
+    from cmai_env.keyvalue import parse_assignments
+
+    try:
+        return parse_assignments(items, sep, option)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def validate_threads(threads: int | None) -> int | None:
     """``threads`` unchanged if it is ``None`` (torch's default) or ≥ 1; a ``ValueError`` otherwise.
 
