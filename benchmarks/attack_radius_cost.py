@@ -18,16 +18,17 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from any folder
 
-from cmai_env.cli.common import non_negative_int, positive_int  # noqa: E402
+from cmai_env.cli.common import assignments_option, non_negative_int, positive_int  # noqa: E402
 from cmai_env.scenario import scenario_option  # noqa: E402
 
 MODES = ("law", "pixel_travel")
 
 
-def measure(scenario: str, mode: str, envs: int, rounds: int, overrides: dict[str, str]) -> dict[str, float]:
+def measure(scenario: str, mode: str, envs: int, rounds: int, overrides: dict[str, Any]) -> dict[str, float]:
     """CPU seconds of building (twice at ``pixel_travel``: the second reuses the memoised radii) and of ``rounds`` rounds."""
     import gymnasium as gym
     import numpy as np
@@ -64,12 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="scenario overrides, e.g. dataset.train_n=128")
     args = parser.parse_args(argv)
     scenario_option(parser, args.scenarios, "--scenarios")
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = value
+    overrides = assignments_option(parser, args.set, "=", "--set")
 
     import torch
 

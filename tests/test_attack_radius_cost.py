@@ -28,4 +28,4 @@ def test_prints_both_modes_and_the_memoised_rebuild(capsys):
 def test_bad_overrides_are_refused(capsys):
     with pytest.raises(SystemExit):
         load().main(["--set", "dataset.train_n"])
-    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert "--set expects key=value" in capsys.readouterr().err
