@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import cmai_env
 from agents.protocol import EVAL_SEED_OFFSET
+from cmai_env.cache import source_fingerprint
 
 if TYPE_CHECKING:
     from agents.env_spec import EnvSpec
@@ -40,16 +40,10 @@ def git_commit() -> str | None:
 def code_fingerprint() -> str:
     """SHA-256 (16 hex) of the environment's and agents' sources, configs and embedded weights.
 
-    Keys the on-disk reference cache, so that any change to the code or the backbone invalidates it.
+    Keys the on-disk reference cache, so that any change to the code or the backbone invalidates it
+    (:func:`cmai_env.cache.source_fingerprint` of both packages).
     """
-    digest = hashlib.sha256()
-    roots = [Path(cmai_env.__file__).resolve().parent, Path(__file__).resolve().parent]
-    for root in roots:
-        files = [p for pattern in ("*.py", "*.yaml", "*.yml", "*.json", "*.pt") for p in root.rglob(pattern)]
-        for path in sorted(set(files)):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return source_fingerprint(Path(cmai_env.__file__).resolve().parent, Path(__file__).resolve().parent)
 
 
 def metadata(spec: "EnvSpec", policy_name: str, seeds: Sequence[int], episodes: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from agents.protocol import CONTINUOUS_ENV_ID, EVAL_ENV_ID
 from agents.records import mean_defined
 from agents.runner import run_episodes
+from cmai_env.cache import cache_root
 
 if TYPE_CHECKING:
     from agents.env_pool import EnvPool
@@ -29,8 +30,8 @@ __all__ = ["ReferenceCache", "default_cache_dir", "reference_clean_acc", "refere
 
 
 def default_cache_dir() -> Path:
-    """``$CMAI_CACHE_DIR/reference`` (default ``~/.cache/cmai/reference``)."""
-    return Path(os.environ.get("CMAI_CACHE_DIR", Path.home() / ".cache" / "cmai")) / "reference"
+    """``$CMAI_CACHE_DIR/reference`` (default ``~/.cache/cmai/reference``; :func:`cmai_env.cache.cache_root`)."""
+    return cache_root() / "reference"
 
 
 class ReferenceCache:

@@ -6,19 +6,24 @@ Per scenario, on one thread, it builds ``CMAIVectorEnv`` with ``--envs`` environ
 ``embedding_attack_radius``, resets it and plays ``--rounds`` rounds of task-only β, and prints
 the CPU seconds of building and of the rounds side by side. At ``pixel_travel`` building runs every
 attack configuration of the scenario as a pixel attack over every pool and probe image of every
-view (:mod:`cmai_env.fidelity.travel`); a second build of the same scenario in the same process is
-also timed, to show the memoised radii are reused. ``--set KEY=VALUE`` overrides scenario fields
-(e.g. ``dataset.train_n=128`` for a smoke run). An untimed build comes first, so imports and the
+view (:mod:`cmai_env.fidelity.travel`); a second build of the same scenario is also timed, to show
+that it reads the radii from the cache (:class:`~cmai_env.fidelity.travel.TravelCache`) instead of
+running the pixel attacks again, as a build in any later process does. The run uses a cache folder
+of its own, so the first build always computes. ``--set KEY=VALUE`` overrides scenario fields (e.g.
+``dataset.train_n=128`` for a smoke run). An untimed build comes first, so imports and the
 backbone's first load count for neither mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from any folder
 
@@ -29,7 +34,7 @@ MODES = ("law", "pixel_travel")
 
 
 def measure(scenario: str, mode: str, envs: int, rounds: int, overrides: dict[str, Any]) -> dict[str, float]:
-    """CPU seconds of building (twice at ``pixel_travel``: the second reuses the memoised radii) and of ``rounds`` rounds."""
+    """CPU seconds of building (twice at ``pixel_travel``: the second reads the cached radii) and of ``rounds`` rounds."""
     import gymnasium as gym
     import numpy as np
 
@@ -70,13 +75,15 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    measure(args.scenarios[0], "law", 1, 0, overrides)  # warm-up: imports and the backbone's first load are not either mode's cost
-    print(f"CPU seconds, one thread, {args.envs} environments, {args.rounds} rounds of task-only β")
-    print(f"{'scenario':<20} {'radius':<13} {'build':>8} {'again':>8} {'rounds':>8}")
-    for scenario in args.scenarios:
-        for mode in MODES:
-            m = measure(scenario, mode, args.envs, args.rounds, overrides)
-            print(f"{scenario:<20} {mode:<13} {m['build']:>8.1f} {m['rebuild']:>8.1f} {m['rounds']:>8.1f}", flush=True)
+    # A cache of this run's own (restored after): radii another run left must not make "build" cheap.
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"CMAI_CACHE_DIR": cache}):
+        measure(args.scenarios[0], "law", 1, 0, overrides)  # warm-up: imports and the backbone's first load are not either mode's cost
+        print(f"CPU seconds, one thread, {args.envs} environments, {args.rounds} rounds of task-only β")
+        print(f"{'scenario':<20} {'radius':<13} {'build':>8} {'again':>8} {'rounds':>8}")
+        for scenario in args.scenarios:
+            for mode in MODES:
+                m = measure(scenario, mode, args.envs, args.rounds, overrides)
+                print(f"{scenario:<20} {mode:<13} {m['build']:>8.1f} {m['rebuild']:>8.1f} {m['rounds']:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

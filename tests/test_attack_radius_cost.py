@@ -17,12 +17,12 @@ def load():
     return module
 
 
-def test_prints_both_modes_and_the_memoised_rebuild(capsys):
+def test_prints_both_modes_and_the_cached_rebuild(capsys):
     load().main(["--scenarios", "quickstart", "--envs", "2", "--rounds", "1", "--set", "dataset.train_n=128", "dataset.probe_n=32", "batch_size=16"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("quickstart ")]
     assert [row[1] for row in rows] == ["law", "pixel_travel"]
     build, again, rounds = (float(x) for x in rows[1][2:])
-    assert build > again >= 0 and rounds >= 0  # the second build reuses the pixel attacks' radii
+    assert build > again >= 0 and rounds >= 0  # the second build reads the pixel attacks' radii from the cache
 
 
 def test_bad_overrides_are_refused(capsys):

@@ -17,6 +17,13 @@ SMALL = {"fidelity": "embedding", "batch_size": 16, "dataset.train_n": 64, "data
 TRAVEL = {**SMALL, "embedding_attack_radius": "pixel_travel"}
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own ``$CMAI_CACHE_DIR``: the radii are computed here, not read from another run."""
+    monkeypatch.setenv("CMAI_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "travel"
+
+
 def test_the_field_is_validated_and_law_by_default():
     assert load_scenario("quickstart").embedding_attack_radius == "law"
     assert set(travel.PIXEL_TRAVEL_SCALE) == set(FAMILY_RADIUS_LAW)
@@ -98,12 +105,68 @@ def test_incoming_and_probe_play_each_pair_at_its_travel_radius(monkeypatch):
     np.testing.assert_array_equal(orders.radius_t[0], radii.probe_t[:n])
 
 
-def test_worlds_built_alike_share_one_table_of_read_only_radii():
+def test_worlds_built_alike_read_one_table_of_read_only_radii_from_the_cache(own_cache, monkeypatch):
     scenario = apply_overrides(load_scenario("quickstart"), TRAVEL)
-    first, second = StackedEmbeddingWorld(scenario, 1), StackedEmbeddingWorld(scenario, 2)
-    assert second.travel is first.travel  # the pixel attacks ran once (travel.memoised)
-    radii = next(iter(first.travel.values()))
+    first = StackedEmbeddingWorld(scenario, 1)
+    [stored] = own_cache.glob("*.npz")
+    with monkeypatch.context() as patch:
+        patch.setattr(StackedEmbeddingWorld, "_pixel_travel", lambda *args: pytest.fail("ran the pixel attacks again"))
+        second = StackedEmbeddingWorld(scenario, 2)  # in this process or another: the file, not the attacks
+    assert second.travel.keys() == first.travel.keys()
+    for slot, radii in first.travel.items():
+        for field in travel.TravelCache.FIELDS:
+            np.testing.assert_array_equal(getattr(second.travel[slot], field), getattr(radii, field))
+    radii = next(iter(second.travel.values()))
     with pytest.raises(ValueError, match="read-only"):
         radii.pool_v[0] = 0.0
+
     other = apply_overrides(scenario, {"dataset.seed": scenario.dataset.seed + 1})
-    assert StackedEmbeddingWorld(other, 1).travel is not first.travel  # other images, other radii
+    StackedEmbeddingWorld(other, 1)  # other images, other radii: a second file
+    assert len(list(own_cache.glob("*.npz"))) == 2
+
+    stored.write_bytes(b"not an npz")  # a damaged file is a miss: computed again and rewritten
+    calls = []
+    original = StackedEmbeddingWorld._pixel_travel
+    with monkeypatch.context() as patch:
+        patch.setattr(StackedEmbeddingWorld, "_pixel_travel", lambda *args: calls.append(1) or original(*args))
+        again = StackedEmbeddingWorld(scenario, 1)
+    assert calls == [1] and again.travel.keys() == first.travel.keys()
+    np.testing.assert_array_equal(next(iter(again.travel.values())).pool_v, next(iter(first.travel.values())).pool_v)
+
+
+def test_the_cache_misses_on_other_slots_and_never_fails_a_build(tmp_path):
+    radii = travel.TravelRadii(*(np.arange(3, dtype=np.float32) + k for k in range(4)))
+    slots = [(("pgd_linf", (("eps", 0.03),)), 0)]
+    cache = travel.TravelCache(tmp_path / "travel")
+    cache.put("k", {slots[0]: radii}, slots)
+    [loaded] = cache.get("k", slots).values()
+    np.testing.assert_array_equal(loaded.probe_t, radii.probe_t)
+    assert cache.get("k", [(slots[0][0], 1)]) is None  # the same key for other slots: not this table
+    assert cache.get("missing", slots) is None
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    travel.TravelCache(blocked / "travel").put("k", {slots[0]: radii}, slots)  # cannot be written: skipped, no error
+    assert list(tmp_path.glob("travel/*.tmp")) == []
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what an attacker's cache file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_cache_file_that_carries_a_pickle_is_a_miss_and_runs_no_code(tmp_path):
+    slots = [(("pgd_linf", (("eps", 0.03),)), 0)]
+    cache = travel.TravelCache(tmp_path / "travel")
+    cache.directory.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Payload(marker)
+    fields = {f"0.{field}": payload for field in travel.TravelCache.FIELDS}
+    np.savez(cache.directory / "k.npz", slots=np.array([repr(slots[0])]), **fields)
+    assert cache.get("k", slots) is None
+    assert not marker.exists()

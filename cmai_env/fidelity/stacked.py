@@ -32,7 +32,7 @@ from cmai_env.attacks import attack_class
 from cmai_env.corruptions import corrupted_split
 from cmai_env.data import load_dataset
 from cmai_env.fidelity.base import assign_attacks, corrupted_pairs, defended_backbone, entry_key
-from cmai_env.fidelity.travel import clean_embeddings, entry_attack, memoised, pixel_travel, travel_radii
+from cmai_env.fidelity.travel import TravelCache, TravelRadii, clean_embeddings, entry_attack, pixel_travel, travel_radii
 from cmai_env.models.backbone import ResidualAdapter
 from cmai_env.round import (
     AttackOutcome,
@@ -207,17 +207,6 @@ class RowAttacks:
         self.aware[env, rows] = (attack.lam, attack.kappa, attack.ce_weight)
         if attack.family == "universal":
             self.group[env, rows] = group
-
-
-@dataclass(frozen=True)
-class TravelRadii:
-    """One attack configuration's per-pair radii on one view (``embedding_attack_radius: pixel_travel``):
-    image and caption side for every pool pair (``pool_v``, ``pool_t``) and probe pair."""
-
-    pool_v: np.ndarray
-    pool_t: np.ndarray
-    probe_v: np.ndarray
-    probe_t: np.ndarray
 
 
 # ---------------------------------------------------------------------------- stacked parameters
@@ -428,9 +417,14 @@ class StackedEmbeddingWorld:
         self.travel: dict[tuple[tuple, int], TravelRadii] = {}
         if scenario.embedding_attack_radius == "pixel_travel":
             entries = {entry_key(entry): entry for phase in scenario.phases for entry in phase.attacks}
-            key = (scenario.backbone.model_dump_json(), scenario.dataset.model_dump_json(), str(self.device), tuple(self.corruptions),
-                   tuple(sorted(entries, key=repr)))
-            self.travel = memoised(key, lambda: self._pixel_travel(backbone, pool, probe, entries))
+            slots = [(key, view) for view in range(len(self.corruptions)) for key in sorted(entries, key=repr)]
+            cache = TravelCache()
+            digest = cache.key(backbone, (pool, probe), spec.seed, self.corruptions, slots, str(self.device))
+            table = cache.get(digest, slots)
+            if table is None:
+                table = self._pixel_travel(backbone, pool, probe, entries)
+                cache.put(digest, table, slots)
+            self.travel = table
 
     def _pixel_travel(self, backbone, pool, probe, entries: dict[tuple, object]) -> dict[tuple[tuple, int], "TravelRadii"]:
         """Every attack configuration of the scenario, once per view it caches (a stream may play a
@@ -454,7 +448,7 @@ class StackedEmbeddingWorld:
                 radii = (*travel_radii(family, pixel_travel(task, pool_view, attack, generator, pool_clean)),
                          *travel_radii(family, pixel_travel(task, probe_view, attack, generator, probe_clean)))
                 for array in radii:
-                    array.setflags(write=False)  # shared by every world built alike (travel.memoised)
+                    array.setflags(write=False)  # as TravelCache.get returns them
                 table[(key, view)] = TravelRadii(*radii)
         return table
 

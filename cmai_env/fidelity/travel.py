@@ -15,20 +15,31 @@ A scenario chooses it with ``embedding_attack_radius: pixel_travel``. Then
 :class:`~cmai_env.fidelity.stacked.StackedEmbeddingWorld` runs every attack of the scenario as a
 pixel attack once at construction, on the undefended backbone, over every pool and probe image of
 every view it caches
-(``benchmarks/attack_radius_cost.py``: 43.8 CPU-s for ``abrupt_shift``'s 12 attack configurations
-and views over the 2,256 images of ``shapes``, against 2.9 at ``law``), and memoises the result for worlds built alike (:func:`memoised`).
+(``benchmarks/attack_radius_cost.py``: 47.8 CPU-s for ``abrupt_shift``'s 12 attack configurations
+and views over the 2,256 images of ``shapes``, against 2.4 at ``law``). :class:`TravelCache` keeps
+the result on disk for every world built alike, in this process or another.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Callable, Sequence
+import contextlib
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
+import cmai_env
 from cmai_env.attacks import Attack, PairBatch, ZeroShotTask, make_attack
+from cmai_env.cache import cache_root, source_fingerprint
 from cmai_env.fidelity.base import universal_fit_pairs
+
+if TYPE_CHECKING:
+    from cmai_env.data import CaptionedDataset
 
 #: Per embedding family, ``c`` of the per-pair radius ``r = c · travel``, where ``travel`` is how far
 #: the pair's own pixel attack moved that side's unit embedding. Grid-searched (0.05…2.0, step 0.025)
@@ -47,9 +58,8 @@ PIXEL_TRAVEL_SCALE: dict[str, float] = {
     "aware_image": 1.275,
     "aware_rewrite": 0.7,
 }
-#: Tables kept by :func:`memoised` (a benchmark builds a new world for every batch of episodes).
-MEMO_SIZE = 8
-_MEMO: "OrderedDict[tuple, Any]" = OrderedDict()
+#: Bumped when what a :class:`TravelCache` file holds changes shape (its key also covers the code).
+CACHE_FORMAT = "travel-v1"
 #: Pairs per pixel attack call (``cmai_env.robustness.evaluate_attack``'s default chunk).
 CHUNK = 128
 
@@ -106,18 +116,97 @@ def travel_radii(family: str, travel: Sequence[np.ndarray]) -> tuple[np.ndarray,
     return (scale * np.asarray(travel[0])).astype(np.float32), (scale * np.asarray(travel[1])).astype(np.float32)
 
 
-def memoised(key: tuple, compute: Callable[[], Any]) -> Any:
-    """``compute()`` once per ``key`` in this process, the last :data:`MEMO_SIZE` keys kept.
+@dataclass(frozen=True)
+class TravelRadii:
+    """One attack configuration's per-pair radii on one view (``embedding_attack_radius: pixel_travel``):
+    image and caption side for every pool pair (``pool_v``, ``pool_t``) and probe pair."""
 
-    The radii are a pure function of the scenario's data, backbone, views and attack
-    configurations (every pixel attack is seeded by the dataset seed), so worlds built alike share
-    them instead of running every pixel attack again. Callers must not write to what it returns.
+    pool_v: np.ndarray
+    pool_t: np.ndarray
+    probe_v: np.ndarray
+    probe_t: np.ndarray
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's bytes, whatever its dtype (bfloat16 has no numpy type) and device."""
+    return tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
+
+
+#: A table's slots: (attack configuration, view index), in the order its file stores them.
+Slot = tuple[tuple, int]
+
+
+class TravelCache:
+    """``pixel_travel`` tables on disk: one ``.npz`` per world's inputs under ``$CMAI_CACHE_DIR/travel``.
+
+    The radii are a pure function of the backbone's weights, the pool and probe pairs, the views,
+    the attack configurations, the device and the code (every pixel attack is seeded by the dataset
+    seed), and :meth:`key` hashes all of them, so a file is only ever read by a world that would
+    compute the same arrays. A missing, unreadable or mismatched file is a miss (the world runs the
+    pixel attacks again), and a cache folder that cannot be written only costs that again next
+    time. Files are read with ``allow_pickle=False``.
+
+    Written by hand: the arrays are this environment's own, and a pickling cache (joblib's
+    ``Memory``) would execute code on load.
+
+    :param directory: where the files live (default ``$CMAI_CACHE_DIR/travel``, read when created).
     """
-    if key in _MEMO:
-        _MEMO.move_to_end(key)
-        return _MEMO[key]
-    value = compute()
-    _MEMO[key] = value
-    while len(_MEMO) > MEMO_SIZE:
-        _MEMO.popitem(last=False)
-    return value
+
+    FIELDS = ("pool_v", "pool_t", "probe_v", "probe_t")
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else cache_root() / "travel"
+
+    @staticmethod
+    def key(
+        backbone: torch.nn.Module, splits: Sequence["CaptionedDataset"], seed: int, views: Sequence, slots: Sequence[Slot], device: str
+    ) -> str:
+        """SHA-256 (32 hex) of everything the table depends on (class docstring); ``seed`` is the
+        dataset seed, which seeds the pixel attacks and the corrupted views."""
+        digest = hashlib.sha256()
+        code = source_fingerprint(Path(cmai_env.__file__).resolve().parent)
+        for text in (CACHE_FORMAT, code, str(int(seed)), repr(list(views)), repr(list(slots)), device):
+            digest.update(text.encode() + b"\0")
+        for name, tensor in backbone.state_dict().items():
+            digest.update(name.encode() + b"\0")
+            digest.update(_raw_bytes(tensor))
+        for split in splits:
+            digest.update(_raw_bytes(split.images))
+            digest.update(_raw_bytes(split.labels))
+            digest.update("\0".join([*split.captions, "", *split.class_names, "", *split.templates]).encode())
+        return digest.hexdigest()[:32]
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.npz"
+
+    def get(self, key: str, slots: Sequence[Slot]) -> dict[Slot, TravelRadii] | None:
+        """The table stored under ``key`` for exactly ``slots``, or ``None`` (a miss)."""
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                if stored["slots"].tolist() != [repr(slot) for slot in slots]:
+                    return None
+                table = {slot: TravelRadii(*(stored[f"{i}.{field}"] for field in self.FIELDS)) for i, slot in enumerate(slots)}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        for radii in table.values():
+            for array in vars(radii).values():
+                array.setflags(write=False)
+        return table
+
+    def put(self, key: str, table: dict[Slot, TravelRadii], slots: Sequence[Slot]) -> None:
+        """Store ``table`` (its ``slots``, in that order) under ``key``; a write that fails is skipped."""
+        arrays = {f"{i}.{field}": getattr(table[slot], field) for i, slot in enumerate(slots) for field in self.FIELDS}
+        path = self._path(key)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # Written beside and renamed into place: processes sharing the cache never read half a file.
+            with open(partial, "wb") as handle:
+                np.savez(handle, slots=np.array([repr(slot) for slot in slots]), **arrays)
+            os.replace(partial, path)
+        except OSError:
+            with contextlib.suppress(OSError):  # the folder itself may be what failed
+                partial.unlink(missing_ok=True)
