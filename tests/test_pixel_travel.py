@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -143,6 +145,11 @@ def test_the_cache_misses_on_other_slots_and_never_fails_a_build(tmp_path):
     np.testing.assert_array_equal(loaded.probe_t, radii.probe_t)
     assert cache.get("k", [(slots[0][0], 1)]) is None  # the same key for other slots: not this table
     assert cache.get("missing", slots) is None
+    os.utime(cache.directory / "k.npz", (1000, 1000))  # the oldest file: the first to go
+    for n in range(1, travel.CACHE_FILES + 1):
+        cache.put(f"k{n}", {slots[0]: radii}, slots)
+    assert len(list(cache.directory.glob("*.npz"))) == travel.CACHE_FILES  # the most recently written only
+    assert cache.get("k", slots) is None and cache.get(f"k{travel.CACHE_FILES}", slots) is not None
     blocked = tmp_path / "file"
     blocked.write_text("")
     travel.TravelCache(blocked / "travel").put("k", {slots[0]: radii}, slots)  # cannot be written: skipped, no error

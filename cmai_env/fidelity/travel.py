@@ -60,6 +60,9 @@ PIXEL_TRAVEL_SCALE: dict[str, float] = {
 }
 #: Bumped when what a :class:`TravelCache` file holds changes shape (its key also covers the code).
 CACHE_FORMAT = "travel-v1"
+#: Files a :class:`TravelCache` folder keeps (the most recently written; ``abrupt_shift``'s is 234 KB):
+#: every code change keys new files, so without a bound the folder would only grow.
+CACHE_FILES = 64
 #: Pairs per pixel attack call (``cmai_env.robustness.evaluate_attack``'s default chunk).
 CHUNK = 128
 
@@ -210,3 +213,12 @@ class TravelCache:
         except OSError:
             with contextlib.suppress(OSError):  # the folder itself may be what failed
                 partial.unlink(missing_ok=True)
+            return
+        self._evict()
+
+    def _evict(self) -> None:
+        """Remove all but the :data:`CACHE_FILES` most recently written files (another process may race us: skipped)."""
+        with contextlib.suppress(OSError):
+            files = sorted(self.directory.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in files[CACHE_FILES:]:
+                old.unlink(missing_ok=True)
