@@ -447,8 +447,6 @@ class StackedEmbeddingWorld:
                 family = self.attack(entry).family
                 radii = (*travel_radii(family, pixel_travel(task, pool_view, attack, generator, pool_clean)),
                          *travel_radii(family, pixel_travel(task, probe_view, attack, generator, probe_clean)))
-                for array in radii:
-                    array.setflags(write=False)  # as TravelCache.get returns them
                 table[(key, view)] = TravelRadii(*radii)
         return table
 

@@ -122,12 +122,17 @@ def travel_radii(family: str, travel: Sequence[np.ndarray]) -> tuple[np.ndarray,
 @dataclass(frozen=True)
 class TravelRadii:
     """One attack configuration's per-pair radii on one view (``embedding_attack_radius: pixel_travel``):
-    image and caption side for every pool pair (``pool_v``, ``pool_t``) and probe pair."""
+    image and caption side for every pool pair (``pool_v``, ``pool_t``) and probe pair. The arrays
+    are made read-only here: computed or read from a :class:`TravelCache` file, they are the table."""
 
     pool_v: np.ndarray
     pool_t: np.ndarray
     probe_v: np.ndarray
     probe_t: np.ndarray
+
+    def __post_init__(self) -> None:
+        for array in (self.pool_v, self.pool_t, self.probe_v, self.probe_t):
+            array.setflags(write=False)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
@@ -194,9 +199,6 @@ class TravelCache:
                 table = {slot: TravelRadii(*(stored[f"{i}.{field}"] for field in self.FIELDS)) for i, slot in enumerate(slots)}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
-        for radii in table.values():
-            for array in vars(radii).values():
-                array.setflags(write=False)
         return table
 
     def put(self, key: str, table: dict[Slot, TravelRadii], slots: Sequence[Slot]) -> None:
