@@ -66,10 +66,10 @@ instead of the environment's (families not named keep theirs), e.g. laws fitted 
 checked on noisy ones with ``--corruption``.
 
 ``--pixel-travel`` tests the embedding attack the radius laws approximate: each attacked pair's
-radius is ``c(family) · travel``, where ``travel`` is how far that cell's own pixel attack moved
+radius is ``c · travel^γ``, where ``travel`` is how far that cell's own pixel attack moved
 that pair's unit embedding on the undefended model (image and caption side each their own; the
-same adversarial examples the pixel column scores), and ``c`` one number per family
-(:data:`cmai_env.fidelity.travel.PIXEL_TRAVEL_SCALE`; ``--calibrate`` refits it). The direction is still the embedding PGD's,
+same adversarial examples the pixel column scores), and ``(c, γ)`` one pair per family
+(:data:`cmai_env.fidelity.travel.PIXEL_TRAVEL_LAW`; ``--calibrate`` refits both). The direction is still the embedding PGD's,
 against the current model, so the attack stays white-box; only each pair's budget is the pixel
 attack's. A scenario plays it with ``embedding_attack_radius: pixel_travel`` (:mod:`cmai_env.fidelity.travel`).
 """
@@ -102,7 +102,7 @@ from cmai_env.data import load_dataset  # noqa: E402
 from cmai_env.fidelity import stacked  # noqa: E402
 from cmai_env.fidelity.base import defended_backbone  # noqa: E402
 from cmai_env.fidelity.stacked import EmbeddingAttack, RowAttacks, StackedEmbeddingWorld  # noqa: E402
-from cmai_env.fidelity.travel import CHUNK, PIXEL_TRAVEL_SCALE, entry_attack  # noqa: E402
+from cmai_env.fidelity.travel import CHUNK, PIXEL_TRAVEL_LAW, entry_attack, travel_radii  # noqa: E402
 from cmai_env.fidelity.travel import pixel_travel as travel_of  # noqa: E402
 from cmai_env.robustness import evaluate_attack  # noqa: E402
 from cmai_env.scenario import AttackSpec, Scenario, apply_overrides, load_scenario, scenario_option  # noqa: E402
@@ -113,8 +113,10 @@ TOLERANCE = 0.10
 GRID = tuple(round(0.025 * k, 3) for k in range(1, 41))
 #: budget exponents γ it tries (r = scale · (budget / default)^γ; γ = 1: radius proportional to the budget)
 EXPONENTS = (2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
-#: the ``c`` values ``--pixel-travel --calibrate`` tries (0.05 … 2.0, step 0.025)
-TRAVEL_GRID = tuple(round(0.025 * k, 3) for k in range(2, 81))
+#: the ``c`` values ``--pixel-travel --calibrate`` tries (0.05 … 3.0, step 0.025)
+TRAVEL_GRID = tuple(round(0.025 * k, 3) for k in range(2, 121))
+#: the travel exponents γ it tries (r = c · travel^γ; γ = 1: radius proportional to the travel)
+TRAVEL_EXPONENTS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 #: embedding families of the detector-aware attacks while their declarations carry none
 AWARE_FAMILIES = {"aware_pgd_linf": "aware_image", "aware_caption_rewrite": "aware_rewrite"}
 
@@ -375,10 +377,10 @@ class Cell:
     #: per attacked pair, how far the pixel attack moved the unit image and caption embeddings (``--pixel-travel``)
     travel: tuple[np.ndarray, np.ndarray] | None = None
 
-    def travel_radii(self, scale: float) -> tuple[np.ndarray, np.ndarray]:
-        """``--pixel-travel``'s per-pair radii ``scale · travel``, image side and caption side."""
+    def travel_radii(self, law: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+        """``--pixel-travel``'s per-pair radii ``c · travel^γ`` for ``law = (c, γ)``, image side and caption side."""
         assert self.travel is not None
-        return (scale * self.travel[0]).astype(np.float32), (scale * self.travel[1]).astype(np.float32)
+        return travel_radii(self.family, self.travel, law)
 
     def deltas(self) -> tuple[float, float]:
         assert self.embedding is not None
@@ -406,17 +408,17 @@ def print_table(cells: Sequence[Cell], title: str) -> None:
 
 
 def fill_embedding(
-    cells: Sequence[Cell], probe: EmbeddingProbe, laws: dict[str, tuple[float, float]] | None, travel_scale: dict[str, float] | None = None
+    cells: Sequence[Cell], probe: EmbeddingProbe, laws: dict[str, tuple[float, float]] | None, travel_laws: dict[str, tuple[float, float]] | None = None
 ) -> None:
     """Embedding rates of every cell at ``laws[family]`` (``None`` or a family not in it: the environment's radii),
-    or with ``travel_scale`` at the per-pair radii ``travel_scale[family] · travel`` (the ``r`` column: their median)."""
+    or with ``travel_laws`` at the per-pair radii ``c · travel^γ``, ``(c, γ) = travel_laws[family]`` (the ``r`` column: their median)."""
     for c in cells:
         attack = embedding_attack(c.attack, c.params, None if laws is None else laws.get(c.family))
-        if travel_scale is None:
+        if travel_laws is None:
             c.radius = attack.radius
             c.embedding = probe.rates(attack)
         else:
-            radii = c.travel_radii(travel_scale[c.family])
+            radii = c.travel_radii(travel_laws[c.family])
             caption_only = stacked._MODES[c.family][0] == 0  # its r column is the caption side's radius
             c.radius = float(np.median(radii[1] if caption_only else radii[0]))
             c.embedding = probe.rates(attack, radii)
@@ -442,21 +444,23 @@ def calibrate(cells: Sequence[Cell], probe: EmbeddingProbe, exponents: Sequence[
     return chosen
 
 
-def calibrate_travel(cells: Sequence[Cell], probe: EmbeddingProbe) -> dict[str, tuple[float, float, float]]:
-    """Per family, the ``c`` of ``TRAVEL_GRID`` minimising the largest |Δ| of ASR and TPR over that
-    family's cells at the radii ``c · travel`` (ties: the smallest mean |Δ|) → ``(c, max |Δ|, mean |Δ|)``."""
-    chosen: dict[str, tuple[float, float, float]] = {}
+def calibrate_travel(cells: Sequence[Cell], probe: EmbeddingProbe) -> dict[str, tuple[float, float, float, float]]:
+    """Per family, the ``(c, γ)`` of ``TRAVEL_GRID × TRAVEL_EXPONENTS`` minimising the largest |Δ| of ASR
+    and TPR over that family's cells at the radii ``c · travel^γ`` (ties: the smallest mean |Δ|, then
+    γ nearest 1) → ``(c, γ, max |Δ|, mean |Δ|)``."""
+    chosen: dict[str, tuple[float, float, float, float]] = {}
     for family in dict.fromkeys(c.family for c in cells):
         members = [c for c in cells if c.family == family]
         best = None
-        for scale in TRAVEL_GRID:
-            errors = []
-            for c in members:
-                e = probe.rates(embedding_attack(c.attack, c.params, None), c.travel_radii(scale))
-                errors += [abs(e.asr - c.pixel.asr), abs(e.tpr - c.pixel.tpr)]
-            key = (round(max(errors), 6), float(np.mean(errors)))
-            if best is None or key < best[1:]:
-                best = (scale, *key)
+        for exponent in sorted(TRAVEL_EXPONENTS, key=lambda g: abs(g - 1.0)):
+            for scale in TRAVEL_GRID:
+                errors = []
+                for c in members:
+                    e = probe.rates(embedding_attack(c.attack, c.params, None), c.travel_radii((scale, exponent)))
+                    errors += [abs(e.asr - c.pixel.asr), abs(e.tpr - c.pixel.tpr)]
+                key = (round(max(errors), 6), round(float(np.mean(errors)), 6))
+                if best is None or key < best[2:]:
+                    best = (scale, exponent, *key)
         chosen[family] = best
     return chosen
 
@@ -581,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--laws", nargs="+", default=None, metavar="FAMILY=SCALE,GAMMA",
                         help="play these radius laws r = SCALE·(budget/default)^GAMMA instead of the environment's (as --calibrate prints them)")
     parser.add_argument("--pixel-travel", action="store_true",
-                        help="also the table with each pair's radius = c(family) × how far its pixel attack moved that side's embedding; "
+                        help="also the table with each pair's radius = c · travel^γ per family, travel: how far its pixel attack moved that side's embedding; "
                              "with --rank also the embedding episodes with embedding_attack_radius: pixel_travel")
     args = parser.parse_args(argv)
     given_laws = None if args.laws is None else parse_laws(parser, args.laws)
@@ -652,19 +656,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.radius_spread:
         label += f", each pair's radius × exp({args.radius_spread:g}·z)"
     print_table(cells, f"undefended model, embedding at {label}")
-    travel_label = "each pair's radius = c(family) · how far its pixel attack moved that side's embedding (r: median)"
+    travel_label = "each pair's radius = c · travel^γ per family, travel: how far its pixel attack moved that side's embedding (r: median)"
     if args.pixel_travel:
-        fill_embedding(cells, probe, None, PIXEL_TRAVEL_SCALE)
-        print_table(cells, f"undefended model, embedding with {travel_label}, c = PIXEL_TRAVEL_SCALE")
+        fill_embedding(cells, probe, None, PIXEL_TRAVEL_LAW)
+        print_table(cells, f"undefended model, embedding with {travel_label}, (c, γ) = PIXEL_TRAVEL_LAW")
     if args.displacement:
         print_displacement(setup, cells, args.seed)
     if args.calibrate and args.pixel_travel:
         chosen_travel = calibrate_travel(cells, probe)
-        print(f"\ngrid search of c per family: {TRAVEL_GRID[0]}…{TRAVEL_GRID[-1]} step 0.025; per family: c, max |Δ| and mean |Δ| over its ASR and TPR cells")
-        for family, (scale, worst, mean) in chosen_travel.items():
-            print(f"  {family:<14} c {scale:.3f}  max {worst:.3f}  mean {mean:.3f}")
-        fill_embedding(cells, probe, None, {family: best[0] for family, best in chosen_travel.items()})
-        print_table(cells, f"undefended model, embedding with {travel_label}, c fitted")
+        print(f"\ngrid search of (c, γ) per family: c {TRAVEL_GRID[0]}…{TRAVEL_GRID[-1]} step 0.025, γ ∈ {list(TRAVEL_EXPONENTS)}; "
+              "per family: c, γ, max |Δ| and mean |Δ| over its ASR and TPR cells")
+        for family, (scale, exponent, worst, mean) in chosen_travel.items():
+            print(f"  {family:<14} c {scale:.3f}  γ {exponent:<5g}  max {worst:.3f}  mean {mean:.3f}")
+        fill_embedding(cells, probe, None, {family: best[:2] for family, best in chosen_travel.items()})
+        print_table(cells, f"undefended model, embedding with {travel_label}, (c, γ) fitted")
     elif args.calibrate:
         for title, exponents in (("one scale per family, r ∝ budget (γ = 1)", (1.0,)), ("scale and budget exponent γ per family", EXPONENTS)):
             chosen = calibrate(cells, probe, exponents)

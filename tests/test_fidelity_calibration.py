@@ -249,7 +249,7 @@ def test_radius_spread_and_given_laws(capsys):
 
 
 def test_pixel_travel_gives_each_pair_the_distance_its_pixel_attack_moved_it(capsys):
-    """``--pixel-travel``: per-pair radii ``c · travel`` from the pixel attack's own examples, per side."""
+    """``--pixel-travel``: per-pair radii ``c · travel^γ`` from the pixel attack's own examples, per side."""
     import numpy as np
 
     benchmark = load_benchmark()
@@ -272,10 +272,11 @@ def test_pixel_travel_gives_each_pair_the_distance_its_pixel_attack_moved_it(cap
 
     benchmark.main(["--quick", "--attacks", "pgd_linf,text_embedding_pgd", "--pixel-travel", "--calibrate"])
     out = capsys.readouterr().out
-    assert "c = PIXEL_TRAVEL_SCALE" in out and "grid search of c per family" in out and "c fitted" in out
-    fitted = {line.split()[0]: float(line.split()[2]) for line in out.splitlines() if line.startswith("  ") and " c " in line}
-    assert set(fitted) == {"image", "text"} and all(v in benchmark.TRAVEL_GRID for v in fitted.values())
-    assert set(benchmark.PIXEL_TRAVEL_SCALE) == set(FAMILY_RADIUS_LAW)
+    assert "(c, γ) = PIXEL_TRAVEL_LAW" in out and "grid search of (c, γ) per family" in out and "(c, γ) fitted" in out
+    fitted = {line.split()[0]: (float(line.split()[2]), float(line.split()[4])) for line in out.splitlines() if line.startswith("  ") and " c " in line}
+    assert set(fitted) == {"image", "text"}
+    assert all(c in benchmark.TRAVEL_GRID and g in benchmark.TRAVEL_EXPONENTS for c, g in fitted.values())
+    assert set(benchmark.PIXEL_TRAVEL_LAW) == set(FAMILY_RADIUS_LAW)
     for extra in (["--laws", "image=1,1"], ["--radius", "0.5"], ["--radius-spread", "0.5"]):
         with pytest.raises(SystemExit):
             benchmark.main(["--quick", "--pixel-travel", *extra])

@@ -28,7 +28,7 @@ def own_cache(tmp_path, monkeypatch):
 
 def test_the_field_is_validated_and_law_by_default():
     assert load_scenario("quickstart").embedding_attack_radius == "law"
-    assert set(travel.PIXEL_TRAVEL_SCALE) == set(FAMILY_RADIUS_LAW)
+    assert set(travel.PIXEL_TRAVEL_LAW) == set(FAMILY_RADIUS_LAW)
     with pytest.raises(ScenarioError, match="embedding_attack_radius") as error:
         apply_overrides(load_scenario("quickstart"), {"embedding_attack_radius": "replay"})
     assert "pixel_travel" in str(error.value)
@@ -71,7 +71,23 @@ def test_every_phase_attack_gets_per_pair_radii_from_its_own_pixel_attack():
     task = ZeroShotTask.from_dataset(backbone, pool)
     generator = torch.Generator().manual_seed(spec.seed)
     moved_v, _ = travel.pixel_travel(task, pairs, travel.entry_attack(entry.name, entry.params, task, pairs, generator), generator)
-    np.testing.assert_allclose(radii.pool_v, travel.PIXEL_TRAVEL_SCALE["image"] * moved_v, rtol=1e-5)
+    scale, exponent = travel.PIXEL_TRAVEL_LAW["image"]
+    np.testing.assert_allclose(radii.pool_v, scale * moved_v**exponent, rtol=1e-5)
+
+
+def test_the_travel_law_is_a_power_of_the_travel_per_family():
+    moved = (np.array([0.0, 0.1, 0.5, 1.0], dtype=np.float32), np.zeros(4, dtype=np.float32))
+    image_v, image_t = travel.travel_radii("image", moved)
+    np.testing.assert_allclose(image_v, travel.PIXEL_TRAVEL_LAW["image"][0] * moved[0], rtol=1e-6)  # γ = 1
+    assert image_v.dtype == image_t.dtype == np.float32 and not image_t.any()
+    # universal: γ = 2, so a short travel (a δ that is mostly not adversarial) buys much less radius
+    scale, exponent = travel.PIXEL_TRAVEL_LAW["universal"]
+    assert exponent == 2.0
+    universal_v, _ = travel.travel_radii("universal", moved)
+    np.testing.assert_allclose(universal_v, scale * moved[0] ** 2, rtol=1e-6)
+    assert universal_v[1] / universal_v[3] == pytest.approx(0.01)
+    given_v, _ = travel.travel_radii("universal", moved, (1.0, 0.5))  # the calibration benchmark's other laws
+    np.testing.assert_allclose(given_v, np.sqrt(moved[0]), rtol=1e-6)
 
 
 def test_incoming_and_probe_play_each_pair_at_its_travel_radius(monkeypatch):

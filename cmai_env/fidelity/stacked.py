@@ -429,7 +429,7 @@ class StackedEmbeddingWorld:
     def _pixel_travel(self, backbone, pool, probe, entries: dict[tuple, object]) -> dict[tuple[tuple, int], "TravelRadii"]:
         """Every attack configuration of the scenario, once per view it caches (a stream may play a
         phase's attacks on a neighbouring phase's images, e.g. while drifting), as a pixel attack on the
-        undefended backbone over the pool and probe images: each pair's radius is ``c · travel``
+        undefended backbone over the pool and probe images: each pair's radius is ``c · travel^γ``
         (:mod:`cmai_env.fidelity.travel`)."""
         from cmai_env.attacks import PairBatch, ZeroShotTask
 

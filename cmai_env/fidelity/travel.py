@@ -4,9 +4,9 @@ The radius laws (:data:`cmai_env.fidelity.stacked.FAMILY_RADIUS_LAW`) give every
 per attack configuration. A pixel attack moves some images' embeddings much farther than others'
 at the same budget, so its ASR rises with the budget more slowly than one radius for every pair
 gives, and on out-of-sample pairs the laws fit only 14–18 of issue 10's 30 calibration cells
-(``benchmarks/fidelity_calibration.py``). Playing each pair at the distance its own pixel attack
-travelled (times one constant per family, :data:`PIXEL_TRAVEL_SCALE`) fits 24–25 of them
-(docs/measurements.md). The embedding PGD still picks the direction against the current
+(``benchmarks/fidelity_calibration.py``). Playing each pair at a radius set by the distance its own
+pixel attack travelled (``c · travel^γ``, one ``(c, γ)`` per family, :data:`PIXEL_TRAVEL_LAW`) fits
+24–28 of them (docs/measurements.md). The embedding PGD still picks the direction against the current
 adapters, so the attacker stays white-box; only each pair's budget comes from the pixel attack.
 The shipped scenarios keep ``law``: they were designed at it, and at ``pixel_travel`` the
 defence acts less within their episodes (README, Known limits).
@@ -41,22 +41,28 @@ from cmai_env.fidelity.base import universal_fit_pairs
 if TYPE_CHECKING:
     from cmai_env.data import CaptionedDataset
 
-#: Per embedding family, ``c`` of the per-pair radius ``r = c · travel``, where ``travel`` is how far
-#: the pair's own pixel attack moved that side's unit embedding. Grid-searched (0.05…2.0, step 0.025)
-#: by ``python benchmarks/fidelity_calibration.py --pixel-travel --calibrate`` on quickstart's clean
-#: data (dataset seed 0, 128 attacked pairs, undefended model): per family the ``c`` minimising the
-#: largest |Δ| of ASR and detector TPR between the fidelities over its cells (ties: the mean |Δ|).
-#: There 22/30 cells are within ±0.10; on dataset seeds 1 and 2 (not fitted on), 25/30 each.
-PIXEL_TRAVEL_SCALE: dict[str, float] = {
-    "image": 0.875,
-    "image_l2": 0.75,
-    "text": 0.8,
-    "bridge_image": 1.45,
-    "bridge_text": 0.775,
-    "both": 0.775,
-    "universal": 1.6,
-    "aware_image": 1.275,
-    "aware_rewrite": 0.7,
+#: Per embedding family, ``(c, γ)`` of the per-pair radius ``r = c · travel^γ``, where ``travel`` is
+#: how far the pair's own pixel attack moved that side's unit embedding. ``c`` was grid-searched
+#: (0.05…2.0, step 0.025, γ = 1) by ``python benchmarks/fidelity_calibration.py --pixel-travel
+#: --calibrate`` on quickstart's clean data (dataset seed 0, 128 attacked pairs, undefended model):
+#: per family the ``c`` minimising the largest |Δ| of ASR and detector TPR between the fidelities over
+#: its cells (ties: the mean |Δ|). ``universal`` alone has γ = 2 (``--calibrate`` with 256 attacked
+#: pairs, which now also searches γ): a universal pixel δ moves every embedding, but at small budgets
+#: mostly not toward another class (ASR 0.01 and 0.12 at 2 and 4/255, 0.68 at 8/255), which no single
+#: ``c`` matched (at γ = 1 all three cells missed: ASR +0.10 at 4/255 and −0.15 at 8/255, TPR +0.26);
+#: at γ = 2 they fit within 0.05 on dataset seeds 0, 1 and 2, and at 12 and 16/255 (not fitted on)
+#: within 0.06. The other families stay at γ = 1, where their cells fit and the measurement log's
+#: ``pixel_travel`` figures were taken; ``--calibrate`` prints the γ it would choose for each.
+PIXEL_TRAVEL_LAW: dict[str, tuple[float, float]] = {
+    "image": (0.875, 1.0),
+    "image_l2": (0.75, 1.0),
+    "text": (0.8, 1.0),
+    "bridge_image": (1.45, 1.0),
+    "bridge_text": (0.775, 1.0),
+    "both": (0.775, 1.0),
+    "universal": (2.55, 2.0),
+    "aware_image": (1.275, 1.0),
+    "aware_rewrite": (0.7, 1.0),
 }
 #: Bumped when what a :class:`TravelCache` file holds changes shape (its key also covers the code).
 CACHE_FORMAT = "travel-v1"
@@ -113,10 +119,11 @@ def entry_attack(name: str, params: dict, task: ZeroShotTask, fit_pairs: PairBat
     return attack
 
 
-def travel_radii(family: str, travel: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """``PIXEL_TRAVEL_SCALE[family] · travel`` for the image and the caption side, float32."""
-    scale = PIXEL_TRAVEL_SCALE[family]
-    return (scale * np.asarray(travel[0])).astype(np.float32), (scale * np.asarray(travel[1])).astype(np.float32)
+def travel_radii(family: str, travel: Sequence[np.ndarray], law: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``c · travel^γ`` for the image and the caption side, float32: ``(c, γ) = law``, by default
+    ``PIXEL_TRAVEL_LAW[family]`` (``benchmarks/fidelity_calibration.py`` tries others)."""
+    scale, exponent = PIXEL_TRAVEL_LAW[family] if law is None else law
+    return tuple((scale * np.power(np.asarray(side, dtype=np.float64), exponent)).astype(np.float32) for side in travel[:2])
 
 
 @dataclass(frozen=True)
