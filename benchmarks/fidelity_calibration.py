@@ -61,7 +61,8 @@ probe pair's radius is multiplied by ``exp(SIGMA · z)``, ``z ~ N(0, 1)`` drawn 
 random effect; pixel attacks' success varies per image beyond its embedding's margin, so their
 ASR rises more slowly with the budget than one radius for every pair gives). The table and
 ``--calibrate`` then use it; the environment does not (SIGMA 0). ``--calibrate`` ends with the
-fitted laws as a ``--laws`` argument, and ``--laws FAMILY=SCALE,GAMMA ...`` plays given laws
+fitted laws as a ``--laws`` argument and as a scenario's ``embedding_radius_laws`` field (with
+``--pixel-travel``: its ``pixel_travel_laws``), which plays them in the environment, and ``--laws FAMILY=SCALE,GAMMA ...`` plays given laws
 instead of the environment's (families not named keep theirs), e.g. laws fitted on clean images
 checked on noisy ones with ``--corruption``.
 
@@ -77,7 +78,6 @@ attack's. A scenario plays it with ``embedding_attack_radius: pixel_travel`` (:m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import resource
@@ -466,19 +466,6 @@ def calibrate_travel(cells: Sequence[Cell], probe: EmbeddingProbe) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------- rank correlation
-@contextlib.contextmanager
-def radius_law(law: tuple[float, float] | None):
-    """Within the block, every family's radius law is ``law`` (``None``: unchanged); restored after."""
-    saved = dict(stacked.FAMILY_RADIUS_LAW)
-    if law is not None:
-        stacked.FAMILY_RADIUS_LAW.update({family: law for family in saved})
-    try:
-        yield
-    finally:
-        stacked.FAMILY_RADIUS_LAW.clear()
-        stacked.FAMILY_RADIUS_LAW.update(saved)
-
-
 def pixel_defence_like_embedding(scenario: str) -> dict[str, object] | None:
     """Overrides that make the pixel fidelity defend what the embedding fidelity does, or ``None``.
 
@@ -523,29 +510,29 @@ def rank_correlation(
     from agents.evaluation import evaluate_policy
 
     names = available_baselines()
-    # (label, fidelity, radius law, scenario overrides)
-    runs: list[tuple[str, str, tuple[float, float] | None, dict[str, object]]] = [("pixel", "pixel", None, {})]
+    # (label, fidelity, scenario overrides)
+    runs: list[tuple[str, str, dict[str, object]]] = [("pixel", "pixel", {})]
     same_defence = pixel_defence_like_embedding(scenario) if like_for_like else None
     if same_defence is not None:
-        runs.append(("pixel, adapters", "pixel", None, same_defence))
-    runs.append(("embedding", "embedding", None, {}))
+        runs.append(("pixel, adapters", "pixel", same_defence))
+    runs.append(("embedding", "embedding", {}))
     if other_law is not None:
-        runs.append((f"embedding r={other_law[0]:g}·b^{other_law[1]:g}", "embedding", other_law, {}))
+        every_family = {family: list(other_law) for family in stacked.FAMILY_RADIUS_LAW}
+        runs.append((f"embedding r={other_law[0]:g}·b^{other_law[1]:g}", "embedding", {"embedding_radius_laws": every_family}))
     if train_scale is not None:
-        runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", None, {"defense.embedding_train_radius_scale": train_scale}))
+        runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", {"defense.embedding_train_radius_scale": train_scale}))
     if travel:
-        runs.append(("embedding, pixel travel", "embedding", None, {"embedding_attack_radius": "pixel_travel"}))
+        runs.append(("embedding, pixel travel", "embedding", {"embedding_attack_radius": "pixel_travel"}))
     returns: dict[str, list[float]] = {}
-    pixel_labels = [label for label, fidelity, _, _ in runs if fidelity == "pixel"]
-    for label, fidelity, law, overrides in runs:
+    pixel_labels = [label for label, fidelity, _ in runs if fidelity == "pixel"]
+    for label, fidelity, overrides in runs:
         returns[label] = []
         for name in names:
             tic = time.process_time()
-            with radius_law(law):
-                result = evaluate_policy(
-                    make_baseline(name), scenario, seeds=list(seeds), episodes=episodes, fidelity=fidelity,
-                    env_kwargs=overrides or None, reference=False, use_disk_cache=False, plots=False,
-                )
+            result = evaluate_policy(
+                make_baseline(name), scenario, seeds=list(seeds), episodes=episodes, fidelity=fidelity,
+                env_kwargs=overrides or None, reference=False, use_disk_cache=False, plots=False,
+            )
             mean_return = float(np.mean(result.per_seed("return")))
             returns[label].append(mean_return)
             print(f"  {scenario:<14} {label:<24} {name:<20} return {mean_return:8.3f}  ({time.process_time() - tic:.0f} CPU-s)", flush=True)
@@ -670,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {family:<14} c {scale:.3f}  γ {exponent:<5g}  max {worst:.3f}  mean {mean:.3f}")
         fill_embedding(cells, probe, None, {family: best[:2] for family, best in chosen_travel.items()})
         print_table(cells, f"undefended model, embedding with {travel_label}, (c, γ) fitted")
+        print("in a scenario (with embedding_attack_radius: pixel_travel): " + scenario_field("pixel_travel_laws", chosen_travel))
     elif args.calibrate:
         for title, exponents in (("one scale per family, r ∝ budget (γ = 1)", (1.0,)), ("scale and budget exponent γ per family", EXPONENTS)):
             chosen = calibrate(cells, probe, exponents)
@@ -680,6 +668,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             fill_embedding(cells, probe, {family: best[:2] for family, best in chosen.items()})
             print_table(cells, f"undefended model, embedding at the calibrated radii ({title})")
             print("as --laws: " + " ".join(f"{family}={scale:g},{exponent:g}" for family, (scale, exponent, *_) in chosen.items()))
+            print("in a scenario: " + scenario_field("embedding_radius_laws", chosen))
     print(f"\n{time.process_time() - start_cpu:.0f} CPU-s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if args.rank:
         for scenario in args.rank_scenarios.split(","):
@@ -688,6 +677,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.pixel_travel,
             )
         print(f"{time.process_time() - start_cpu:.0f} CPU-s in all")
+
+
+def scenario_field(name: str, chosen: dict[str, tuple[float, ...]]) -> str:
+    """Fitted ``(scale, γ, …)`` per family as the scenario field ``name`` (one YAML line)."""
+    return f"{name}: {{" + ", ".join(f"{family}: [{law[0]:g}, {law[1]:g}]" for family, law in chosen.items()) + "}"
 
 
 def parse_corruption(parser: argparse.ArgumentParser, text: str) -> tuple[str, int]:

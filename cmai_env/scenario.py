@@ -97,6 +97,11 @@ def parse_fraction(value: Any) -> Any:
 #: A budget: a non-negative float that YAML may spell as a fraction (``8/255``).
 Budget = Annotated[float, BeforeValidator(parse_fraction), Field(ge=0, allow_inf_nan=False)]
 ParamValue = Union[bool, int, float, str]
+#: ``[scale, γ]`` of a radius law ``r = scale · (budget / default budget)^γ`` (``embedding_radius_laws``)
+RadiusLaw = tuple[Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)], Annotated[float, Field(ge=0, le=4, allow_inf_nan=False)]]
+#: ``[c, γ]`` of a ``pixel_travel`` radius ``c · travel^γ`` (``pixel_travel_laws``; γ > 0: a side the
+#: pixel attack leaves alone travels 0 and must stay at radius 0)
+TravelLaw = tuple[Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)], Annotated[float, Field(gt=0, le=4, allow_inf_nan=False)]]
 
 
 class _Model(BaseModel):
@@ -410,6 +415,15 @@ class Scenario(_Model):
     #: attack moved it on the undefended model (:mod:`cmai_env.fidelity.travel`: closer to the pixel
     #: fidelity on issue 10's calibration cells; the world runs the phases' pixel attacks once when built)
     embedding_attack_radius: Literal["law", "pixel_travel"] = "law"
+    #: per embedding family, ``[scale, γ]`` of its radius law ``r = scale · (budget / default budget)^γ``
+    #: in place of the calibrated one (``FAMILY_RADIUS_LAW``, fitted for ``cmai-tiny`` on ``shapes``):
+    #: ``benchmarks/fidelity_calibration.py --scenario S --calibrate`` fits them for a scenario's own
+    #: backbone and data and prints this field. Families not named keep theirs. The ``image`` and
+    #: ``text`` laws also size ``L_adv``'s training examples, with either ``embedding_attack_radius``.
+    embedding_radius_laws: dict[str, RadiusLaw] = Field(default_factory=dict)
+    #: per embedding family, ``[c, γ]`` of its ``pixel_travel`` radius ``c · travel^γ`` in place of
+    #: ``PIXEL_TRAVEL_LAW`` (``--pixel-travel --calibrate`` prints this field); ``pixel_travel`` only
+    pixel_travel_laws: dict[str, TravelLaw] = Field(default_factory=dict)
     #: incoming pairs per round
     batch_size: int = Field(64, gt=0, le=MAX_BATCH_SIZE)
     #: rounds per episode (None: the schedule's total; shorter truncates, longer extends the last phase)
@@ -426,6 +440,16 @@ class Scenario(_Model):
     phases: list[Phase] = Field(min_length=1, max_length=1_000)
     #: attacks reserved for evaluation; a training scenario may not use them
     held_out_attacks: list[str] = Field(default_factory=list)
+
+    @field_validator("embedding_radius_laws", "pixel_travel_laws")
+    @classmethod
+    def _known_families(cls, laws: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        from cmai_env.attacks.specs import EMBEDDING_FAMILIES  # torch-free
+
+        unknown = [family for family in laws if family not in EMBEDDING_FAMILIES]
+        if unknown:
+            raise _Issues([((family,), list(laws[family]), f"unknown embedding family; families: {', '.join(EMBEDDING_FAMILIES)}") for family in unknown])
+        return laws
 
     @field_validator("held_out_attacks")
     @classmethod
@@ -460,6 +484,9 @@ class Scenario(_Model):
         if rounds > MAX_EPISODE_ROUNDS:
             field = ("episode_rounds",) if self.episode_rounds is not None else (("repeat",) if self.schedule == "periodic" else ("phases",))
             issues.append((field, rounds, f"an episode of {rounds:,} rounds exceeds the limit of {MAX_EPISODE_ROUNDS:,} rounds"))
+        if self.pixel_travel_laws and self.embedding_attack_radius != "pixel_travel":
+            issues.append((("pixel_travel_laws",), {k: list(v) for k, v in self.pixel_travel_laws.items()},
+                           f"only used with embedding_attack_radius: pixel_travel (it is {self.embedding_attack_radius})"))
         if self.backbone.generative:
             issues.extend(_generative_issues(self))
         elif self.fidelity == "embedding":
@@ -529,6 +556,9 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
         issues.append((("defense", "embedding_train_radius_scale"), scenario.defense.embedding_train_radius_scale,
                        f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (its L_adv "
                        "examples are pixel attacks at eps_v / eps_t); remove defense.embedding_train_radius_scale"))
+    if scenario.embedding_radius_laws:
+        issues.append((("embedding_radius_laws",), {k: list(v) for k, v in scenario.embedding_radius_laws.items()},
+                       f"not used with the generative backbone {name!r}, which runs at pixel fidelity only; remove embedding_radius_laws"))
     if scenario.embedding_attack_radius != Scenario.model_fields["embedding_attack_radius"].default:
         issues.append((("embedding_attack_radius",), scenario.embedding_attack_radius,
                        f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (its attacks "

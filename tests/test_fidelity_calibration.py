@@ -162,13 +162,15 @@ def test_rank_correlation_plays_each_run_with_its_overrides(monkeypatch, capsys)
         return FakeResult(-base if flip else base)
 
     monkeypatch.setattr(agents.evaluation, "evaluate_policy", fake_evaluate)
-    returns = benchmark.rank_correlation("quickstart", [0], 1, train_scale=2.0, like_for_like=True, travel=True)
-    assert list(returns) == ["pixel", "pixel, adapters", "embedding", "embedding L_adv r×2", "embedding, pixel travel"]
-    kwargs = [calls[i * len(names)] for i in range(5)]
+    returns = benchmark.rank_correlation("quickstart", [0], 1, other_law=(0.5, 1.0), train_scale=2.0, like_for_like=True, travel=True)
+    assert list(returns) == ["pixel", "pixel, adapters", "embedding", "embedding r=0.5·b^1", "embedding L_adv r×2", "embedding, pixel travel"]
+    kwargs = [calls[i * len(names)] for i in range(6)]
     assert kwargs == [
         ("pixel", None),
         ("pixel", {"defense.defended": "adapter", "defense.lr": 1e-2}),
         ("embedding", None),
+        # another law for every family is the scenario's own field, not a patched module constant
+        ("embedding", {"embedding_radius_laws": {family: [0.5, 1.0] for family in FAMILY_RADIUS_LAW}}),
         ("embedding", {"defense.embedding_train_radius_scale": 2.0}),
         ("embedding", {"embedding_attack_radius": "pixel_travel"}),
     ]
@@ -229,6 +231,17 @@ def test_radius_spread_and_given_laws(capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pgd_linf "))
     relative = benchmark.relative_budget("pgd_linf", benchmark.attack_params("pgd_linf", 8 / 255, 3))
     assert float(row.split()[3]) == pytest.approx(scale * relative**exponent, abs=5e-4)  # the r column
+    # ... and as the scenario field that plays them in the environment
+    import yaml
+
+    from cmai_env.fidelity.stacked import StackedEmbeddingWorld
+
+    field = yaml.safe_load(out.split("in a scenario: ")[-1].splitlines()[0])
+    assert field["embedding_radius_laws"]["image"] == [scale, exponent]
+    small = {"fidelity": "embedding", "batch_size": 16, "dataset.train_n": 64, "dataset.probe_n": 16}
+    world = StackedEmbeddingWorld(apply_overrides(load_scenario("abrupt_shift"), {**small, **field}), 1)
+    pgd = next(e for p in world.scenario.phases for e in p.attacks if e.name == "pgd_linf")
+    assert world.attack(pgd).radius == pytest.approx(scale * (float(pgd.params["eps"]) / (8 / 255)) ** exponent)
 
     for bad, needle in (("fog=1,1", "unknown family 'fog'"), ("image=1", "two numbers"), ("image=0,1", "positive"),):
         with pytest.raises(SystemExit):
@@ -275,6 +288,10 @@ def test_pixel_travel_gives_each_pair_the_distance_its_pixel_attack_moved_it(cap
     assert "(c, γ) = PIXEL_TRAVEL_LAW" in out and "grid search of (c, γ) per family" in out and "(c, γ) fitted" in out
     fitted = {line.split()[0]: (float(line.split()[2]), float(line.split()[4])) for line in out.splitlines() if line.startswith("  ") and " c " in line}
     assert set(fitted) == {"image", "text"}
+    import yaml
+
+    field = yaml.safe_load(out.split("in a scenario (with embedding_attack_radius: pixel_travel): ")[-1].splitlines()[0])
+    assert {family: tuple(law) for family, law in field["pixel_travel_laws"].items()} == fitted
     assert all(c in benchmark.TRAVEL_GRID and g in benchmark.TRAVEL_EXPONENTS for c, g in fitted.values())
     assert set(benchmark.PIXEL_TRAVEL_LAW) == set(FAMILY_RADIUS_LAW)
     for extra in (["--laws", "image=1,1"], ["--radius", "0.5"], ["--radius-spread", "0.5"]):

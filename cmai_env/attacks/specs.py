@@ -33,12 +33,14 @@ import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, get_args
 
 Modality = Literal["image", "text", "both"]
 Knowledge = Literal["white-box", "black-box"]
 #: How the embedding fidelity plays an attack (see :class:`EmbeddingCounterpart`).
 EmbeddingFamily = Literal["image", "image_l2", "text", "universal", "bridge_image", "bridge_text", "both", "aware_image", "aware_rewrite"]
+#: the families, in that order
+EMBEDDING_FAMILIES: tuple[str, ...] = get_args(EmbeddingFamily)
 #: a parameter's value type
 Kind = Literal["float", "int", "bool", "str"]
 #: a parameter's allowed range: ``nonneg`` (a number ≥ 0), ``positive_int`` (1, 2, …),

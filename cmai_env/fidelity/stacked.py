@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -110,9 +110,10 @@ EnvIndex = torch.Tensor | None
 
 
 # ---------------------------------------------------------------------------- attacks
-def embedding_radius(family: str, relative_budget: float) -> float:
+def embedding_radius(family: str, relative_budget: float, law: tuple[float, float] | None = None) -> float:
     """L2 radius on a unit embedding of a ``family`` attack at ``budget / default budget``:
-    ``r = scale · relative_budget^γ`` with ``(scale, γ) = FAMILY_RADIUS_LAW[family]``.
+    ``r = scale · relative_budget^γ`` with ``(scale, γ) = law``, by default ``FAMILY_RADIUS_LAW[family]``
+    (a scenario's ``embedding_radius_laws`` give others).
 
     :raises ValueError: an unknown family, or a negative or non-finite relative budget.
     """
@@ -120,7 +121,7 @@ def embedding_radius(family: str, relative_budget: float) -> float:
         raise ValueError(f"unknown embedding family {family!r}; families: {', '.join(FAMILY_RADIUS_LAW)}")
     if not (relative_budget >= 0 and relative_budget < float("inf")):
         raise ValueError(f"embedding family {family!r}: budget / default budget must be finite and ≥ 0, got {relative_budget}")
-    scale, exponent = FAMILY_RADIUS_LAW[family]
+    scale, exponent = FAMILY_RADIUS_LAW[family] if law is None else law
     return scale * relative_budget**exponent
 
 
@@ -142,7 +143,8 @@ class EmbeddingAttack:
     ce_weight: float = AWARE_PARAMS["ce_weight"]
 
     @classmethod
-    def from_entry(cls, entry) -> "EmbeddingAttack":
+    def from_entry(cls, entry, laws: Mapping[str, tuple[float, float]] | None = None) -> "EmbeddingAttack":
+        """:param laws: per family, ``(scale, γ)`` in place of ``FAMILY_RADIUS_LAW``'s (a scenario's ``embedding_radius_laws``)."""
         attack = attack_class(entry.name)
         counterpart = attack.embedding
         if counterpart is None:
@@ -163,7 +165,8 @@ class EmbeddingAttack:
         steps = 1 if counterpart.steps is None else int(entry.params.get(counterpart.steps, defaults.get(counterpart.steps, 1)))
         aware = {key: float(entry.params.get(key, defaults.get(key, value))) for key, value in AWARE_PARAMS.items()}
         return cls(
-            entry.name, counterpart.family, embedding_radius(counterpart.family, budget / default_budget), max(1, min(steps, MAX_STEPS)),
+            entry.name, counterpart.family, embedding_radius(counterpart.family, budget / default_budget, (laws or {}).get(counterpart.family)),
+            max(1, min(steps, MAX_STEPS)),
             counterpart.modality, **aware,
         )
 
@@ -405,8 +408,9 @@ class StackedEmbeddingWorld:
         # embedding_train_radius_scale (DefenseSpec: how much farther pixel attacks travel).
         defense = scenario.defense
         scale = defense.embedding_train_radius_scale
-        self.train_radius_v = scale * embedding_radius("image", defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"]))
-        self.train_radius_t = scale * embedding_radius("text", defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"]))
+        laws = scenario.embedding_radius_laws
+        self.train_radius_v = scale * embedding_radius("image", defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"]), laws.get("image"))
+        self.train_radius_t = scale * embedding_radius("text", defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"]), laws.get("text"))
         self._attacks: dict[tuple, EmbeddingAttack] = {}
         self._classes: tuple[tuple[int, ...], torch.Tensor] | None = None  # see classes()
         for phase in scenario.phases:  # unplayable attacks fail at construction, not mid-episode
@@ -419,7 +423,7 @@ class StackedEmbeddingWorld:
             entries = {entry_key(entry): entry for phase in scenario.phases for entry in phase.attacks}
             slots = [(key, view) for view in range(len(self.corruptions)) for key in sorted(entries, key=repr)]
             cache = TravelCache()
-            digest = cache.key(backbone, (pool, probe), spec.seed, self.corruptions, slots, str(self.device))
+            digest = cache.key(backbone, (pool, probe), spec.seed, self.corruptions, slots, str(self.device), scenario.pixel_travel_laws)
             table = cache.get(digest, slots)
             if table is None:
                 table = self._pixel_travel(backbone, pool, probe, entries)
@@ -445,8 +449,9 @@ class StackedEmbeddingWorld:
                 generator = torch.Generator().manual_seed(spec.seed)
                 attack = entry_attack(entry.name, entry.params, task, pool_view, generator)
                 family = self.attack(entry).family
-                radii = (*travel_radii(family, pixel_travel(task, pool_view, attack, generator, pool_clean)),
-                         *travel_radii(family, pixel_travel(task, probe_view, attack, generator, probe_clean)))
+                law = self.scenario.pixel_travel_laws.get(family)
+                radii = (*travel_radii(family, pixel_travel(task, pool_view, attack, generator, pool_clean), law),
+                         *travel_radii(family, pixel_travel(task, probe_view, attack, generator, probe_clean), law))
                 table[(key, view)] = TravelRadii(*radii)
         return table
 
@@ -464,7 +469,7 @@ class StackedEmbeddingWorld:
         """The embedding counterpart of a mixture entry (cached per configuration)."""
         key = entry_key(entry)
         if key not in self._attacks:
-            self._attacks[key] = EmbeddingAttack.from_entry(entry)
+            self._attacks[key] = EmbeddingAttack.from_entry(entry, self.scenario.embedding_radius_laws)
         return self._attacks[key]
 
     def reset(self, envs: EnvIndex = None) -> None:

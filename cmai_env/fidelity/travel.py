@@ -28,7 +28,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -155,8 +155,8 @@ class TravelCache:
     """``pixel_travel`` tables on disk: one ``.npz`` per world's inputs under ``$CMAI_CACHE_DIR/travel``.
 
     The radii are a pure function of the backbone's weights, the pool and probe pairs, the views,
-    the attack configurations, the device and the code (every pixel attack is seeded by the dataset
-    seed), and :meth:`key` hashes all of them, so a file is only ever read by a world that would
+    the attack configurations, the scenario's ``pixel_travel_laws``, the device and the code (every
+    pixel attack is seeded by the dataset seed), and :meth:`key` hashes all of them, so a file is only ever read by a world that would
     compute the same arrays. A missing, unreadable or mismatched file is a miss (the world runs the
     pixel attacks again), and a cache folder that cannot be written only costs that again next
     time. Files are read with ``allow_pickle=False``.
@@ -174,13 +174,16 @@ class TravelCache:
 
     @staticmethod
     def key(
-        backbone: torch.nn.Module, splits: Sequence["CaptionedDataset"], seed: int, views: Sequence, slots: Sequence[Slot], device: str
+        backbone: torch.nn.Module, splits: Sequence["CaptionedDataset"], seed: int, views: Sequence, slots: Sequence[Slot], device: str,
+        laws: Mapping[str, tuple[float, float]] | None = None,
     ) -> str:
         """SHA-256 (32 hex) of everything the table depends on (class docstring); ``seed`` is the
-        dataset seed, which seeds the pixel attacks and the corrupted views."""
+        dataset seed, which seeds the pixel attacks and the corrupted views; ``laws`` the scenario's
+        ``pixel_travel_laws``, which scale the stored radii."""
         digest = hashlib.sha256()
         code = source_fingerprint(Path(cmai_env.__file__).resolve().parent)
-        for text in (CACHE_FORMAT, code, str(int(seed)), repr(list(views)), repr(list(slots)), device):
+        given = repr(sorted((family, tuple(map(float, law))) for family, law in (laws or {}).items()))
+        for text in (CACHE_FORMAT, code, str(int(seed)), repr(list(views)), repr(list(slots)), device, given):
             digest.update(text.encode() + b"\0")
         for name, tensor in backbone.state_dict().items():
             digest.update(name.encode() + b"\0")
