@@ -8,6 +8,7 @@ slower. The tests use tiny batches, where one thread is also the fastest setting
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -15,6 +16,12 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+#: The suite's own cache root (reference-cache JSON, ``pixel_travel`` radii), one per test process
+#: and removed when it exits: the tests neither read files a user's runs left in ``~/.cache/cmai``
+#: nor leave theirs there. Commands the tests start inherit it; tests that check the caches
+#: themselves set a folder of their own.
+_CACHE_ROOT = tempfile.TemporaryDirectory(prefix="cmai-test-cache-")
+os.environ["CMAI_CACHE_DIR"] = _CACHE_ROOT.name
 
 
 @pytest.fixture(scope="module")
