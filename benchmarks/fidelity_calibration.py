@@ -410,10 +410,12 @@ def print_table(cells: Sequence[Cell], title: str) -> None:
 def fill_embedding(
     cells: Sequence[Cell], probe: EmbeddingProbe, laws: dict[str, tuple[float, float]] | None, travel_laws: dict[str, tuple[float, float]] | None = None
 ) -> None:
-    """Embedding rates of every cell at ``laws[family]`` (``None`` or a family not in it: the environment's radii),
-    or with ``travel_laws`` at the per-pair radii ``c · travel^γ``, ``(c, γ) = travel_laws[family]`` (the ``r`` column: their median)."""
+    """Embedding rates of every cell at ``laws[family]`` (``None`` or a family not in it: the environment's radii,
+    the scenario's ``embedding_radius_laws`` where it sets them), or with ``travel_laws`` at the per-pair
+    radii ``c · travel^γ``, ``(c, γ) = travel_laws[family]`` (the ``r`` column: their median)."""
+    scenario_laws = probe.world.scenario.embedding_radius_laws
     for c in cells:
-        attack = embedding_attack(c.attack, c.params, None if laws is None else laws.get(c.family))
+        attack = embedding_attack(c.attack, c.params, (laws or {}).get(c.family, scenario_laws.get(c.family)))
         if travel_laws is None:
             c.radius = attack.radius
             c.embedding = probe.rates(attack)
@@ -645,8 +647,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_table(cells, f"undefended model, embedding at {label}")
     travel_label = "each pair's radius = c · travel^γ per family, travel: how far its pixel attack moved that side's embedding (r: median)"
     if args.pixel_travel:
-        fill_embedding(cells, probe, None, PIXEL_TRAVEL_LAW)
-        print_table(cells, f"undefended model, embedding with {travel_label}, (c, γ) = PIXEL_TRAVEL_LAW")
+        own = setup.scenario.pixel_travel_laws
+        fill_embedding(cells, probe, None, {**PIXEL_TRAVEL_LAW, **own})
+        print_table(cells, f"undefended model, embedding with {travel_label}, (c, γ) = PIXEL_TRAVEL_LAW"
+                           + (f", the scenario's pixel_travel_laws for {', '.join(own)}" if own else ""))
     if args.displacement:
         print_displacement(setup, cells, args.seed)
     if args.calibrate and args.pixel_travel:

@@ -325,3 +325,18 @@ def test_a_text_radius_of_its_own_moves_only_the_caption_side():
     assert (both_v - raw_v).norm(dim=-1).max() > 0 and (both_t - raw_t).norm(dim=-1).max() > 0
     image_only_v, image_only_t = crafted(np.zeros((1, n), dtype=np.float32))
     assert torch.equal(image_only_t, raw_t) and torch.allclose(image_only_v, both_v)
+
+
+def test_a_scenario_with_its_own_laws_is_tabled_at_them(tmp_path, capsys):
+    """The table's "environment's radii" are the scenario's: its ``embedding_radius_laws`` where it sets them."""
+    from cmai_env.scenario import scenario_bytes
+
+    benchmark = load_benchmark()
+    path = tmp_path / "own_laws.yaml"
+    path.write_bytes(scenario_bytes("quickstart") + b"\nembedding_radius_laws: {image: [0.2, 1]}\n")
+    benchmark.main(["--scenario", str(path), "--quick", "--attacks", "pgd_linf,text_embedding_pgd"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("pgd_linf ", "text_embedding_pgd "))}
+    relative = benchmark.relative_budget("pgd_linf", benchmark.attack_params("pgd_linf", 8 / 255, 3))
+    assert float(rows["pgd_linf"][3]) == pytest.approx(0.2 * relative, abs=5e-4)  # the r column: the scenario's law
+    text_relative = benchmark.relative_budget("text_embedding_pgd", benchmark.attack_params("text_embedding_pgd", 0.2, 3))
+    assert float(rows["text_embedding_pgd"][3]) == pytest.approx(embedding_radius("text", text_relative), abs=5e-4)  # not named: shipped
