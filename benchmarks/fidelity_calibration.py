@@ -102,8 +102,7 @@ from cmai_env.data import load_dataset  # noqa: E402
 from cmai_env.fidelity import stacked  # noqa: E402
 from cmai_env.fidelity.base import defended_backbone  # noqa: E402
 from cmai_env.fidelity.stacked import EmbeddingAttack, RowAttacks, StackedEmbeddingWorld  # noqa: E402
-from cmai_env.fidelity.travel import CHUNK, PIXEL_TRAVEL_LAW, entry_attack, travel_radii  # noqa: E402
-from cmai_env.fidelity.travel import pixel_travel as travel_of  # noqa: E402
+from cmai_env.fidelity.travel import CHUNK, PIXEL_TRAVEL_LAW, clean_embeddings, embedding_moves, entry_attack, travel_radii  # noqa: E402
 from cmai_env.robustness import evaluate_attack  # noqa: E402
 from cmai_env.scenario import AttackSpec, Scenario, apply_overrides, load_scenario, scenario_option  # noqa: E402
 
@@ -300,21 +299,31 @@ def print_displacement(setup: Setup, cells: Sequence[Cell], seed: int) -> None:
         print(f"{c.attack:<22} {fmt_budget(c.budget):>7} | {median:>12.3f} {p90:>6.3f} | {c.radius:>10.3f} {median / max(c.radius, 1e-12):>6.2f}")
 
 
-def pixel_rates(setup: Setup, name: str, params: dict, seed: int) -> Rates:
-    """The registered attack on the attacked half; τ calibrated on the other half."""
+def pixel_rates(setup: Setup, name: str, params: dict, seed: int, travel: bool = False) -> tuple[Rates, tuple[np.ndarray, np.ndarray] | None]:
+    """The registered attack on the attacked half; τ calibrated on the other half. With ``travel``
+    also, per attacked pair, the L2 distance its adversarial example moved its unit image and its
+    unit caption embedding on the undefended model (``--pixel-travel``), from the same examples."""
     generator = torch.Generator().manual_seed(seed)
     attack = entry_attack(name, params, setup.task, setup.pool, generator)  # universal: fitted on training pairs first
-    report = evaluate_attack(setup.task, setup.attacked, attack, generator, ConsistencyDetector(0.05), setup.calibration, batch_size=CHUNK)
-    return Rates(report.asr, report.detector_tpr, report.system_asr)
+    moves: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def measure(chunk: PairBatch, adversarial: PairBatch) -> None:
+        moves.append(embedding_moves(setup.task, clean_embeddings(setup.task, chunk), adversarial))
+
+    report = evaluate_attack(
+        setup.task, setup.attacked, attack, generator, ConsistencyDetector(0.05), setup.calibration, batch_size=CHUNK,
+        on_examples=measure if travel else None,
+    )
+    moved = None
+    if travel:
+        moved = tuple(torch.cat([m[side] for m in moves]).cpu().numpy() for side in (0, 1))
+    return Rates(report.asr, report.detector_tpr, report.system_asr), moved
 
 
 def pixel_travel(setup: Setup, name: str, params: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Per attacked pair, the L2 distance the pixel attack moves its unit image and its unit caption
-    embedding on the undefended model: the adversarial examples :func:`pixel_rates` scores (the same
-    seed, the same generator draws, chunk by chunk), made again (``--pixel-travel``)."""
-    generator = torch.Generator().manual_seed(seed)
-    attack = entry_attack(name, params, setup.task, setup.pool, generator)
-    return travel_of(setup.task, setup.attacked, attack, generator)
+    embedding on the undefended model (:func:`pixel_rates` with ``travel``)."""
+    return pixel_rates(setup, name, params, seed, travel=True)[1]
 
 
 class EmbeddingProbe:
@@ -631,8 +640,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for budget in case.budgets[-budgets:] if budgets else case.budgets:
             params = attack_params(case.attack, budget, args.steps)
             tic = time.process_time()
-            rates = pixel_rates(setup, case.attack, params, args.seed)
-            travel = pixel_travel(setup, case.attack, params, args.seed) if args.pixel_travel else None
+            rates, travel = pixel_rates(setup, case.attack, params, args.seed, travel=args.pixel_travel)
             cells.append(Cell(case.attack, family_of(case.attack), budget, params, rates, travel=travel))
             print(f"  pixel {case.attack:<22} {fmt_budget(budget):>7}: asr {rates.asr:.3f} tpr {rates.tpr:.2f} ({time.process_time() - tic:.1f} CPU-s)", flush=True)
     laws = given_laws if args.radius is None else {c.family: (args.radius, args.exponent) for c in cells}

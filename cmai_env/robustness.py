@@ -92,6 +92,7 @@ def evaluate_attack(
     calibration: PairBatch | None = None,
     batch_size: int = 128,
     progress: Callable[[int], None] | None = None,
+    on_examples: Callable[[PairBatch, PairBatch], None] | None = None,
 ) -> AttackReport:
     """Attack ``clean`` chunk by chunk and report accuracy, ASR, consistency and detection.
 
@@ -106,6 +107,8 @@ def evaluate_attack(
         itself (optimistic FPR; the report says so in ``calibrated_on``).
     :param batch_size: pairs per attack call (memory grows with it).
     :param progress: called with the number of pairs done after each chunk (e.g. a progress bar's ``update``).
+    :param on_examples: called with each clean chunk and the adversarial examples made from it, in
+        order (e.g. to measure how far they moved, :func:`cmai_env.fidelity.travel.embedding_moves`).
     """
     if len(clean) == 0:
         raise ValueError("evaluate_attack needs at least one clean pair")
@@ -123,6 +126,8 @@ def evaluate_attack(
         adversarial = attack(task, chunk, generator).batch
         seconds += time.perf_counter() - tic
         adv_parts.append(_score(task, adversarial, modality))
+        if on_examples is not None:
+            on_examples(chunk, adversarial)
         if progress is not None:
             progress(len(chunk))
     clean_stats = {k: torch.cat([p[k] for p in clean_parts]) for k in clean_parts[0]}

@@ -275,6 +275,18 @@ def test_pixel_travel_gives_each_pair_the_distance_its_pixel_attack_moved_it(cap
     np.testing.assert_array_equal(moved_v, again[0])  # the same seed replays the same examples
     text_v, text_t = benchmark.pixel_travel(setup, "text_embedding_pgd", benchmark.attack_params("text_embedding_pgd", 0.2, 3), 0)
     assert np.all(text_v == 0) and np.all(text_t > 0)
+    # measured from the examples the rates score (one attack pass), as the environment measures it
+    # (cmai_env.fidelity.travel.pixel_travel runs the attack itself), and without changing the rates
+    import torch
+
+    from cmai_env.fidelity import travel
+
+    generator = torch.Generator().manual_seed(0)
+    attack = travel.entry_attack("pgd_linf", params, setup.task, setup.pool, generator)
+    world_v, _ = travel.pixel_travel(setup.task, setup.attacked, attack, generator)
+    np.testing.assert_allclose(moved_v, world_v, rtol=1e-5, atol=1e-6)
+    rates, none = benchmark.pixel_rates(setup, "pgd_linf", params, 0)
+    assert none is None and rates == benchmark.pixel_rates(setup, "pgd_linf", params, 0, travel=True)[0]
 
     probe = benchmark.EmbeddingProbe(setup)
     attack = benchmark.embedding_attack("pgd_linf", params, None)

@@ -104,10 +104,18 @@ def pixel_travel(
     clean_v, clean_t = clean if clean is not None else clean_embeddings(task, pairs)
     moved_v, moved_t = [], []
     for start in range(0, len(pairs), CHUNK):
-        adv_v, adv_t = _unit_embeddings(task, attack(task, pairs.subset(slice(start, start + CHUNK)), generator).batch)
-        moved_v.append((adv_v - clean_v[start : start + CHUNK]).norm(dim=-1))
-        moved_t.append((adv_t - clean_t[start : start + CHUNK]).norm(dim=-1))
+        adversarial = attack(task, pairs.subset(slice(start, start + CHUNK)), generator).batch
+        image, caption = embedding_moves(task, (clean_v[start : start + CHUNK], clean_t[start : start + CHUNK]), adversarial)
+        moved_v.append(image)
+        moved_t.append(caption)
     return torch.cat(moved_v).cpu().numpy(), torch.cat(moved_t).cpu().numpy()
+
+
+def embedding_moves(task: ZeroShotTask, clean: tuple[torch.Tensor, torch.Tensor], adversarial: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, the L2 distance from its clean unit image and caption embeddings (``clean``, as
+    :func:`clean_embeddings` gives them) to those of its adversarial example."""
+    adv_v, adv_t = _unit_embeddings(task, adversarial)
+    return (adv_v - clean[0]).norm(dim=-1), (adv_t - clean[1]).norm(dim=-1)
 
 
 def entry_attack(name: str, params: dict, task: ZeroShotTask, fit_pairs: PairBatch, generator: torch.Generator) -> Attack:
