@@ -239,9 +239,35 @@ def _plans(segments: list[Segment]) -> list[RoundPlan]:
     return plans
 
 
+def attack_views(scenario: Scenario) -> set[tuple[tuple, tuple[str, int] | None]]:
+    """Every ``(attack configuration key, image corruption)`` pairing a round of ``scenario`` can send.
+
+    A round serves its phase's images (:attr:`RoundPlan.corruption`) and its phase's attacks, and
+    during a gradual transition also the attacks of the segment before (:func:`_plans`): the phase
+    before it in the list (``sequential``; ``periodic`` also wraps from the last to the first
+    when it repeats), or any other phase (``random``). So a phase's attacks meet another phase's
+    images only across a gradual transition. Keys as :attr:`MixtureEntry.key`; ``None``: clean.
+    """
+    phases = scenario.phases
+    pairs: set[tuple[tuple, tuple[str, int] | None]] = set()
+    for j, phase in enumerate(phases):
+        images = None if phase.corruption is None else phase.corruption.key
+        sources = [phase]
+        if phase.transition.type == "gradual":
+            if scenario.schedule == "random":
+                sources += [other for i, other in enumerate(phases) if i != j] or [phase]
+            elif j > 0:
+                sources.append(phases[j - 1])
+            elif scenario.schedule == "periodic" and scenario.repeat > 1:
+                sources.append(phases[-1])
+        for source in sources:
+            pairs.update((entry.key, images) for entry in _config(source)[1].values())
+    return pairs
+
+
 def _pattern(config: tuple[float, dict]) -> tuple:
     share, entries = config
     return (round(share, 12), frozenset((key, round(e.weight, 12)) for key, e in entries.items()))
 
 
-__all__ = ["AttackStream", "MixtureEntry", "RoundPlan", "Segment"]
+__all__ = ["AttackStream", "MixtureEntry", "RoundPlan", "Segment", "attack_views"]

@@ -13,7 +13,7 @@ from cmai_env.fidelity.base import entry_key
 from cmai_env.fidelity.embedding import EmbeddingFidelity
 from cmai_env.fidelity.stacked import FAMILY_RADIUS_LAW, StackedEmbeddingWorld
 from cmai_env.scenario import ScenarioError, apply_overrides, load_scenario
-from cmai_env.stream import AttackStream
+from cmai_env.stream import AttackStream, attack_views
 
 SMALL = {"fidelity": "embedding", "batch_size": 16, "dataset.train_n": 64, "dataset.probe_n": 16}
 TRAVEL = {**SMALL, "embedding_attack_radius": "pixel_travel"}
@@ -40,10 +40,11 @@ def test_the_field_is_validated_and_law_by_default():
 def test_every_phase_attack_gets_per_pair_radii_from_its_own_pixel_attack():
     scenario = apply_overrides(load_scenario("quickstart"), TRAVEL)
     world = StackedEmbeddingWorld(scenario, 1)
-    # every configuration on every view the world caches: a drifting stream mixes phases' attacks and images
-    configurations = {entry_key(entry) for phase in scenario.phases for entry in phase.attacks}
-    assert set(world.travel) == {(key, view) for key in configurations for view in range(len(world.corruptions))}
+    # every pairing of a configuration with a view that a round can send (quickstart: abrupt, so each
+    # phase's attacks on its own images only), and nothing else: the pixel attacks are the build's cost
+    assert set(world.travel) == {(key, world.corruptions.index(images)) for key, images in attack_views(scenario)}
     assert len(world.corruptions) == 2  # quickstart has a clean and a noisy view
+    assert len(world.travel) < len(world._attacks) * len(world.corruptions)
     for (key, view), radii in world.travel.items():
         attack = world._attacks[key]
         assert radii.pool_v.shape == radii.pool_t.shape == (64,) and radii.probe_v.shape == (16,)

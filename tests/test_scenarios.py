@@ -282,6 +282,39 @@ def test_abrupt_transition_switches_at_once():
     assert [e.name for e in s.plan(12).mixture] == ["pgd_linf"] and s.plan(12).blend == 1.0
 
 
+@pytest.mark.parametrize("name", scenarios_available())
+def test_attack_views_are_exactly_the_pairings_the_stream_sends(name):
+    """``attack_views`` (which pixel_travel radii a world computes) against the streams themselves."""
+    from cmai_env.stream import attack_views
+
+    scenario = load_scenario(name)
+    sent = set()
+    for seed in range(12 if scenario.schedule == "random" else 1):  # random schedules: many draws
+        s = stream(scenario, seed)
+        sent |= {(entry.key, s.plan(t).corruption) for t in range(len(s)) for entry in s.plan(t).mixture}
+    reachable = attack_views(scenario)
+    assert sent <= reachable  # every pairing sent has its radii
+    if scenario.schedule != "random":
+        assert sent == reachable  # and none computed that no round sends
+
+
+def test_attack_views_follow_gradual_transitions_only():
+    from cmai_env.stream import attack_views
+
+    noisy = {"corruption": {"name": "gaussian_noise", "severity": 2}}
+    text = {"attacks": [{"name": "text_embedding_pgd"}]}
+    abrupt = scenario_from({"phases": [{"name": "a", "rounds": 4, **pgd()}, {"name": "b", "rounds": 4, **noisy, **text}]})
+    views = {(key[0], images) for key, images in attack_views(abrupt)}
+    assert views == {("pgd_linf", None), ("text_embedding_pgd", ("gaussian_noise", 2))}
+    gradual = scenario_from({"phases": [{"name": "a", "rounds": 4, **pgd()},
+                                        {"name": "b", "rounds": 4, **noisy, **text, "transition": {"type": "gradual", "rounds": 2}}]})
+    views = {(key[0], images) for key, images in attack_views(gradual)}
+    assert views == {("pgd_linf", None), ("pgd_linf", ("gaussian_noise", 2)), ("text_embedding_pgd", ("gaussian_noise", 2))}
+    wrapped = scenario_from({"schedule": "periodic", "repeat": 2, "phases": [
+        {"name": "a", "rounds": 4, **pgd(), "transition": {"type": "gradual", "rounds": 2}}, {"name": "b", "rounds": 4, **noisy, **text}]})
+    assert ("text_embedding_pgd", None) in {(key[0], images) for key, images in attack_views(wrapped)}  # b → a on the second pass
+
+
 # ----------------------------------------------------------------------------- errors
 GOOD = """\
 name: tiny

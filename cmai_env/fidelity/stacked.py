@@ -49,7 +49,7 @@ from cmai_env.round import (
     total_loss,
 )
 from cmai_env.scenario import Scenario
-from cmai_env.stream import RoundPlan
+from cmai_env.stream import RoundPlan, attack_views
 
 #: The L2 radius every family had at its default budget before the per-family calibration (r ∝ budget).
 #: It put every default-budget attack beyond what an adapter can resist; kept importable, no longer used.
@@ -421,19 +421,21 @@ class StackedEmbeddingWorld:
         self.travel: dict[tuple[tuple, int], TravelRadii] = {}
         if scenario.embedding_attack_radius == "pixel_travel":
             entries = {entry_key(entry): entry for phase in scenario.phases for entry in phase.attacks}
-            slots = [(key, view) for view in range(len(self.corruptions)) for key in sorted(entries, key=repr)]
+            # only the pairings a round can send: a phase's attacks on its own images, and across a
+            # gradual transition on the next phase's (on abrupt_shift, half of every attack on every view)
+            reachable = attack_views(scenario)
+            slots = [(key, view) for view, corruption in enumerate(self.corruptions) for key in sorted(entries, key=repr) if (key, corruption) in reachable]
             cache = TravelCache()
             digest = cache.key(backbone, (pool, probe), spec.seed, self.corruptions, slots, str(self.device), scenario.pixel_travel_laws)
             table = cache.get(digest, slots)
             if table is None:
-                table = self._pixel_travel(backbone, pool, probe, entries)
+                table = self._pixel_travel(backbone, pool, probe, entries, slots)
                 cache.put(digest, table, slots)
             self.travel = table
 
-    def _pixel_travel(self, backbone, pool, probe, entries: dict[tuple, object]) -> dict[tuple[tuple, int], "TravelRadii"]:
-        """Every attack configuration of the scenario, once per view it caches (a stream may play a
-        phase's attacks on a neighbouring phase's images, e.g. while drifting), as a pixel attack on the
-        undefended backbone over the pool and probe images: each pair's radius is ``c · travel^γ``
+    def _pixel_travel(self, backbone, pool, probe, entries: dict[tuple, object], slots: Sequence[tuple[tuple, int]]) -> dict[tuple[tuple, int], "TravelRadii"]:
+        """Each ``(attack configuration, view)`` of ``slots`` as a pixel attack on the undefended
+        backbone over that view's pool and probe images: each pair's radius is ``c · travel^γ``
         (:mod:`cmai_env.fidelity.travel`)."""
         from cmai_env.attacks import PairBatch, ZeroShotTask
 
@@ -442,10 +444,14 @@ class StackedEmbeddingWorld:
         pool_pairs, probe_pairs = PairBatch.from_dataset(backbone, pool), PairBatch.from_dataset(backbone, probe)
         table: dict[tuple[tuple, int], TravelRadii] = {}
         for view, corruption in enumerate(self.corruptions):
+            keys = [key for key, slot_view in slots if slot_view == view]
+            if not keys:
+                continue
             pool_view = corrupted_pairs(pool_pairs, corruption, spec.seed, "train")
             probe_view = corrupted_pairs(probe_pairs, corruption, spec.seed, "val")
             pool_clean, probe_clean = clean_embeddings(task, pool_view), clean_embeddings(task, probe_view)  # once per view
-            for key, entry in entries.items():
+            for key in keys:
+                entry = entries[key]
                 generator = torch.Generator().manual_seed(spec.seed)
                 attack = entry_attack(entry.name, entry.params, task, pool_view, generator)
                 family = self.attack(entry).family
@@ -457,7 +463,10 @@ class StackedEmbeddingWorld:
 
     def _travel_rows(self, orders: RowAttacks, env: int, columns: np.ndarray | slice, entry, view: int, pairs: np.ndarray, pool: bool) -> None:
         """Set ``orders``' radii of ``columns`` of ``env`` to the travel radii of pool (or probe) ``pairs``."""
-        radii = self.travel[(entry_key(entry), view)]
+        radii = self.travel.get((entry_key(entry), view))
+        if radii is None:  # stream.attack_views and the stream disagree: a bug, not bad input
+            raise RuntimeError(f"no pixel_travel radii for attack {entry_key(entry)} on view {self.corruptions[view]}; "
+                               "cmai_env.stream.attack_views must list every pairing the stream sends")
         image, text = (radii.pool_v, radii.pool_t) if pool else (radii.probe_v, radii.probe_t)
         orders.radius[env, columns], orders.radius_t[env, columns] = image[pairs], text[pairs]
 
