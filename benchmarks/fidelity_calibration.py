@@ -512,7 +512,7 @@ def rank_correlation(
         (:func:`pixel_defence_like_embedding`), also play pixel defending the adapters at the
         embedding's rate, and correlate every embedding run with both pixel runs.
     :param travel: also play the embedding fidelity with ``embedding_attack_radius: pixel_travel``
-        (each attacked pair at the distance its own pixel attack moved it).
+        (each attacked pair at a radius set by how far its own pixel attack moved it).
     :returns: ``{run label: mean return per baseline}`` in :func:`available_baselines` order.
     """
     from scipy.stats import spearmanr

@@ -411,8 +411,8 @@ class Scenario(_Model):
     fidelity: Literal["pixel", "embedding"] = "pixel"
     #: how the embedding fidelity sizes each attacked pair's perturbation: ``law``, one L2 radius per
     #: attack configuration from its family's calibrated law (``FAMILY_RADIUS_LAW``; every shipped
-    #: scenario was measured with it), or ``pixel_travel``, each pair at the distance its own pixel
-    #: attack moved it on the undefended model (:mod:`cmai_env.fidelity.travel`: closer to the pixel
+    #: scenario was measured with it), or ``pixel_travel``, each pair at a radius set by how far its own
+    #: pixel attack moved it on the undefended model (:mod:`cmai_env.fidelity.travel`: closer to the pixel
     #: fidelity on issue 10's calibration cells; the world runs the phases' pixel attacks once when built)
     embedding_attack_radius: Literal["law", "pixel_travel"] = "law"
     #: per embedding family, ``[scale, γ]`` of its radius law ``r = scale · (budget / default budget)^γ``
