@@ -14,9 +14,9 @@ defence acts less within their episodes (README, Known limits).
 A scenario chooses it with ``embedding_attack_radius: pixel_travel``. Then
 :class:`~cmai_env.fidelity.stacked.StackedEmbeddingWorld` runs every attack of the scenario as a
 pixel attack once at construction, on the undefended backbone, over every pool and probe image of
-every view it caches
-(``benchmarks/attack_radius_cost.py``: 47.8 CPU-s for ``abrupt_shift``'s 12 attack configurations
-and views over the 2,256 images of ``shapes``, against 2.4 at ``law``). :class:`TravelCache` keeps
+each view a round can pair it with (:func:`cmai_env.stream.attack_views`;
+``benchmarks/attack_radius_cost.py``: 20.2 CPU-s for ``abrupt_shift``'s 12 attack configurations
+over the 2,256 images of ``shapes``, against 2.2 at ``law``). :class:`TravelCache` keeps
 the result on disk for every world built alike, in this process or another.
 """
 
