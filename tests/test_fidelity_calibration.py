@@ -352,3 +352,14 @@ def test_a_scenario_with_its_own_laws_is_tabled_at_them(tmp_path, capsys):
     assert float(rows["pgd_linf"][3]) == pytest.approx(0.2 * relative, abs=5e-4)  # the r column: the scenario's law
     text_relative = benchmark.relative_budget("text_embedding_pgd", benchmark.attack_params("text_embedding_pgd", 0.2, 3))
     assert float(rows["text_embedding_pgd"][3]) == pytest.approx(embedding_radius("text", text_relative), abs=5e-4)  # not named: shipped
+
+
+def test_token_substitution_is_measured_only_when_named(capsys):
+    """The scenarios' token swap is outside issue 10's 30 cells: ``--attacks`` names it, the default table does not."""
+    benchmark = load_benchmark()
+    assert len([b for case in benchmark.CASES for b in case.budgets]) == 30
+    assert "token_substitution" not in {case.attack for case in benchmark.CASES}
+    benchmark.main(["--attacks", "token_substitution", "--budgets", "1", "--probe-n", "16"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("token_substitution ")]
+    assert len(rows) == 1 and rows[0][1] == "text" and rows[0][2] == "3"  # family, budget k (the last of 1, 2, 3)
+    assert 0.0 <= float(rows[0][5]) <= 1.0 and 0.0 <= float(rows[0][9]) <= 1.0
