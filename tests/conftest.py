@@ -24,6 +24,14 @@ _CACHE_ROOT = tempfile.TemporaryDirectory(prefix="cmai-test-cache-")
 os.environ["CMAI_CACHE_DIR"] = _CACHE_ROOT.name
 
 
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """``$CMAI_CACHE_DIR`` in this test's own folder: what it caches is computed here, not read from
+    another test. Returns the ``pixel_travel`` tables' folder in it."""
+    monkeypatch.setenv("CMAI_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "travel"
+
+
 @pytest.fixture(scope="module")
 def backbone():
     """The embedded ``cmai-tiny`` in eval mode, one per test module (attack tests share it)."""

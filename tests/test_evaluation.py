@@ -33,10 +33,8 @@ TINY = ["batch_size:8", "dataset.train_n:64", "dataset.probe_n:16", "episode_rou
 TINY_KWARGS = parse_assignments(TINY, ":", "--env-kwargs")
 
 
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    """Keep the no_defense reference cache inside the test's folder."""
-    monkeypatch.setenv("CMAI_CACHE_DIR", str(tmp_path / "cache"))
+#: the no_defense reference cache inside each test's folder (conftest.own_cache)
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 # ------------------------------------------------------------------------------ units

@@ -123,10 +123,9 @@ def test_an_attack_without_generative_version_is_refused_naming_the_phase():
 # Slow: the README's own `cmai benchmark --scenarios flamingo_shift ...` line runs in every CI
 # (tests/test_readme.py); this adds the results.json checks for CMAI_SLOW=1 runs.
 @pytest.mark.slow
-def test_cmai_benchmark_runs_on_flamingo_shift(tmp_path, monkeypatch):
+def test_cmai_benchmark_runs_on_flamingo_shift(tmp_path, own_cache):
     from cmai_env.cli.main import main
 
-    monkeypatch.setenv("CMAI_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "bench"
     code = main(["benchmark", "--scenarios", "flamingo_shift", "--seeds", "0", "--out", str(out), "--baselines", "no_defense",
                  "--env-kwargs", "batch_size:8", "dataset.train_n:64", "dataset.probe_n:16", "episode_rounds:2",

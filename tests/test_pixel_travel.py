@@ -19,11 +19,8 @@ SMALL = {"fidelity": "embedding", "batch_size": 16, "dataset.train_n": 64, "data
 TRAVEL = {**SMALL, "embedding_attack_radius": "pixel_travel"}
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Each test its own ``$CMAI_CACHE_DIR``: the radii are computed here, not read from another run."""
-    monkeypatch.setenv("CMAI_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "travel"
+#: each test its own cache folder (conftest.own_cache): the radii are computed here, not read from another run
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def test_the_field_is_validated_and_law_by_default():

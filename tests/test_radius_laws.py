@@ -13,9 +13,7 @@ from cmai_env.scenario import ScenarioError, apply_overrides, load_scenario
 SMALL = {"fidelity": "embedding", "batch_size": 16, "dataset.train_n": 64, "dataset.probe_n": 16}
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CMAI_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")  # each test its own cache folder (conftest)
 
 
 def _radii(world: StackedEmbeddingWorld) -> dict[str, float]:
@@ -61,7 +59,7 @@ def test_a_scenario_law_sizes_its_attacks_and_its_training_examples_and_nothing_
     assert stacked.embedding_radius("image", 0.5, (0.3, 1.0)) == pytest.approx(0.15)
 
 
-def test_pixel_travel_laws_scale_the_per_pair_radii_and_key_their_own_cache_file(tmp_path):
+def test_pixel_travel_laws_scale_the_per_pair_radii_and_key_their_own_cache_file(own_cache):
     travel_small = {**SMALL, "embedding_attack_radius": "pixel_travel"}
     scale, exponent = travel.PIXEL_TRAVEL_LAW["image"]
     shipped = StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), travel_small), 1)
@@ -78,4 +76,4 @@ def test_pixel_travel_laws_scale_the_per_pair_radii_and_key_their_own_cache_file
             np.testing.assert_array_equal(other.pool_v, radii.pool_v)
             np.testing.assert_array_equal(other.pool_t, radii.pool_t)
     assert image_slots > 0
-    assert len(list((tmp_path / "cache" / "travel").glob("*.npz"))) == 2  # one table per law, neither read for the other
+    assert len(list(own_cache.glob("*.npz"))) == 2  # one table per law, neither read for the other
