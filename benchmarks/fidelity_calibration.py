@@ -73,6 +73,9 @@ same adversarial examples the pixel column scores), and ``(c, γ)`` one pair per
 (:data:`cmai_env.fidelity.travel.PIXEL_TRAVEL_LAW`; ``--calibrate`` refits both). The direction is still the embedding PGD's,
 against the current model, so the attack stays white-box; only each pair's budget is the pixel
 attack's. A scenario plays it with ``embedding_attack_radius: pixel_travel`` (:mod:`cmai_env.fidelity.travel`).
+``token_substitution`` (named with ``--attacks``) is played there as the environment plays it: each
+pair's candidate captions from the pixel attack, the worst kept (its declaration's ``replay``), so on
+the undefended model its cells equal the pixel ones by construction; its ``r`` column is unused.
 """
 
 from __future__ import annotations
@@ -102,7 +105,15 @@ from cmai_env.data import load_dataset  # noqa: E402
 from cmai_env.fidelity import stacked  # noqa: E402
 from cmai_env.fidelity.base import defended_backbone  # noqa: E402
 from cmai_env.fidelity.stacked import EmbeddingAttack, RowAttacks, StackedEmbeddingWorld  # noqa: E402
-from cmai_env.fidelity.travel import CHUNK, PIXEL_TRAVEL_LAW, clean_embeddings, embedding_moves, entry_attack, travel_radii  # noqa: E402
+from cmai_env.fidelity.travel import (  # noqa: E402
+    CHUNK,
+    PIXEL_TRAVEL_LAW,
+    clean_embeddings,
+    embedding_moves,
+    entry_attack,
+    replay_captions,
+    travel_radii,
+)
 from cmai_env.robustness import evaluate_attack  # noqa: E402
 from cmai_env.scenario import AttackSpec, Scenario, apply_overrides, load_scenario, scenario_option  # noqa: E402
 
@@ -324,6 +335,15 @@ def pixel_rates(setup: Setup, name: str, params: dict, seed: int, travel: bool =
     return Rates(report.asr, report.detector_tpr, report.system_asr), moved
 
 
+def pixel_replay(setup: Setup, name: str, params: dict, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """For an attack whose embedding counterpart declares ``replay``: the candidate captions of every
+    attacked pair (:func:`cmai_env.fidelity.travel.replay_captions`), which ``--pixel-travel`` plays
+    as the environment does at ``embedding_attack_radius: pixel_travel``; ``None`` for the others."""
+    if not declaration(name).embedding.replay:
+        return None
+    return replay_captions(setup.task, setup.attacked, entry_attack(name, params, setup.task, setup.pool, torch.Generator().manual_seed(seed)))
+
+
 def pixel_travel(setup: Setup, name: str, params: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Per attacked pair, the L2 distance the pixel attack moves its unit image and its unit caption
     embedding on the undefended model (:func:`pixel_rates` with ``travel``)."""
@@ -352,9 +372,12 @@ class EmbeddingProbe:
         self.labels = labels
         self.clean_ok = {"image": (lv.argmax(-1)[0, :n] == labels), "text": (lt.argmax(-1)[0, :n] == labels)}
 
-    def rates(self, attack: EmbeddingAttack, radii: tuple[np.ndarray, np.ndarray] | None = None) -> Rates:
+    def rates(
+        self, attack: EmbeddingAttack, radii: tuple[np.ndarray, np.ndarray] | None = None, replay: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> Rates:
         """The attack's rates on the attacked pairs; ``radii``: per pair, the image side's and the
-        caption side's radius instead of ``attack.radius`` (``--pixel-travel``)."""
+        caption side's radius instead of ``attack.radius`` (``--pixel-travel``); ``replay``: per pair,
+        candidate captions and which are real (:func:`pixel_replay`), played instead of the radius."""
         world, n = self.world, self.n
         orders = RowAttacks.empty((1, n), per_side=radii is not None)
         orders.fill(0, slice(0, n), attack, 0)
@@ -362,7 +385,11 @@ class EmbeddingProbe:
             orders.radius[0] *= self.radius_factor
         else:
             orders.radius[0], orders.radius_t[0] = radii
-        adv_v, adv_t = world.craft(None, self.probe_v[None, :n], world.probe_t[None, :n], self.labels[None], orders, self.classes)
+        table = None
+        if replay is not None:
+            orders.replay_from(0, slice(0, n), np.arange(n))
+            table = tuple(torch.as_tensor(array, device=world.device) for array in replay)
+        adv_v, adv_t = world.craft(None, self.probe_v[None, :n], world.probe_t[None, :n], self.labels[None], orders, self.classes, replay=table)
         with torch.no_grad():
             a_v, a_t, a_lv, a_lt = world.forward(adv_v, adv_t, self.classes, None)
             score = world._consistency(a_v, a_t, a_lv, a_lt)[0].cpu().numpy()
@@ -389,6 +416,8 @@ class Cell:
     radius: float | None = None
     #: per attacked pair, how far the pixel attack moved the unit image and caption embeddings (``--pixel-travel``)
     travel: tuple[np.ndarray, np.ndarray] | None = None
+    #: per attacked pair, the candidate captions a ``replay`` attack chooses between (``--pixel-travel``, :func:`pixel_replay`)
+    replay: tuple[np.ndarray, np.ndarray] | None = None
 
     def travel_radii(self, law: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
         """``--pixel-travel``'s per-pair radii ``c · travel^γ`` for ``law = (c, γ)``, image side and caption side."""
@@ -436,7 +465,7 @@ def fill_embedding(
             radii = c.travel_radii(travel_laws[c.family])
             caption_only = stacked._MODES[c.family][0] == 0  # its r column is the caption side's radius
             c.radius = float(np.median(radii[1] if caption_only else radii[0]))
-            c.embedding = probe.rates(attack, radii)
+            c.embedding = probe.rates(attack, radii, c.replay)
 
 
 def calibrate(cells: Sequence[Cell], probe: EmbeddingProbe, exponents: Sequence[float]) -> dict[str, tuple[float, float, float, float]]:
@@ -471,7 +500,7 @@ def calibrate_travel(cells: Sequence[Cell], probe: EmbeddingProbe) -> dict[str, 
             for scale in TRAVEL_GRID:
                 errors = []
                 for c in members:
-                    e = probe.rates(embedding_attack(c.attack, c.params, None), c.travel_radii((scale, exponent)))
+                    e = probe.rates(embedding_attack(c.attack, c.params, None), c.travel_radii((scale, exponent)), c.replay)
                     errors += [abs(e.asr - c.pixel.asr), abs(e.tpr - c.pixel.tpr)]
                 key = (round(max(errors), 6), round(float(np.mean(errors)), 6))
                 if best is None or key < best[2:]:
@@ -646,7 +675,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             params = attack_params(case.attack, budget, args.steps)
             tic = time.process_time()
             rates, travel = pixel_rates(setup, case.attack, params, args.seed, travel=args.pixel_travel)
-            cells.append(Cell(case.attack, family_of(case.attack), budget, params, rates, travel=travel))
+            replay = pixel_replay(setup, case.attack, params, args.seed) if args.pixel_travel else None
+            cells.append(Cell(case.attack, family_of(case.attack), budget, params, rates, travel=travel, replay=replay))
             print(f"  pixel {case.attack:<22} {fmt_budget(budget):>7}: asr {rates.asr:.3f} tpr {rates.tpr:.2f} ({time.process_time() - tic:.1f} CPU-s)", flush=True)
     laws = given_laws if args.radius is None else {c.family: (args.radius, args.exponent) for c in cells}
     fill_embedding(cells, probe, laws)

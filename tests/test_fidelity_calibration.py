@@ -363,3 +363,15 @@ def test_token_substitution_is_measured_only_when_named(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("token_substitution ")]
     assert len(rows) == 1 and rows[0][1] == "text" and rows[0][2] == "3"  # family, budget k (the last of 1, 2, 3)
     assert 0.0 <= float(rows[0][5]) <= 1.0 and 0.0 <= float(rows[0][9]) <= 1.0
+
+
+def test_pixel_travel_replays_token_substitution_s_own_captions(capsys):
+    """With ``--pixel-travel`` the swap is played as the environment plays it there (its candidate
+    captions, ``EmbeddingCounterpart.replay``): on the undefended model that is the pixel attack itself."""
+    benchmark = load_benchmark()
+    benchmark.main(["--attacks", "token_substitution", "--budgets", "1", "--probe-n", "16", "--pixel-travel"])
+    out = capsys.readouterr().out
+    travel_table = out[out.index("c · travel^γ"):]
+    [row] = [line.split() for line in travel_table.splitlines() if line.startswith("token_substitution ")]
+    pixel, embedding = row[5:8], row[9:12]
+    assert embedding == pixel and float(row[5]) > 0.5  # asr, tpr, sys: the same examples

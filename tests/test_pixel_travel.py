@@ -130,7 +130,7 @@ def test_worlds_built_alike_read_one_table_of_read_only_radii_from_the_cache(own
         second = StackedEmbeddingWorld(scenario, 2)  # in this process or another: the file, not the attacks
     assert second.travel.keys() == first.travel.keys()
     for slot, radii in first.travel.items():
-        for field in travel.TravelCache.FIELDS:
+        for field in travel.TravelCache().fields:
             np.testing.assert_array_equal(getattr(second.travel[slot], field), getattr(radii, field))
     radii = next(iter(second.travel.values()))
     with pytest.raises(ValueError, match="read-only"):
@@ -187,7 +187,7 @@ def test_a_cache_file_that_carries_a_pickle_is_a_miss_and_runs_no_code(tmp_path)
     marker = tmp_path / "ran"
     payload = np.empty(1, dtype=object)
     payload[0] = _Payload(marker)
-    fields = {f"0.{field}": payload for field in travel.TravelCache.FIELDS}
+    fields = {f"0.{field}": payload for field in travel.TravelCache().fields}
     np.savez(cache.directory / "k.npz", slots=np.array([repr(slots[0])]), **fields)
     assert cache.get("k", slots) is None
     assert not marker.exists()

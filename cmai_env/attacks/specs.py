@@ -118,11 +118,18 @@ class EmbeddingCounterpart:
         (:data:`cmai_env.fidelity.stacked.FAMILY_RADIUS_LAW`).
     :param steps: the attack parameter holding its iteration count (capped at ``MAX_STEPS``);
         ``None``: one step.
+    :param replay: under ``embedding_attack_radius: pixel_travel``, play the pixel attack's own
+        candidate captions instead of L2-PGD (the attack class's ``replay_candidates``; each round
+        keeps the candidate the current adapters classify worst). Only for caption attacks whose
+        outputs are discrete and do not depend on the image (``token_substitution``): a word swap
+        moves a caption where no small embedding step goes, and the pixel attack's candidates can
+        be computed once per caption.
     """
 
     family: EmbeddingFamily
     budget: str = "eps"
     steps: str | None = "steps"
+    replay: bool = False
 
     @property
     def modality(self) -> Modality:
@@ -366,7 +373,7 @@ def _declarations() -> dict[str, AttackDeclaration]:
                 _p("verify_top", 8, "positive_int"),
                 _p("whole_words", True),
             ),
-            embedding=EmbeddingCounterpart("text", budget="k", steps=None),
+            embedding=EmbeddingCounterpart("text", budget="k", steps=None, replay=True),
         ),
         AttackDeclaration(
             "bridge_image_to_text", "cmai_env.attacks.bridge:BridgeImageToText", "image",

@@ -211,30 +211,63 @@ class TokenSubstitution(Attack):
     name = "token_substitution"
 
     def perturb(self, task: ZeroShotTask, batch: PairBatch, generator: torch.Generator | None = None) -> AttackResult:
-        backbone = task.backbone
+        tokens, _ = self._greedy(task, batch, int(self.k))
+        return AttackResult(PairBatch(batch.images, tokens, batch.labels, None), self.modality)
+
+    def replay_candidates(self, task: ZeroShotTask, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captions this attack's last greedy round chooses between: ``(tokens, valid)``, (N, T, L) and (N, T).
+
+        The first ``k − 1`` rounds run as :meth:`perturb` runs them; the last round's ``T =
+        verify_top`` best first-order flips are returned instead of verified, each applied to the
+        caption (``valid`` False where a caption had fewer editable choices; ``k = 0``: T = 0).
+        :meth:`perturb` keeps the one with the highest true loss if it beats the unchanged caption,
+        so against the model these were ranked on, verifying them again gives :meth:`perturb`'s
+        output. The embedding fidelity verifies them against its current adapters
+        (``embedding_attack_radius: pixel_travel``, :mod:`cmai_env.fidelity.stacked`): a caption
+        attack does not depend on the image, so its candidates are computed once per caption.
+        """
+        n = batch.tokens.shape[0]
+        if int(self.k) == 0:
+            return batch.tokens.new_zeros((n, 0, batch.tokens.shape[1])), torch.zeros((n, 0), dtype=torch.bool, device=batch.tokens.device)
+        tokens, editable = self._greedy(task, batch, int(self.k) - 1)
+        _, positions, tokens_at = self._round(task, tokens, batch.labels, editable)
+        return self._trials(tokens, positions, tokens_at)
+
+    def _greedy(self, task: ZeroShotTask, batch: PairBatch, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rounds`` greedy substitutions: the new token ids and the positions still editable."""
         tokens = batch.tokens.clone()
         labels = batch.labels
-        _, editable = token_masks(backbone, tokens)
-        candidates = candidate_tokens(backbone, self.candidate_vocab, self.whole_words)
-        cand_embeds = backbone.clip.token_embedding.weight.detach()[candidates]  # (M, W)
-        n, length = tokens.shape
-        rows = torch.arange(n, device=tokens.device)
-        for _ in range(int(self.k)):
+        _, editable = token_masks(task.backbone, tokens)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        for _ in range(rounds):
             if not editable.any():
                 break
-            embeds = backbone.token_embeddings(tokens).detach().requires_grad_(True)
+            per_sample, positions, tokens_at = self._round(task, tokens, labels, editable)
+            with torch.no_grad():
+                best_loss, best_pos, best_tok = self._verify(task, tokens, labels, positions, tokens_at)
+                improve = best_loss > per_sample
+                sel = rows[improve]
+                tokens[sel, best_pos[improve]] = best_tok[improve]
+                editable[sel, best_pos[improve]] = False
+        return tokens, editable
+
+    def _round(
+        self, task: ZeroShotTask, tokens: torch.Tensor, labels: torch.Tensor, editable: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One round's first-order ranking: each caption's current loss (N,) and its ``verify_top``
+        best flips' positions and token ids (N, T) (:meth:`_top_flips`)."""
+        backbone = task.backbone
+        candidates = candidate_tokens(backbone, self.candidate_vocab, self.whole_words)
+        cand_embeds = backbone.clip.token_embedding.weight.detach()[candidates]  # (M, W)
+        embeds = backbone.token_embeddings(tokens).detach().requires_grad_(True)
+        with torch.enable_grad():
             per_sample = F.cross_entropy(
                 backbone.zero_shot_logits(backbone.encode_text_embeddings(embeds, tokens), task.class_embeds), labels, reduction="none"
             )
             (grad,) = torch.autograd.grad(per_sample.sum(), embeds)
-            with torch.no_grad():
-                positions, tokens_at = self._top_flips(grad, embeds.detach(), tokens, editable, candidates, cand_embeds)
-                best_loss, best_pos, best_tok = self._verify(task, tokens, labels, positions, tokens_at)
-                improve = best_loss > per_sample.detach()
-                sel = rows[improve]
-                tokens[sel, best_pos[improve]] = best_tok[improve]
-                editable[sel, best_pos[improve]] = False
-        return AttackResult(PairBatch(batch.images, tokens, labels, None), self.modality)
+        with torch.no_grad():
+            positions, tokens_at = self._top_flips(grad, embeds.detach(), tokens, editable, candidates, cand_embeds)
+        return per_sample.detach(), positions, tokens_at
 
     def _top_flips(
         self,
@@ -267,15 +300,22 @@ class TokenSubstitution(Attack):
         return positions, tokens_at
 
     @staticmethod
-    def _verify(
-        task: ZeroShotTask, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, tokens_at: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """True loss of each proposed flip; per caption the best (loss, position, token)."""
-        n, top = positions.shape
+    def _trials(tokens: torch.Tensor, positions: torch.Tensor, tokens_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each proposed flip applied to its caption: (N, T, L) token ids and (N, T) validity (position ≥ 0)."""
+        top = positions.shape[1]
         trial = tokens.unsqueeze(1).repeat(1, top, 1)  # (N, T, L)
         valid = positions >= 0
         s, t = valid.nonzero(as_tuple=True)
         trial[s, t, positions[s, t]] = tokens_at[s, t]
+        return trial, valid
+
+    @classmethod
+    def _verify(
+        cls, task: ZeroShotTask, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, tokens_at: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """True loss of each proposed flip; per caption the best (loss, position, token)."""
+        n, top = positions.shape
+        trial, valid = cls._trials(tokens, positions, tokens_at)
         logits = task.backbone.zero_shot_logits(task.backbone.encode_text(trial.view(n * top, -1)), task.class_embeds)
         loss = F.cross_entropy(logits, labels.repeat_interleave(top), reduction="none").view(n, top)
         loss[~valid] = -float("inf")

@@ -32,7 +32,16 @@ from cmai_env.attacks import attack_class
 from cmai_env.corruptions import corrupted_split
 from cmai_env.data import load_dataset
 from cmai_env.fidelity.base import assign_attacks, corrupted_pairs, defended_backbone, entry_key
-from cmai_env.fidelity.travel import TravelCache, TravelRadii, clean_embeddings, entry_attack, pixel_travel, travel_radii
+from cmai_env.fidelity.travel import (
+    ReplayCaptions,
+    TravelCache,
+    TravelRadii,
+    clean_embeddings,
+    entry_attack,
+    pixel_travel,
+    replay_captions,
+    travel_radii,
+)
 from cmai_env.models.backbone import ResidualAdapter
 from cmai_env.round import (
     AttackOutcome,
@@ -91,7 +100,9 @@ WEIGHT_DECAY = 1e-2
 # Crafting modes per modality and row: 0 untouched, 1 up the zero-shot CE, 2 toward the nearest
 # wrong class prompt c*, 3 (image) detector-aware: up min(margin, κ) − λ·L_consistency with the
 # row's caption, 4 (image) down L_consistency + μ·CE(·, c*) with the rewritten caption;
-# text mode 3: the caption is replaced by the rewritten caption of c* (no ascent).
+# text mode 3: the caption is replaced by the rewritten caption of c* (no ascent); text mode 4
+# (``pixel_travel``, declarations with ``replay``): the caption is replaced by the worst of its
+# attack's cached candidate captions under the current text adapter (no ascent).
 _MODES = {
     "image": (1, 0),
     "image_l2": (1, 0),
@@ -183,6 +194,8 @@ class RowAttacks:
         ``None`` (the radius laws): ``radius`` for both sides. ``embedding_attack_radius:
         pixel_travel`` and ``benchmarks/fidelity_calibration.py --pixel-travel`` set it: each side
         gets the distance the pixel attack moved that side's embedding.
+    :param replay: per row, its row of the replayed candidate captions (text mode 4, see
+        :meth:`StackedEmbeddingWorld.craft`); −1 elsewhere.
     """
 
     mode_v: np.ndarray
@@ -192,6 +205,7 @@ class RowAttacks:
     group: np.ndarray
     aware: np.ndarray
     radius_t: np.ndarray | None = None
+    replay: np.ndarray | None = None
 
     @classmethod
     def empty(cls, shape: tuple[int, int], per_side: bool = False) -> "RowAttacks":
@@ -199,7 +213,10 @@ class RowAttacks:
         zeros = np.zeros(shape, dtype=np.int64)
         aware = np.broadcast_to(np.array(list(AWARE_PARAMS.values()), dtype=np.float32), (*shape, 3)).copy()
         radius_t = np.zeros(shape, dtype=np.float32) if per_side else None
-        return cls(zeros, zeros.copy(), np.zeros(shape, dtype=np.float32), zeros.copy(), np.full(shape, -1, dtype=np.int64), aware, radius_t)
+        return cls(
+            zeros, zeros.copy(), np.zeros(shape, dtype=np.float32), zeros.copy(), np.full(shape, -1, dtype=np.int64), aware, radius_t,
+            np.full(shape, -1, dtype=np.int64),
+        )
 
     def fill(self, env: int, rows: slice | np.ndarray, attack: EmbeddingAttack, group: int) -> None:
         mode_v, mode_t = _MODES[attack.family]
@@ -210,6 +227,11 @@ class RowAttacks:
         self.aware[env, rows] = (attack.lam, attack.kappa, attack.ce_weight)
         if attack.family == "universal":
             self.group[env, rows] = group
+
+    def replay_from(self, env: int, rows: slice | np.ndarray, candidates: np.ndarray) -> None:
+        """Make ``rows`` of ``env`` replay caption candidates (text mode 4) from these rows of the candidate table."""
+        self.mode_v[env, rows], self.mode_t[env, rows] = 0, 4
+        self.replay[env, rows] = candidates
 
 
 # ---------------------------------------------------------------------------- stacked parameters
@@ -419,6 +441,12 @@ class StackedEmbeddingWorld:
         #: ``embedding_attack_radius: pixel_travel``: per (attack configuration, view), the image- and
         #: caption-side radius of every pool and probe pair (:mod:`cmai_env.fidelity.travel`); else empty
         self.travel: dict[tuple[tuple, int], TravelRadii] = {}
+        #: ``pixel_travel``'s replayed caption candidates (declarations with ``replay``): every
+        #: configuration's pool and probe rows stacked, (M, T, D) unit embeddings and (M, T) which are
+        #: real, and the row where each (configuration, ``"pool"``/``"probe"``) starts; none at ``law``
+        self.replay_captions: torch.Tensor | None = None
+        self.replay_valid: torch.Tensor | None = None
+        self._replay_start: dict[tuple[tuple, str], int] = {}
         if scenario.embedding_attack_radius == "pixel_travel":
             entries = {entry_key(entry): entry for phase in scenario.phases for entry in phase.attacks}
             # only the pairings a round can send: a phase's attacks on its own images, and across a
@@ -432,6 +460,44 @@ class StackedEmbeddingWorld:
                 table = self._pixel_travel(backbone, pool, probe, entries, slots)
                 cache.put(digest, table, slots)
             self.travel = table
+            replayed = [(key, "captions") for key in sorted(entries, key=repr) if attack_class(entries[key].name).embedding.replay]
+            if replayed:
+                cache = TravelCache(record=ReplayCaptions)
+                digest = cache.key(backbone, (pool, probe), spec.seed, [], replayed, str(self.device))
+                captions = cache.get(digest, replayed)
+                if captions is None:
+                    captions = self._replay_captions(backbone, pool, probe, entries, replayed)
+                    cache.put(digest, captions, replayed)
+                self._load_replay(captions)
+
+    def _replay_captions(self, backbone, pool, probe, entries: dict[tuple, object], slots: Sequence[tuple[tuple, str]]) -> dict[tuple, ReplayCaptions]:
+        """Each configuration of ``slots`` as its pixel attack's candidate captions for every pool and
+        probe caption, on the undefended backbone (:func:`cmai_env.fidelity.travel.replay_captions`)."""
+        from cmai_env.attacks import PairBatch, ZeroShotTask
+
+        task = ZeroShotTask.from_dataset(backbone, pool)
+        pool_pairs, probe_pairs = PairBatch.from_dataset(backbone, pool), PairBatch.from_dataset(backbone, probe)
+        table = {}
+        for slot in slots:
+            entry = entries[slot[0]]
+            attack = entry_attack(entry.name, entry.params, task, pool_pairs, torch.Generator().manual_seed(self.scenario.dataset.seed))
+            table[slot] = ReplayCaptions(*replay_captions(task, pool_pairs, attack), *replay_captions(task, probe_pairs, attack))
+        return table
+
+    def _load_replay(self, table: dict[tuple, ReplayCaptions]) -> None:
+        """Stack every configuration's candidates into one table (:attr:`replay_captions`), padded to the widest T."""
+        top = max(captions.pool.shape[1] for captions in table.values())
+        parts, valid, self._replay_start, start = [], [], {}, 0
+        for (key, _), captions in table.items():
+            for split in ("pool", "probe"):
+                embeds, ok = getattr(captions, split), getattr(captions, f"{split}_valid")
+                pad = top - embeds.shape[1]
+                parts.append(np.pad(embeds, ((0, 0), (0, pad), (0, 0))))
+                valid.append(np.pad(ok, ((0, 0), (0, pad))))
+                self._replay_start[(key, split)] = start
+                start += len(embeds)
+        self.replay_captions = torch.as_tensor(np.concatenate(parts), device=self.device)
+        self.replay_valid = torch.as_tensor(np.concatenate(valid), device=self.device)
 
     def _pixel_travel(self, backbone, pool, probe, entries: dict[tuple, object], slots: Sequence[tuple[tuple, int]]) -> dict[tuple[tuple, int], "TravelRadii"]:
         """Each ``(attack configuration, view)`` of ``slots`` as a pixel attack on the undefended
@@ -469,6 +535,9 @@ class StackedEmbeddingWorld:
                                "cmai_env.stream.attack_views must list every pairing the stream sends")
         image, text = (radii.pool_v, radii.pool_t) if pool else (radii.probe_v, radii.probe_t)
         orders.radius[env, columns], orders.radius_t[env, columns] = image[pairs], text[pairs]
+        start = self._replay_start.get((entry_key(entry), "pool" if pool else "probe"))
+        if start is not None:
+            orders.replay_from(env, columns, start + pairs)
 
     @property
     def embed_dim(self) -> int:
@@ -550,6 +619,7 @@ class StackedEmbeddingWorld:
     def craft(
         self, envs: EnvIndex, raw_v: torch.Tensor, raw_t: torch.Tensor, labels: torch.Tensor, orders: RowAttacks, classes: torch.Tensor,
         clean: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        replay: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Perturbed ``(raw_v, raw_t)`` for (E, R) rows, each row by its own order (:class:`RowAttacks`).
 
@@ -566,13 +636,21 @@ class StackedEmbeddingWorld:
         by the rewritten caption of ``c*`` (text mode 3, ``rewrite_raw``) and the image descends
         ``L_consistency + μ·CE(z, c*)`` against it, as ``aware_caption_rewrite`` does in pixels.
 
+        Replay rows (text mode 4, ``pixel_travel``) take, of their pixel attack's candidate captions
+        and their own caption, the one with the highest ``CE(s·e_t·Cᵀ, y)`` under the current text
+        adapter: ``token_substitution``'s verify step, played against this environment's defence on
+        the candidates the attack ranked on the undefended backbone (:meth:`_replay`).
+
         :param clean: ``e_v, e_t, logits_v, logits_t`` of the unperturbed rows under the current
             adapters when the caller has them (the probe): ``c*`` and the captions' embeddings are
             then read from them instead of embedding the rows again.
+        :param replay: the candidate table the rows' ``orders.replay`` index, ``(captions, valid)``;
+            default the world's (:attr:`replay_captions`, :attr:`replay_valid`).
         """
         classes = classes.detach()
         target_v = target_t = None
         rewrite_np = orders.mode_t == 3
+        replay_np = orders.mode_t == 4
         with torch.no_grad():
             if bool(((orders.mode_v == 2) | (orders.mode_v == 4)).any()):
                 target_v = _nearest_wrong_class(clean[0] if clean else self._image(raw_v, envs), classes, labels)
@@ -581,6 +659,8 @@ class StackedEmbeddingWorld:
             if bool(rewrite_np.any()):
                 rewrite = torch.as_tensor(rewrite_np, device=raw_t.device).unsqueeze(-1)
                 raw_t = torch.where(rewrite, self.rewrite_raw[target_v], raw_t)
+            if bool(replay_np.any()):
+                raw_t = self._replay(envs, raw_t, labels, orders.replay, replay_np, classes, replay or (self.replay_captions, self.replay_valid))
             partner = None
             if bool((orders.mode_v >= 3).any()):
                 if clean:  # only the rewritten captions differ from the clean ones
@@ -591,10 +671,38 @@ class StackedEmbeddingWorld:
         new_v = self._craft_side(
             envs, raw_v, labels, orders.mode_v, orders, orders.radius, classes, self._image, shared=True, target_class=target_v, partner=partner
         )
-        text_orders = np.where(rewrite_np, 0, orders.mode_t)
+        text_orders = np.where(rewrite_np | replay_np, 0, orders.mode_t)
         radius_t = orders.radius if orders.radius_t is None else orders.radius_t
         new_t = self._craft_side(envs, raw_t, labels, text_orders, orders, radius_t, classes, self._text, shared=False, target_class=target_t)
         return new_v, new_t
+
+    def _replay(
+        self, envs: EnvIndex, raw_t: torch.Tensor, labels: torch.Tensor, table_rows: np.ndarray, replay_np: np.ndarray, classes: torch.Tensor,
+        table: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """``raw_t`` with each replay row's caption swapped for its worst candidate (see :meth:`craft`).
+
+        Only the replay rows are scored (packed per environment); a row keeps its own caption when
+        no candidate raises its CE, as ``token_substitution`` keeps a caption no flip improves.
+        """
+        captions, valid = table
+        width = int(replay_np.sum(1).max())
+        order = np.argsort(~replay_np, axis=1, kind="stable")[:, :width]
+        active = np.take_along_axis(replay_np, order, axis=1)
+        index = torch.as_tensor(np.where(active, np.take_along_axis(table_rows, order, axis=1), 0), device=raw_t.device)
+        source = torch.as_tensor(order, device=raw_t.device)
+        rows = source.unsqueeze(-1).expand(-1, -1, raw_t.shape[-1])
+        own = torch.gather(raw_t, 1, rows)
+        options = torch.cat([own.unsqueeze(2), captions[index]], 2)  # (E, W, 1 + T, D): own caption first
+        allowed = torch.cat([torch.ones_like(valid[index][..., :1]), valid[index]], 2)
+        e, w, t, d = options.shape
+        logits = self._logits(self._text(options.view(e, w * t, d), envs), classes)
+        targets = torch.gather(labels, 1, source).repeat_interleave(t, dim=1)
+        ce = F.cross_entropy(logits.reshape(-1, classes.shape[1]), targets.reshape(-1), reduction="none").view(e, w, t)
+        best = ce.masked_fill(~allowed, -float("inf")).argmax(-1)  # ties keep the first: the own caption
+        chosen = torch.gather(options, 2, best.view(e, w, 1, 1).expand(-1, -1, 1, d)).squeeze(2)
+        chosen = torch.where(torch.as_tensor(active, device=raw_t.device).unsqueeze(-1), chosen, own)
+        return raw_t.scatter(1, rows, chosen)
 
     def _craft_side(
         self, envs: EnvIndex, raw: torch.Tensor, labels: torch.Tensor, mode_np: np.ndarray, orders: RowAttacks, radius_np: np.ndarray, classes,
@@ -870,7 +978,7 @@ class StackedEmbeddingWorld:
             adv_v, adv_t = self.craft(envs, tiled_v, tile(self.probe_t), tile(self.probe_y), orders, classes, clean)
             with torch.no_grad():
                 changed_v = (orders.mode_v > 0) & (orders.steps > 0)
-                changed_t = ((orders.mode_t > 0) & (orders.steps > 0)) | (orders.mode_t == 3)
+                changed_t = ((orders.mode_t > 0) & (orders.steps > 0)) | (orders.mode_t >= 3)
                 aev, alv = self._embed_changed(self._image, adv_v, changed_v, clean[0], clean[2], classes, envs)
                 aet, alt = self._embed_changed(self._text, adv_t, changed_t, clean[1], clean[3], classes, envs)
                 adv_consistency = self._consistency(aev, aet, alv, alt).view(size, width, n).cpu().numpy()

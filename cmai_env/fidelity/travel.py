@@ -11,6 +11,14 @@ adapters, so the attacker stays white-box; only each pair's budget comes from th
 The shipped scenarios keep ``law``: they were designed at it, and at ``pixel_travel`` the
 defence acts less within their episodes (README, Known limits).
 
+A caption attack whose declaration sets ``replay`` (``token_substitution``) is played from the pixel
+attack's own outputs instead: :func:`replay_captions` keeps, per pool and probe caption, the candidate
+captions its last greedy round chooses between, and each round the world sends the one the current
+text adapter classifies worst (:meth:`~cmai_env.fidelity.stacked.StackedEmbeddingWorld.craft`). A caption
+attack does not depend on the image, so this is computed once per caption, and on the undefended
+model it is the pixel attack itself (``fidelity_calibration.py --pixel-travel --attacks
+token_substitution``: every cell equal).
+
 A scenario chooses it with ``embedding_attack_radius: pixel_travel``. Then
 :class:`~cmai_env.fidelity.stacked.StackedEmbeddingWorld` runs every attack of the scenario as a
 pixel attack once at construction, on the undefended backbone, over every pool and probe image of
@@ -23,6 +31,7 @@ the result on disk for every world built alike, in this process or another.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import zipfile
@@ -134,6 +143,38 @@ def travel_radii(family: str, travel: Sequence[np.ndarray], law: tuple[float, fl
     return tuple((scale * np.power(np.asarray(side, dtype=np.float64), exponent)).astype(np.float32) for side in travel[:2])
 
 
+@torch.no_grad()
+def replay_captions(task: ZeroShotTask, pairs: PairBatch, attack: Attack) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, the unit caption embeddings of the candidates ``attack`` (a caption attack whose
+    declaration sets ``replay``) chooses between, and which are real: (N, T, D) float32 and (N, T) bool,
+    :data:`CHUNK` pairs at a time, on the undefended backbone (``attack.replay_candidates``)."""
+    backbone = task.backbone
+    captions, valid = [], []
+    for start in range(0, len(pairs), CHUNK):
+        tokens, ok = attack.replay_candidates(task, pairs.subset(slice(start, start + CHUNK)))
+        n, top, length = tokens.shape
+        embeds = backbone.encode_text(tokens.reshape(n * top, length)) if top else tokens.new_zeros((0, backbone.embed_dim), dtype=torch.float32)
+        captions.append(embeds.reshape(n, top, -1).float().cpu().numpy())
+        valid.append(ok.cpu().numpy())
+    return np.concatenate(captions), np.concatenate(valid)
+
+
+@dataclass(frozen=True)
+class ReplayCaptions:
+    """One caption attack's candidates for every pool and probe pair (a declaration with ``replay``,
+    under ``embedding_attack_radius: pixel_travel``): unit caption embeddings (N, T, D) and which
+    are real (N, T), as :func:`replay_captions` gives them. Read-only, like :class:`TravelRadii`."""
+
+    pool: np.ndarray
+    pool_valid: np.ndarray
+    probe: np.ndarray
+    probe_valid: np.ndarray
+
+    def __post_init__(self) -> None:
+        for array in (self.pool, self.pool_valid, self.probe, self.probe_valid):
+            array.setflags(write=False)
+
+
 @dataclass(frozen=True)
 class TravelRadii:
     """One attack configuration's per-pair radii on one view (``embedding_attack_radius: pixel_travel``):
@@ -155,14 +196,16 @@ def _raw_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
-#: A table's slots: (attack configuration, view index), in the order its file stores them.
-Slot = tuple[tuple, int]
+#: A table's slots, in the order its file stores them: (attack configuration, view index) for
+#: :class:`TravelRadii`; (attack configuration, ``"captions"``) for :class:`ReplayCaptions`.
+Slot = tuple[tuple, int | str]
 
 
 class TravelCache:
-    """``pixel_travel`` tables on disk: one ``.npz`` per world's inputs under ``$CMAI_CACHE_DIR/travel``.
+    """``pixel_travel`` tables on disk: one ``.npz`` per world's inputs under ``$CMAI_CACHE_DIR/travel``
+    (radii, :class:`TravelRadii`) or ``$CMAI_CACHE_DIR/replay`` (:class:`ReplayCaptions`).
 
-    The radii are a pure function of the backbone's weights, the pool and probe pairs, the views,
+    The radii (and the replayed captions) are a pure function of the backbone's weights, the pool and probe pairs, the views,
     the attack configurations, the scenario's ``pixel_travel_laws``, the device and the code (every
     pixel attack is seeded by the dataset seed), and :meth:`key` hashes all of them, so a file is only ever read by a world that would
     compute the same arrays. A missing, unreadable or mismatched file is a miss (the world runs the
@@ -172,13 +215,16 @@ class TravelCache:
     Written by hand: the arrays are this environment's own, and a pickling cache (joblib's
     ``Memory``) would execute code on load.
 
-    :param directory: where the files live (default ``$CMAI_CACHE_DIR/travel``, read when created).
+    :param directory: where the files live (default ``$CMAI_CACHE_DIR/`` and the record's folder, read when created).
+    :param record: what a slot holds, :class:`TravelRadii` or :class:`ReplayCaptions`.
     """
 
-    FIELDS = ("pool_v", "pool_t", "probe_v", "probe_t")
+    FOLDERS = {TravelRadii: "travel", ReplayCaptions: "replay"}
 
-    def __init__(self, directory: str | Path | None = None) -> None:
-        self.directory = Path(directory) if directory is not None else cache_root() / "travel"
+    def __init__(self, directory: str | Path | None = None, record: type = TravelRadii) -> None:
+        self.record = record
+        self.fields = tuple(field.name for field in dataclasses.fields(record))
+        self.directory = Path(directory) if directory is not None else cache_root() / self.FOLDERS[record]
 
     @staticmethod
     def key(
@@ -205,7 +251,7 @@ class TravelCache:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.npz"
 
-    def get(self, key: str, slots: Sequence[Slot]) -> dict[Slot, TravelRadii] | None:
+    def get(self, key: str, slots: Sequence[Slot]) -> dict[Slot, TravelRadii | ReplayCaptions] | None:
         """The table stored under ``key`` for exactly ``slots``, or ``None`` (a miss)."""
         path = self._path(key)
         if not path.is_file():
@@ -214,14 +260,14 @@ class TravelCache:
             with np.load(path, allow_pickle=False) as stored:
                 if stored["slots"].tolist() != [repr(slot) for slot in slots]:
                     return None
-                table = {slot: TravelRadii(*(stored[f"{i}.{field}"] for field in self.FIELDS)) for i, slot in enumerate(slots)}
+                table = {slot: self.record(*(stored[f"{i}.{field}"] for field in self.fields)) for i, slot in enumerate(slots)}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
         return table
 
-    def put(self, key: str, table: dict[Slot, TravelRadii], slots: Sequence[Slot]) -> None:
+    def put(self, key: str, table: dict[Slot, TravelRadii | ReplayCaptions], slots: Sequence[Slot]) -> None:
         """Store ``table`` (its ``slots``, in that order) under ``key``; a write that fails is skipped."""
-        arrays = {f"{i}.{field}": getattr(table[slot], field) for i, slot in enumerate(slots) for field in self.FIELDS}
+        arrays = {f"{i}.{field}": getattr(table[slot], field) for i, slot in enumerate(slots) for field in self.fields}
         path = self._path(key)
         partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
