@@ -73,9 +73,9 @@ same adversarial examples the pixel column scores), and ``(c, γ)`` one pair per
 (:data:`cmai_env.fidelity.travel.PIXEL_TRAVEL_LAW`; ``--calibrate`` refits both). The direction is still the embedding PGD's,
 against the current model, so the attack stays white-box; only each pair's budget is the pixel
 attack's. A scenario plays it with ``embedding_attack_radius: pixel_travel`` (:mod:`cmai_env.fidelity.travel`).
-``token_substitution`` (named with ``--attacks``) is played there as the environment plays it: each
-pair's candidate captions from the pixel attack, the worst kept (its declaration's ``replay``), so on
-the undefended model its cells equal the pixel ones by construction; its ``r`` column is unused.
+``token_substitution`` (named with ``--attacks``) is played there as the environment plays it: of each
+pair's candidate captions from the pixel attack (``REPLAY_WIDTH`` first-order flips on the undefended
+model), the worst under the current adapters (its declaration's ``replay``); its ``r`` column is unused.
 """
 
 from __future__ import annotations
@@ -341,7 +341,9 @@ def pixel_replay(setup: Setup, name: str, params: dict, seed: int) -> tuple[np.n
     as the environment does at ``embedding_attack_radius: pixel_travel``; ``None`` for the others."""
     if not declaration(name).embedding.replay:
         return None
-    return replay_captions(setup.task, setup.attacked, entry_attack(name, params, setup.task, setup.pool, torch.Generator().manual_seed(seed)))
+    attack = entry_attack(name, params, setup.task, setup.pool, torch.Generator().manual_seed(seed))
+    captions, valid, row = replay_captions(setup.task, setup.attacked.tokens, setup.attacked.labels, attack)
+    return captions[row], valid[row]
 
 
 def pixel_travel(setup: Setup, name: str, params: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -367,11 +367,12 @@ def test_token_substitution_is_measured_only_when_named(capsys):
 
 def test_pixel_travel_replays_token_substitution_s_own_captions(capsys):
     """With ``--pixel-travel`` the swap is played as the environment plays it there (its candidate
-    captions, ``EmbeddingCounterpart.replay``): on the undefended model that is the pixel attack itself."""
+    captions, ``EmbeddingCounterpart.replay``): on the undefended model, a wider search of the pixel
+    attack's own flips, so within the cells' tolerance of it."""
     benchmark = load_benchmark()
     benchmark.main(["--attacks", "token_substitution", "--budgets", "1", "--probe-n", "16", "--pixel-travel"])
     out = capsys.readouterr().out
     travel_table = out[out.index("c · travel^γ"):]
     [row] = [line.split() for line in travel_table.splitlines() if line.startswith("token_substitution ")]
     pixel, embedding = row[5:8], row[9:12]
-    assert embedding == pixel and float(row[5]) > 0.5  # asr, tpr, sys: the same examples
+    assert float(row[5]) > 0.5 and all(abs(float(e) - float(p)) <= 0.1 for e, p in zip(embedding, pixel))  # asr, tpr, sys

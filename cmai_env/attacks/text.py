@@ -214,23 +214,24 @@ class TokenSubstitution(Attack):
         tokens, _ = self._greedy(task, batch, int(self.k))
         return AttackResult(PairBatch(batch.images, tokens, batch.labels, None), self.modality)
 
-    def replay_candidates(self, task: ZeroShotTask, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The captions this attack's last greedy round chooses between: ``(tokens, valid)``, (N, T, L) and (N, T).
+    def replay_candidates(self, task: ZeroShotTask, batch: PairBatch, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captions this attack's last greedy round ranks best: ``(tokens, valid)``, (N, T, L) and (N, T).
 
-        The first ``k − 1`` rounds run as :meth:`perturb` runs them; the last round's ``T =
-        verify_top`` best first-order flips are returned instead of verified, each applied to the
-        caption (``valid`` False where a caption had fewer editable choices; ``k = 0``: T = 0).
-        :meth:`perturb` keeps the one with the highest true loss if it beats the unchanged caption,
-        so against the model these were ranked on, verifying them again gives :meth:`perturb`'s
-        output. The embedding fidelity verifies them against its current adapters
-        (``embedding_attack_radius: pixel_travel``, :mod:`cmai_env.fidelity.stacked`): a caption
-        attack does not depend on the image, so its candidates are computed once per caption.
+        The first ``k − 1`` rounds run as :meth:`perturb` runs them; the last round's ``T`` best
+        first-order flips (``T = width``, default ``verify_top``) are returned instead of verified,
+        each applied to the caption, best first (``valid`` False where a caption had fewer editable
+        choices; ``k = 0``: T = 0). :meth:`perturb` keeps, of the first ``verify_top``, the one with
+        the highest true loss if it beats the unchanged caption, so against the model these were
+        ranked on, verifying those again gives :meth:`perturb`'s output. The embedding fidelity
+        verifies them against its current adapters (``embedding_attack_radius: pixel_travel``,
+        :mod:`cmai_env.fidelity.travel`): a caption attack does not depend on the image, so its
+        candidates are computed once per caption.
         """
         n = batch.tokens.shape[0]
         if int(self.k) == 0:
             return batch.tokens.new_zeros((n, 0, batch.tokens.shape[1])), torch.zeros((n, 0), dtype=torch.bool, device=batch.tokens.device)
         tokens, editable = self._greedy(task, batch, int(self.k) - 1)
-        _, positions, tokens_at = self._round(task, tokens, batch.labels, editable)
+        _, positions, tokens_at = self._round(task, tokens, batch.labels, editable, width)
         return self._trials(tokens, positions, tokens_at)
 
     def _greedy(self, task: ZeroShotTask, batch: PairBatch, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +243,7 @@ class TokenSubstitution(Attack):
         for _ in range(rounds):
             if not editable.any():
                 break
-            per_sample, positions, tokens_at = self._round(task, tokens, labels, editable)
+            per_sample, positions, tokens_at = self._round(task, tokens, labels, editable, int(self.verify_top))
             with torch.no_grad():
                 best_loss, best_pos, best_tok = self._verify(task, tokens, labels, positions, tokens_at)
                 improve = best_loss > per_sample
@@ -252,10 +253,10 @@ class TokenSubstitution(Attack):
         return tokens, editable
 
     def _round(
-        self, task: ZeroShotTask, tokens: torch.Tensor, labels: torch.Tensor, editable: torch.Tensor
+        self, task: ZeroShotTask, tokens: torch.Tensor, labels: torch.Tensor, editable: torch.Tensor, top: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One round's first-order ranking: each caption's current loss (N,) and its ``verify_top``
-        best flips' positions and token ids (N, T) (:meth:`_top_flips`)."""
+        """One round's first-order ranking: each caption's current loss (N,) and its ``top`` (default
+        ``verify_top``) best flips' positions and token ids (N, T) (:meth:`_top_flips`)."""
         backbone = task.backbone
         candidates = candidate_tokens(backbone, self.candidate_vocab, self.whole_words)
         cand_embeds = backbone.clip.token_embedding.weight.detach()[candidates]  # (M, W)
@@ -266,7 +267,7 @@ class TokenSubstitution(Attack):
             )
             (grad,) = torch.autograd.grad(per_sample.sum(), embeds)
         with torch.no_grad():
-            positions, tokens_at = self._top_flips(grad, embeds.detach(), tokens, editable, candidates, cand_embeds)
+            positions, tokens_at = self._top_flips(grad, embeds.detach(), tokens, editable, candidates, cand_embeds, top or int(self.verify_top))
         return per_sample.detach(), positions, tokens_at
 
     def _top_flips(
@@ -277,13 +278,14 @@ class TokenSubstitution(Attack):
         editable: torch.Tensor,
         candidates: torch.Tensor,
         cand_embeds: torch.Tensor,
+        top: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, T) positions and token ids of each caption's ``T = verify_top`` best first-order flips.
+        """(N, T) positions and token ids of each caption's ``T = top`` best first-order flips, best first.
 
         Invalid entries (fewer editable choices than T) have position −1.
         """
         n, length, _ = grad.shape
-        top = min(int(self.verify_top), len(candidates))
+        top = min(top, len(candidates))
         where = editable.nonzero()  # (R, 2): (sample, position)
         g = grad[where[:, 0], where[:, 1]]  # (R, W)
         gain = g @ cand_embeds.T - (g * embeds[where[:, 0], where[:, 1]]).sum(-1, keepdim=True)  # (R, M)

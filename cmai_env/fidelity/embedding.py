@@ -31,7 +31,7 @@ aware_caption_rewrite                            ``aware_rewrite``: caption → 
 Under ``embedding_attack_radius: pixel_travel`` every pair's radius is the distance its own pixel
 attack moved it (:mod:`cmai_env.fidelity.travel`), and ``token_substitution`` (its declaration sets
 ``replay``) is not a radius at all: each attacked caption becomes the worst, under the current text
-adapter, of the captions the pixel attack chooses between (a word swap moves a caption where no small
+adapter, of the word swaps the pixel attack ranks best (a word swap moves a caption where no small
 embedding step goes; at ``law`` it flipped 0.14 of the clean captions the pixel attack flips 0.99 of).
 
 Steps follow the attack's ``steps`` parameter, capped at ``MAX_STEPS``. The losses, the

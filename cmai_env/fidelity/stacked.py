@@ -442,11 +442,11 @@ class StackedEmbeddingWorld:
         #: caption-side radius of every pool and probe pair (:mod:`cmai_env.fidelity.travel`); else empty
         self.travel: dict[tuple[tuple, int], TravelRadii] = {}
         #: ``pixel_travel``'s replayed caption candidates (declarations with ``replay``): every
-        #: configuration's pool and probe rows stacked, (M, T, D) unit embeddings and (M, T) which are
-        #: real, and the row where each (configuration, ``"pool"``/``"probe"``) starts; none at ``law``
+        #: configuration's distinct captions' candidates stacked, (M, T, D) unit embeddings and (M, T)
+        #: which are real, and per (configuration, ``"pool"``/``"probe"``) each pair's row; none at ``law``
         self.replay_captions: torch.Tensor | None = None
         self.replay_valid: torch.Tensor | None = None
-        self._replay_start: dict[tuple[tuple, str], int] = {}
+        self._replay_rows: dict[tuple[tuple, str], np.ndarray] = {}
         if scenario.embedding_attack_radius == "pixel_travel":
             entries = {entry_key(entry): entry for phase in scenario.phases for entry in phase.attacks}
             # only the pairings a round can send: a phase's attacks on its own images, and across a
@@ -477,25 +477,26 @@ class StackedEmbeddingWorld:
 
         task = ZeroShotTask.from_dataset(backbone, pool)
         pool_pairs, probe_pairs = PairBatch.from_dataset(backbone, pool), PairBatch.from_dataset(backbone, probe)
+        tokens, labels = torch.cat([pool_pairs.tokens, probe_pairs.tokens]), torch.cat([pool_pairs.labels, probe_pairs.labels])
         table = {}
         for slot in slots:
             entry = entries[slot[0]]
             attack = entry_attack(entry.name, entry.params, task, pool_pairs, torch.Generator().manual_seed(self.scenario.dataset.seed))
-            table[slot] = ReplayCaptions(*replay_captions(task, pool_pairs, attack), *replay_captions(task, probe_pairs, attack))
+            captions, valid, row = replay_captions(task, tokens, labels, attack)
+            table[slot] = ReplayCaptions(captions, valid, row[: len(pool_pairs)], row[len(pool_pairs) :])
         return table
 
     def _load_replay(self, table: dict[tuple, ReplayCaptions]) -> None:
         """Stack every configuration's candidates into one table (:attr:`replay_captions`), padded to the widest T."""
-        top = max(captions.pool.shape[1] for captions in table.values())
-        parts, valid, self._replay_start, start = [], [], {}, 0
-        for (key, _), captions in table.items():
+        top = max(entry.captions.shape[1] for entry in table.values())
+        parts, valid, self._replay_rows, start = [], [], {}, 0
+        for (key, _), entry in table.items():
+            pad = top - entry.captions.shape[1]
+            parts.append(np.pad(entry.captions, ((0, 0), (0, pad), (0, 0))))
+            valid.append(np.pad(entry.valid, ((0, 0), (0, pad))))
             for split in ("pool", "probe"):
-                embeds, ok = getattr(captions, split), getattr(captions, f"{split}_valid")
-                pad = top - embeds.shape[1]
-                parts.append(np.pad(embeds, ((0, 0), (0, pad), (0, 0))))
-                valid.append(np.pad(ok, ((0, 0), (0, pad))))
-                self._replay_start[(key, split)] = start
-                start += len(embeds)
+                self._replay_rows[(key, split)] = start + getattr(entry, split)
+            start += len(entry.captions)
         self.replay_captions = torch.as_tensor(np.concatenate(parts), device=self.device)
         self.replay_valid = torch.as_tensor(np.concatenate(valid), device=self.device)
 
@@ -535,9 +536,9 @@ class StackedEmbeddingWorld:
                                "cmai_env.stream.attack_views must list every pairing the stream sends")
         image, text = (radii.pool_v, radii.pool_t) if pool else (radii.probe_v, radii.probe_t)
         orders.radius[env, columns], orders.radius_t[env, columns] = image[pairs], text[pairs]
-        start = self._replay_start.get((entry_key(entry), "pool" if pool else "probe"))
-        if start is not None:
-            orders.replay_from(env, columns, start + pairs)
+        replay_rows = self._replay_rows.get((entry_key(entry), "pool" if pool else "probe"))
+        if replay_rows is not None:
+            orders.replay_from(env, columns, replay_rows[pairs])
 
     @property
     def embed_dim(self) -> int:
@@ -639,7 +640,8 @@ class StackedEmbeddingWorld:
         Replay rows (text mode 4, ``pixel_travel``) take, of their pixel attack's candidate captions
         and their own caption, the one with the highest ``CE(s·e_t·Cᵀ, y)`` under the current text
         adapter: ``token_substitution``'s verify step, played against this environment's defence on
-        the candidates the attack ranked on the undefended backbone (:meth:`_replay`).
+        the flips the attack ranked best on the undefended backbone (:meth:`_replay`,
+        :data:`cmai_env.fidelity.travel.REPLAY_WIDTH` of them).
 
         :param clean: ``e_v, e_t, logits_v, logits_t`` of the unperturbed rows under the current
             adapters when the caller has them (the probe): ``c*`` and the captions' embeddings are

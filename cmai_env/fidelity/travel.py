@@ -12,12 +12,13 @@ The shipped scenarios keep ``law``: they were designed at it, and at ``pixel_tra
 defence acts less within their episodes (README, Known limits).
 
 A caption attack whose declaration sets ``replay`` (``token_substitution``) is played from the pixel
-attack's own outputs instead: :func:`replay_captions` keeps, per pool and probe caption, the candidate
-captions its last greedy round chooses between, and each round the world sends the one the current
-text adapter classifies worst (:meth:`~cmai_env.fidelity.stacked.StackedEmbeddingWorld.craft`). A caption
-attack does not depend on the image, so this is computed once per caption, and on the undefended
-model it is the pixel attack itself (``fidelity_calibration.py --pixel-travel --attacks
-token_substitution``: every cell equal).
+attack's own candidates instead: :func:`replay_captions` keeps, per distinct pool and probe caption,
+the :data:`REPLAY_WIDTH` captions its last greedy round ranks best on the undefended backbone, and each
+round the world sends the one the current text adapter classifies worst
+(:meth:`~cmai_env.fidelity.stacked.StackedEmbeddingWorld.craft`). A caption attack does not depend on
+the image, so this is computed once per caption. On the undefended model it is within 0.02 of the
+pixel attack's ASR and detector TPR at k 1, 2, 3, on clean and severity-4 noisy images
+(``fidelity_calibration.py --pixel-travel --attacks token_substitution [--corruption gaussian_noise:4]``).
 
 A scenario chooses it with ``embedding_attack_radius: pixel_travel``. Then
 :class:`~cmai_env.fidelity.stacked.StackedEmbeddingWorld` runs every attack of the scenario as a
@@ -143,35 +144,56 @@ def travel_radii(family: str, travel: Sequence[np.ndarray], law: tuple[float, fl
     return tuple((scale * np.power(np.asarray(side, dtype=np.float64), exponent)).astype(np.float32) for side in travel[:2])
 
 
+#: Candidate captions the embedding fidelity keeps per caption for a ``replay`` attack: the frozen
+#: backbone's best first-order flips, all verified against the current adapters each round. The
+#: pixel attack verifies only ``verify_top`` (8), but ranks its flips through the *defended* model,
+#: which a table computed once cannot. Measured on the redesigned ``abrupt_shift``'s text phase
+#: (scratch, pixel fidelity, seed 0, ``token_substitution`` k 1 on severity-4 noise, detector TPR at
+#: the phase's end): after task-only training the pixel attack is flagged 0.875 and the 8 frozen-ranked
+#: candidates 0.578 (64: 0.766); after (0, ⅔, ⅓) 0.984 against 0.625 (64: 0.859, 128: 0.922). On the
+#: undefended model 64 candidates are flagged 0.44 against the pixel attack's 0.39 (128: 0.48).
+REPLAY_WIDTH = 64
+
+
 @torch.no_grad()
-def replay_captions(task: ZeroShotTask, pairs: PairBatch, attack: Attack) -> tuple[np.ndarray, np.ndarray]:
-    """Per pair, the unit caption embeddings of the candidates ``attack`` (a caption attack whose
-    declaration sets ``replay``) chooses between, and which are real: (N, T, D) float32 and (N, T) bool,
-    :data:`CHUNK` pairs at a time, on the undefended backbone (``attack.replay_candidates``)."""
+def replay_captions(
+    task: ZeroShotTask, tokens: torch.Tensor, labels: torch.Tensor, attack: Attack, width: int = REPLAY_WIDTH
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The candidate captions ``attack`` (a caption attack whose declaration sets ``replay``) ranks
+    best for each distinct (caption, label) of the pairs' ``tokens`` (N, L) and ``labels`` (N,), on
+    the undefended backbone (``attack.replay_candidates`` with ``max(width, verify_top)``): their unit
+    caption embeddings (U, T, D) float32, which are real (U, T) bool, and each pair's row (N,) int64.
+    A caption attack does not depend on the image, so pairs that share a caption share its candidates."""
     backbone = task.backbone
+    keys = torch.cat([tokens, labels[:, None]], 1)
+    distinct, row = torch.unique(keys, dim=0, return_inverse=True)
+    top = max(int(width), int(getattr(attack, "verify_top", 0)))
     captions, valid = [], []
-    for start in range(0, len(pairs), CHUNK):
-        tokens, ok = attack.replay_candidates(task, pairs.subset(slice(start, start + CHUNK)))
-        n, top, length = tokens.shape
-        embeds = backbone.encode_text(tokens.reshape(n * top, length)) if top else tokens.new_zeros((0, backbone.embed_dim), dtype=torch.float32)
-        captions.append(embeds.reshape(n, top, -1).float().cpu().numpy())
+    for start in range(0, len(distinct), CHUNK):
+        chunk = distinct[start : start + CHUNK]
+        batch = PairBatch(torch.empty((len(chunk), 0)), chunk[:, :-1], chunk[:, -1])  # a caption attack reads no image
+        trial, ok = attack.replay_candidates(task, batch, top)
+        n, t, length = trial.shape
+        embeds = backbone.encode_text(trial.reshape(n * t, length)) if t else trial.new_zeros((0, backbone.embed_dim), dtype=torch.float32)
+        captions.append(embeds.reshape(n, t, -1).float().cpu().numpy())
         valid.append(ok.cpu().numpy())
-    return np.concatenate(captions), np.concatenate(valid)
+    return np.concatenate(captions), np.concatenate(valid), row.cpu().numpy().astype(np.int64)
 
 
 @dataclass(frozen=True)
 class ReplayCaptions:
-    """One caption attack's candidates for every pool and probe pair (a declaration with ``replay``,
-    under ``embedding_attack_radius: pixel_travel``): unit caption embeddings (N, T, D) and which
-    are real (N, T), as :func:`replay_captions` gives them. Read-only, like :class:`TravelRadii`."""
+    """One caption attack's candidates (a declaration with ``replay``, under ``embedding_attack_radius:
+    pixel_travel``): unit caption embeddings (U, T, D) and which are real (U, T) for every distinct
+    caption of the pool and probe pairs, and each pool pair's (``pool``) and probe pair's (``probe``)
+    row of them, as :func:`replay_captions` gives them. Read-only, like :class:`TravelRadii`."""
 
+    captions: np.ndarray
+    valid: np.ndarray
     pool: np.ndarray
-    pool_valid: np.ndarray
     probe: np.ndarray
-    probe_valid: np.ndarray
 
     def __post_init__(self) -> None:
-        for array in (self.pool, self.pool_valid, self.probe, self.probe_valid):
+        for array in (self.captions, self.valid, self.pool, self.probe):
             array.setflags(write=False)
 
 
