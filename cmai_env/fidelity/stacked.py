@@ -665,8 +665,8 @@ class StackedEmbeddingWorld:
                 raw_t = self._replay(envs, raw_t, labels, orders.replay, replay_np, classes, replay or (self.replay_captions, self.replay_valid))
             partner = None
             if bool((orders.mode_v >= 3).any()):
-                if clean:  # only the rewritten captions differ from the clean ones
-                    partner = self._embed_changed(self._text, raw_t, rewrite_np, clean[1], clean[3], classes, envs)
+                if clean:  # only the rewritten and replayed captions differ from the clean ones
+                    partner = self._embed_changed(self._text, raw_t, rewrite_np | replay_np, clean[1], clean[3], classes, envs)
                 else:
                     e_p = self._text(raw_t, envs)
                     partner = (e_p, self._logits(e_p, classes))

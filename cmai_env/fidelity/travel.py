@@ -181,36 +181,37 @@ def replay_captions(
 
 
 @dataclass(frozen=True)
-class ReplayCaptions:
+class _Table:
+    """Arrays a :class:`TravelCache` stores, made read-only when built: computed or read from a file,
+    they are the table."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            getattr(self, field.name).setflags(write=False)
+
+
+@dataclass(frozen=True)
+class ReplayCaptions(_Table):
     """One caption attack's candidates (a declaration with ``replay``, under ``embedding_attack_radius:
     pixel_travel``): unit caption embeddings (U, T, D) and which are real (U, T) for every distinct
     caption of the pool and probe pairs, and each pool pair's (``pool``) and probe pair's (``probe``)
-    row of them, as :func:`replay_captions` gives them. Read-only, like :class:`TravelRadii`."""
+    row of them, as :func:`replay_captions` gives them. Read-only."""
 
     captions: np.ndarray
     valid: np.ndarray
     pool: np.ndarray
     probe: np.ndarray
 
-    def __post_init__(self) -> None:
-        for array in (self.captions, self.valid, self.pool, self.probe):
-            array.setflags(write=False)
-
 
 @dataclass(frozen=True)
-class TravelRadii:
+class TravelRadii(_Table):
     """One attack configuration's per-pair radii on one view (``embedding_attack_radius: pixel_travel``):
-    image and caption side for every pool pair (``pool_v``, ``pool_t``) and probe pair. The arrays
-    are made read-only here: computed or read from a :class:`TravelCache` file, they are the table."""
+    image and caption side for every pool pair (``pool_v``, ``pool_t``) and probe pair. Read-only."""
 
     pool_v: np.ndarray
     pool_t: np.ndarray
     probe_v: np.ndarray
     probe_t: np.ndarray
-
-    def __post_init__(self) -> None:
-        for array in (self.pool_v, self.pool_t, self.probe_v, self.probe_t):
-            array.setflags(write=False)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
