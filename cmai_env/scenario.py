@@ -413,7 +413,8 @@ class Scenario(_Model):
     #: attack configuration from its family's calibrated law (``FAMILY_RADIUS_LAW``; every shipped
     #: scenario was measured with it), or ``pixel_travel``, each pair at a radius set by how far its own
     #: pixel attack moved it on the undefended model (:mod:`cmai_env.fidelity.travel`: closer to the pixel
-    #: fidelity on issue 10's calibration cells; the world runs the phases' pixel attacks once when built)
+    #: fidelity on issue 10's calibration cells; the world runs the phases' pixel attacks once when built,
+    #: and replays ``token_substitution``'s own word swaps instead of giving it a radius)
     embedding_attack_radius: Literal["law", "pixel_travel"] = "law"
     #: per embedding family, ``[scale, γ]`` of its radius law ``r = scale · (budget / default budget)^γ``
     #: in place of the calibrated one (``FAMILY_RADIUS_LAW``, fitted for ``cmai-tiny`` on ``shapes``):
