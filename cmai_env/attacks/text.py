@@ -230,12 +230,24 @@ class TokenSubstitution(Attack):
         n = batch.tokens.shape[0]
         if int(self.k) == 0:
             return batch.tokens.new_zeros((n, 0, batch.tokens.shape[1])), torch.zeros((n, 0), dtype=torch.bool, device=batch.tokens.device)
-        tokens, editable = self._greedy(task, batch, int(self.k) - 1)
-        _, positions, tokens_at = self._round(task, tokens, batch.labels, editable, width)
+        vocab = self._vocab(task.backbone)
+        tokens, editable = self._greedy(task, batch, int(self.k) - 1, vocab)
+        _, positions, tokens_at = self._round(task, tokens, batch.labels, editable, vocab, width)
         return self._trials(tokens, positions, tokens_at)
 
-    def _greedy(self, task: ZeroShotTask, batch: PairBatch, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rounds`` greedy substitutions: the new token ids and the positions still editable."""
+    def _vocab(self, backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids a substitution may insert and their input embeddings (M,), (M, W) (:func:`candidate_tokens`)."""
+        candidates = candidate_tokens(backbone, self.candidate_vocab, self.whole_words)
+        return candidates, backbone.clip.token_embedding.weight.detach()[candidates]
+
+    def _greedy(
+        self, task: ZeroShotTask, batch: PairBatch, rounds: int, vocab: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rounds`` greedy substitutions: the new token ids and the positions still editable.
+
+        :param vocab: :meth:`_vocab` when the caller already has it (computed here otherwise, once for all rounds).
+        """
+        vocab = vocab if vocab is not None else self._vocab(task.backbone)
         tokens = batch.tokens.clone()
         labels = batch.labels
         _, editable = token_masks(task.backbone, tokens)
@@ -243,7 +255,7 @@ class TokenSubstitution(Attack):
         for _ in range(rounds):
             if not editable.any():
                 break
-            per_sample, positions, tokens_at = self._round(task, tokens, labels, editable, int(self.verify_top))
+            per_sample, positions, tokens_at = self._round(task, tokens, labels, editable, vocab)
             with torch.no_grad():
                 best_loss, best_pos, best_tok = self._verify(task, tokens, labels, positions, tokens_at)
                 improve = best_loss > per_sample
@@ -253,13 +265,13 @@ class TokenSubstitution(Attack):
         return tokens, editable
 
     def _round(
-        self, task: ZeroShotTask, tokens: torch.Tensor, labels: torch.Tensor, editable: torch.Tensor, top: int | None = None
+        self, task: ZeroShotTask, tokens: torch.Tensor, labels: torch.Tensor, editable: torch.Tensor,
+        vocab: tuple[torch.Tensor, torch.Tensor], top: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One round's first-order ranking: each caption's current loss (N,) and its ``top`` (default
-        ``verify_top``) best flips' positions and token ids (N, T) (:meth:`_top_flips`)."""
+        """One round's first-order ranking over ``vocab`` (:meth:`_vocab`): each caption's current loss
+        (N,) and its ``top`` (default ``verify_top``) best flips' positions and token ids (N, T) (:meth:`_top_flips`)."""
         backbone = task.backbone
-        candidates = candidate_tokens(backbone, self.candidate_vocab, self.whole_words)
-        cand_embeds = backbone.clip.token_embedding.weight.detach()[candidates]  # (M, W)
+        candidates, cand_embeds = vocab
         embeds = backbone.token_embeddings(tokens).detach().requires_grad_(True)
         with torch.enable_grad():
             per_sample = F.cross_entropy(
