@@ -10,12 +10,19 @@ then the β with the largest system-ASR drop among those within the clean-accura
 drop with its paired 95% t-interval over seeds, and whether it reaches 0.3. A β is held for the
 whole episode, so a phase sees the defence that earlier phases built.
 
+``--fidelity pixel`` plays the same grid at pixel fidelity instead, one environment per (β, seed)
+over ``--jobs`` processes of one torch thread (about 30 CPU-s an episode of ``periodic``), to check
+a phase's verdict against the fidelity the embedding one stands in for.
+
     python benchmarks/defence_per_phase.py [--scenarios shift_evasion detector_evasion] [--seeds 0 1 2 3 4]
+    python benchmarks/defence_per_phase.py --fidelity pixel --scenarios periodic [--seeds 0 1 2] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import sys
 import time
 import warnings
@@ -41,42 +48,88 @@ CLEAN_ALLOWANCE = 0.05
 TASK_ONLY = 0  # DISCRETE_BETAS[0] == (1, 0, 0)
 
 
-def play_fixed(scenario: str, seeds: list[int], overrides: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``(phase names, system ASR, clean accuracy)``; arrays ``(β, seed, phase)``, NaN where a phase had no attacked round."""
-    spec = load_spec(scenario, overrides)
-    names = phase_names(spec)  # each round's phase is read from its info
-    jobs = [(b, s) for b in range(len(DISCRETE_BETAS)) for s in seeds]
-    system = np.full((len(jobs), len(names)), np.nan)
-    clean = np.zeros((len(jobs), len(names)))
+class PhaseTally:
+    """One episode's per-phase means: system ASR over attacked rounds, clean accuracy over all rounds."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.system: list[list[float]] = [[] for _ in names]
+        self.clean: list[list[float]] = [[] for _ in names]
+
+    def add(self, phase: str, clean_acc: float, attacked: bool, system_asr: float) -> None:
+        k = self.names.index(phase)
+        self.clean[k].append(float(clean_acc))
+        if attacked:
+            self.system[k].append(float(system_asr))
+
+    def means(self) -> tuple[list[float], list[float]]:
+        """``(system ASR, clean accuracy)`` per phase, NaN where the episode had no such round."""
+        mean = lambda values: float(np.mean(values)) if values else np.nan  # noqa: E731
+        return [mean(v) for v in self.system], [mean(v) for v in self.clean]
+
+
+def _play_batched(scenario: str, names: list[str], jobs: list[tuple[int, int]], overrides: dict, rounds: int) -> list[PhaseTally]:
+    """Embedding fidelity: every (β, seed) episode in batches of the vector environment."""
+    tallies = []
     for start in range(0, len(jobs), MAX_BATCH):
         batch = jobs[start : start + MAX_BATCH]
         envs = gym.make_vec(ENV_ID, num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
                             fidelity="embedding", **overrides)
         envs.reset(seed=[EVAL_SEED_OFFSET + s for _, s in batch])
         actions = np.stack([action_from_betas(DISCRETE_BETAS[b]) for b, _ in batch]).astype(np.float32)
-        attacked = [[[] for _ in names] for _ in batch]
-        accs = [[[] for _ in names] for _ in batch]
-        for _ in range(spec.episode_length()):
+        batch_tallies = [PhaseTally(names) for _ in batch]
+        for _ in range(rounds):
             _, _, _, _, infos = envs.step(actions)
-            for i in range(len(batch)):
-                k = names.index(str(infos["phase"][i]))
-                accs[i][k].append(float(infos["clean_acc"][i]))
-                if infos["attacks"][i]:
-                    attacked[i][k].append(float(infos["system_asr"][i]))
+            for i, tally in enumerate(batch_tallies):
+                tally.add(str(infos["phase"][i]), infos["clean_acc"][i], bool(infos["attacks"][i]), infos["system_asr"][i])
         envs.close()
-        for i in range(len(batch)):
-            for k in range(len(names)):
-                clean[start + i, k] = np.mean(accs[i][k]) if accs[i][k] else np.nan
-                if attacked[i][k]:
-                    system[start + i, k] = np.mean(attacked[i][k])
+        tallies += batch_tallies
+    return tallies
+
+
+def _play_one(job: tuple[str, list[str], int, int, dict, str]) -> PhaseTally:
+    """One (β, seed) episode on a single environment (the pixel fidelity has no batched one)."""
+    scenario, names, b, seed, overrides, fidelity = job
+    torch.set_num_threads(1)
+    env = gym.make(ENV_ID, scenario=scenario, fidelity=fidelity, **overrides)
+    env.reset(seed=EVAL_SEED_OFFSET + seed)
+    action = action_from_betas(DISCRETE_BETAS[b]).astype(np.float32)
+    tally, done = PhaseTally(names), False
+    while not done:
+        _, _, terminated, truncated, info = env.step(action)
+        tally.add(str(info["phase"]), info["clean_acc"], bool(info["attacks"]), info["system_asr"])
+        done = terminated or truncated
+    env.close()
+    return tally
+
+
+def play_fixed(scenario: str, seeds: list[int], overrides: dict, fidelity: str = "embedding",
+               processes: int = 1) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(phase names, system ASR, clean accuracy)``; arrays ``(β, seed, phase)``, NaN where a phase had no attacked round.
+
+    ``processes`` applies to ``fidelity="pixel"``, whose episodes run one per process.
+    """
+    spec = load_spec(scenario, overrides)
+    names = phase_names(spec)  # each round's phase is read from its info
+    jobs = [(b, s) for b in range(len(DISCRETE_BETAS)) for s in seeds]
+    if fidelity == "embedding":
+        tallies = _play_batched(scenario, names, jobs, overrides, spec.episode_length())
+    else:
+        work = [(scenario, names, b, s, overrides, fidelity) for b, s in jobs]
+        if processes == 1:
+            tallies = [_play_one(job) for job in work]
+        else:
+            with mp.get_context("spawn").Pool(min(processes, len(work))) as pool:
+                tallies = pool.map(_play_one, work, chunksize=1)
+    system, clean = (np.array(a) for a in zip(*(tally.means() for tally in tallies)))
     shape = (len(DISCRETE_BETAS), len(seeds), len(names))
     return names, system.reshape(shape), clean.reshape(shape)
 
 
-def report(scenario: str, seeds: list[int], overrides: dict) -> dict:
+def report(scenario: str, seeds: list[int], overrides: dict, fidelity: str = "embedding", processes: int = 1) -> dict:
     """Per phase: task-only's figures and the best admissible fixed β's drop (see the module docstring)."""
     started = time.perf_counter()
-    names, system, clean = play_fixed(scenario, seeds, overrides)
+    names, system, clean = play_fixed(scenario, seeds, overrides, fidelity, processes)
     warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # a phase the episode never reached
     phases = []
     for k, name in enumerate(names):
@@ -116,14 +169,18 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=shipped, help=f"default (the non-stationary ones): {' '.join(shipped)}")
     parser.add_argument("--seeds", type=int, nargs="+", action=DistinctSeeds, default=[0, 1, 2, 3, 4])
     parser.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides, e.g. episode_rounds:40")
+    parser.add_argument("--fidelity", choices=["embedding", "pixel"], default="embedding",
+                        help="embedding (default: batched) or pixel (one environment per episode, over --jobs processes)")
+    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                        help="--fidelity pixel: parallel processes, one torch thread each (default: one per core)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = assignments_option(parser, args.env_kwargs, ":", "--env-kwargs")
     scenario_option(parser, args.scenarios, overrides=overrides)  # every file and override checked before any runs
     print(f"defence within an episode: per phase, task-only vs the fixed β (grid step 1/3) that lowers system ASR most "
-          f"at ≤ {CLEAN_ALLOWANCE} clean-accuracy cost; embedding fidelity, evaluation seeds {args.seeds}; target drop ≥ {TARGET_DROP}")
-    results = [report(scenario, args.seeds, overrides) for scenario in args.scenarios]
+          f"at ≤ {CLEAN_ALLOWANCE} clean-accuracy cost; {args.fidelity} fidelity, evaluation seeds {args.seeds}; target drop ≥ {TARGET_DROP}")
+    results = [report(scenario, args.seeds, overrides, args.fidelity, args.jobs) for scenario in args.scenarios]
     for result in results:
         print_report(result)
     met = [r["scenario"] for r in results if r["met"]]

@@ -51,6 +51,22 @@ def test_defence_per_phase_report_on_a_tiny_scenario():
     assert result["met"] == any(p["best"] is not None and p["best"]["drop"].mean >= module.TARGET_DROP for p in result["phases"])
 
 
+def test_defence_per_phase_plays_single_environments_like_the_batched_one_and_at_pixel_fidelity():
+    spec = importlib.util.spec_from_file_location("defence_per_phase", SCRIPT.parent / "defence_per_phase.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names, system, clean = module.play_fixed("quickstart", [0, 1], TINY)
+    for b in (0, 2, 7):  # the single-environment path (pixel's) tallies an episode as the batched path does
+        for j, seed in enumerate([0, 1]):
+            one_system, one_clean = module._play_one(("quickstart", names, b, seed, TINY, "embedding")).means()
+            np.testing.assert_allclose(one_system, system[b, j], equal_nan=True)
+            np.testing.assert_allclose(one_clean, clean[b, j], equal_nan=True)
+    pixel_names, pixel_system, pixel_clean = module.play_fixed("quickstart", [0], TINY, fidelity="pixel")
+    assert pixel_names == names and pixel_system.shape == pixel_clean.shape == (10, 1, 3)
+    assert np.isnan(pixel_system[:, :, 2]).all() and np.all((pixel_clean[:, :, :2] >= 0) & (pixel_clean[:, :, :2] <= 1))
+    assert not np.allclose(pixel_clean[:, 0, :2], clean[:, 0, :2])  # pixel fidelity really played: its own figures
+
+
 def test_each_environment_plays_its_own_random_timeline():
     # randomized_training draws a phase order per seed: a schedule (one β per phase name) must follow
     # each environment's own timeline, which the vector env exposes after reset.
