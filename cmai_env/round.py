@@ -7,6 +7,8 @@ one environment (rows ``(R, ·)``) and N stacked environments (``(N, R, ·)``):
 
       L_task        = mean_r [CE(s·e_v·Cᵀ, y) + CE(s·e_t·Cᵀ, y)]            on the clean pairs
       L_adv         = mean_r [CE_v + CE_t]                                   on the adversarial pairs
+                      (``defense.adv_loss: trades``: on the crafted ones, TRADES's
+                       CE(clean) + β_TRADES·[KL(p_v ‖ p_v') + KL(p_t ‖ p_t')], :func:`crafted_adv_loss`)
       L_consistency = mean_r L_consistency(e_v, e_t)                        on the clean pairs
       L_total       = β_task·L_task + β_consist·L_consistency + β_adv·L_adv
 
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from cmai_env.consistency import consistency_terms
-from cmai_env.scenario import FLAGGED_PAIRS
+from cmai_env.scenario import ADV_LOSSES, FLAGGED_PAIRS
 
 #: Probe pairs attacked per active attack when measuring ASR (the clean metrics use the whole probe set).
 PROBE_ATTACK_N = 64
@@ -67,6 +69,39 @@ def pair_ce(image_logits: torch.Tensor, text_logits: torch.Tensor, labels: torch
     ce_v = F.cross_entropy(image_logits.reshape(-1, classes), labels.reshape(-1), reduction="none")
     ce_t = F.cross_entropy(text_logits.reshape(-1, classes), labels.reshape(-1), reduction="none")
     return (ce_v + ce_t).reshape(labels.shape)
+
+
+def pair_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(clean) ‖ softmax(adv))`` per pair; logits ``(..., R, C)``, result ``(..., R)``."""
+    return F.kl_div(F.log_softmax(adv_logits, -1), F.log_softmax(clean_logits, -1), reduction="none", log_target=True).sum(-1)
+
+
+def crafted_adv_loss(
+    adv_loss: str,
+    trades_beta: float,
+    clean_logits: tuple[torch.Tensor, torch.Tensor],
+    crafted_logits: tuple[torch.Tensor, torch.Tensor],
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """``L_adv``'s per-pair value on pairs crafted from clean ones (``defense.adv_loss``).
+
+    ``ce``: ``CE_v + CE_t`` of the crafted pair. ``trades`` (Zhang et al. 2019, their eq. 5): the
+    clean pair's ``CE_v + CE_t`` plus ``trades_beta``·``[KL(p_v ‖ p_v') + KL(p_t ‖ p_t')]``, the
+    gradient flowing through both sides as in TRADES. The CE term makes ``β_adv`` alone TRADES's
+    whole objective (with the KL alone, a gate giving ``β_task`` no weight lets the adapters
+    flatten every prediction, which zeroes the KL). The crafting is the caller's: here the bridging
+    objective, where TRADES climbs the KL.
+
+    :param clean_logits: ``(image, text)`` logits of the clean pairs, ``(..., R, C)`` each.
+    :param crafted_logits: the same for the pairs crafted from them, row for row.
+    :raises ValueError: an unknown ``adv_loss``.
+    """
+    if adv_loss == "ce":
+        return pair_ce(*crafted_logits, labels)
+    if adv_loss == "trades":
+        kl = pair_kl(clean_logits[0], crafted_logits[0]) + pair_kl(clean_logits[1], crafted_logits[1])
+        return pair_ce(*clean_logits, labels) + trades_beta * kl
+    raise ValueError(f"adv_loss must be one of {ADV_LOSSES}, got {adv_loss!r}")
 
 
 def pair_consistency(

@@ -156,6 +156,9 @@ class BackboneSpec(_Model):
 #: ``defense.flagged_pairs``'s values: which flagged received pairs join ``L_adv``
 #: (:func:`cmai_env.round.observed_adversarial`).
 FLAGGED_PAIRS = ("adversarial", "all")
+#: ``defense.adv_loss``'s values: what ``L_adv`` scores on the crafted pairs
+#: (:func:`cmai_env.round.crafted_adv_loss`).
+ADV_LOSSES = ("ce", "trades")
 
 
 class DefenseSpec(_Model):
@@ -204,6 +207,18 @@ class DefenseSpec(_Model):
     #: shipped scenario was designed and measured with ``adversarial``; with ``all`` point 4 of issue
     #: 10 fails on ``detector_evasion`` (docs/measurements.md).
     flagged_pairs: Literal[FLAGGED_PAIRS] = "adversarial"
+    #: what ``L_adv`` scores on the pairs crafted for it (both fidelities): ``ce``, their CE with the
+    #: true labels (Madry et al.'s adversarial training; every shipped scenario), or ``trades``,
+    #: TRADES's objective (Zhang et al. 2019): the clean pair's CE plus ``trades_beta``·KL(p_clean ‖
+    #: p_crafted) per modality, which asks the prediction to stay put rather than the crafted pair to
+    #: be classified, and is the field's answer to adversarial training's clean-accuracy cost. The
+    #: crafting is the bridging objective either way, and flagged received pairs, whose clean twin a
+    #: deployed defender does not have, keep their CE.
+    adv_loss: Literal[ADV_LOSSES] = "ce"
+    #: TRADES's β (``1/λ``), the KL term's weight with ``adv_loss: trades``. TRADES used 6 on
+    #: CIFAR-10; here adapters learning at 1e-2 on noisy images lost clean accuracy and robustness
+    #: from 2 on (docs/measurements.md), hence 1.
+    trades_beta: float = Field(1.0, gt=0, le=100, allow_inf_nan=False)
 
     @property
     def adapter_lr(self) -> float:

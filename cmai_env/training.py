@@ -53,8 +53,9 @@ from cmai_env.attacks.image import normal_noise, uniform_noise
 from cmai_env.attacks.text import token_masks
 from cmai_env.data import CaptionedDataset
 from cmai_env.models import Backbone
-from cmai_env.round import TERMS, crafting_steps, default_step_size, defence_terms, l2_ascent, linf_ascent, pair_ce, total_loss
+from cmai_env.round import TERMS, crafted_adv_loss, crafting_steps, default_step_size, defence_terms, l2_ascent, linf_ascent, pair_ce, total_loss
 from cmai_env.round import bridging_objective as _objective
+from cmai_env.scenario import ADV_LOSSES
 
 DefendedSet = Literal["adapter", "projection", "last_blocks", "all"]
 DEFENDED_SETS: tuple[str, ...] = ("adapter", "projection", "last_blocks", "all")
@@ -88,6 +89,9 @@ class TrainerConfig:
     :param full_steps_at: ``β_adv`` from which crafting runs all ``attack_steps``.
     :param track_grad_norms: report ‖∇_θ L_term‖ per term (for GradNorm-style baselines; costs
         three extra backward passes).
+    :param adv_loss: what ``L_adv`` scores on the crafted pairs, ``ce`` or ``trades``
+        (:func:`cmai_env.round.crafted_adv_loss`; observed pairs always score their CE).
+    :param trades_beta: the KL term's weight with ``adv_loss="trades"``.
     """
 
     defended: DefendedSet = "adapter"
@@ -105,10 +109,14 @@ class TrainerConfig:
     skip_adv_below: float = 0.1
     full_steps_at: float = 0.5
     track_grad_norms: bool = False
+    adv_loss: str = "ce"
+    trades_beta: float = 1.0
 
     def __post_init__(self) -> None:
         if self.defended not in DEFENDED_SETS:
             raise ValueError(f"defended must be one of {DEFENDED_SETS}, got {self.defended!r}")
+        if self.adv_loss not in ADV_LOSSES:
+            raise ValueError(f"adv_loss must be one of {ADV_LOSSES}, got {self.adv_loss!r}")
         positive_ints = {"last_blocks": self.last_blocks, "updates_per_round": self.updates_per_round, "adapter_hidden": self.adapter_hidden}
         for key, value in positive_ints.items():
             if int(value) != value or value < 1:
@@ -122,7 +130,7 @@ class TrainerConfig:
         for key, value in non_negative.items():
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{key} must be a finite number ≥ 0, got {value!r}")
-        for key, value in {"lr": self.lr, "full_steps_at": self.full_steps_at}.items():
+        for key, value in {"lr": self.lr, "full_steps_at": self.full_steps_at, "trades_beta": self.trades_beta}.items():
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
         for key, value in {"step_size_v": self.step_size_v, "step_size_t": self.step_size_t}.items():
@@ -458,18 +466,17 @@ class ModalityBridgingTrainer:
         clean_out = _pair_outputs(self.task, batch.images, batch.tokens, batch.token_embeds, class_embeds)
         clean_ce = pair_ce(clean_out.image_logits, clean_out.text_logits, batch.labels)
 
-        adv_ce: list[torch.Tensor] = []
-        adv_batches: list[tuple[PairBatch, torch.Tensor | None]] = []
+        adv_terms: list[torch.Tensor] = []
         if crafted is not None:
             # δ_t is fixed; re-embedding the tokens lets θ ∋ token_embedding (``all``) learn from it too.
             embeds = self.backbone.token_embeddings(crafted.batch.tokens) + crafted.delta_t
-            adv_batches.append((crafted.batch, embeds))
+            out = _pair_outputs(self.task, crafted.batch.images, crafted.batch.tokens, embeds, class_embeds)
+            adv_terms.append(crafted_adv_loss(self.config.adv_loss, self.config.trades_beta, (clean_out.image_logits, clean_out.text_logits),
+                                              (out.image_logits, out.text_logits), crafted.batch.labels))
         if observed_adv is not None and len(observed_adv):
-            adv_batches.append((observed_adv, observed_adv.token_embeds))
-        for adv, embeds in adv_batches:
-            out = _pair_outputs(self.task, adv.images, adv.tokens, embeds, class_embeds)
-            adv_ce.append(pair_ce(out.image_logits, out.text_logits, adv.labels))
-        return defence_terms(clean_ce, self.task.consistency(clean_out), torch.cat(adv_ce) if adv_batches else None)
+            out = _pair_outputs(self.task, observed_adv.images, observed_adv.tokens, observed_adv.token_embeds, class_embeds)
+            adv_terms.append(pair_ce(out.image_logits, out.text_logits, observed_adv.labels))
+        return defence_terms(clean_ce, self.task.consistency(clean_out), torch.cat(adv_terms) if adv_terms else None)
 
     # ------------------------------------------------------------------ one round
     def step(

@@ -58,7 +58,7 @@ from cmai_env.attacks import Attack, PairBatch, make_attack
 from cmai_env.attacks.base import frozen_model
 from cmai_env.fidelity.pixel import PixelFidelity
 from cmai_env.models.flamingo_task import GenerativeTask, _prompt_mask, generative_attack
-from cmai_env.round import defence_terms, pair_ce
+from cmai_env.round import crafted_adv_loss, defence_terms, pair_ce
 from cmai_env.scenario import Scenario
 from cmai_env.training import CraftedPair, ModalityBridgingTrainer, TrainerConfig, bridging_objective, joint_ascent
 
@@ -129,12 +129,16 @@ class GenerativeRoundTrainer(ModalityBridgingTrainer):
         task = self.task
         clean = task.forward(batch)
         clean_ce = pair_ce(clean.image_logits, clean.text_logits, batch.labels)
-        adversarial = [b for b in (None if crafted is None else crafted.batch, observed_adv) if b is not None and len(b)]
-        adv_ce = []
-        for adv in adversarial:
-            lm = task.lm_logits(adv.images, task.prompt_embeds(adv))
-            adv_ce.append(pair_ce(lm, lm, adv.labels))
-        return defence_terms(clean_ce, task.consistency(clean), torch.cat(adv_ce) if adv_ce else None)
+        adv_terms = []
+        if crafted is not None:
+            lm = task.lm_logits(crafted.batch.images, task.prompt_embeds(crafted.batch))
+            # TRADES's KL compares the language model's answers; its clean ones cost one more forward.
+            clean_lm = task.lm_logits(batch.images, task.prompt_embeds(batch)) if self.config.adv_loss != "ce" else lm
+            adv_terms.append(crafted_adv_loss(self.config.adv_loss, self.config.trades_beta, (clean_lm, clean_lm), (lm, lm), crafted.batch.labels))
+        if observed_adv is not None and len(observed_adv):
+            lm = task.lm_logits(observed_adv.images, task.prompt_embeds(observed_adv))
+            adv_terms.append(pair_ce(lm, lm, observed_adv.labels))
+        return defence_terms(clean_ce, task.consistency(clean), torch.cat(adv_terms) if adv_terms else None)
 
 
 class GenerativePixelFidelity(PixelFidelity):

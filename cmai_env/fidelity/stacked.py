@@ -46,6 +46,7 @@ from cmai_env.models.backbone import ResidualAdapter
 from cmai_env.round import (
     AttackOutcome,
     bridging_objective,
+    crafted_adv_loss,
     crafting_steps,
     default_step_size,
     defence_terms,
@@ -839,9 +840,10 @@ class StackedEmbeddingWorld:
         """One AdamW step per environment on ``L_total = β·[L_task, L_consistency, L_adv]``.
 
         Crafting for ``L_adv`` runs :func:`cmai_env.round.crafting_steps` (β_adv) joint L2-PGD
-        steps on ``(e_v, e_t)`` of the clean pairs up ``CE_v + CE_t + α·L_consistency``; the
-        received pairs :func:`cmai_env.round.observed_adversarial` picks from the flags join
-        ``L_adv`` (``L_consistency`` is on the clean pairs).
+        steps on ``(e_v, e_t)`` of the clean pairs up ``CE_v + CE_t + α·L_consistency``, scored by
+        :func:`cmai_env.round.crafted_adv_loss` (``defense.adv_loss``); the received pairs
+        :func:`cmai_env.round.observed_adversarial` picks from the flags join ``L_adv`` with their
+        CE (``L_consistency`` is on the clean pairs).
 
         :param betas: (E, 3) loss weights. :param flagged: (E, B) detector flags of the traffic.
         :raises FloatingPointError: a loss is NaN/inf (the parameters are left untouched).
@@ -884,6 +886,10 @@ class StackedEmbeddingWorld:
         if parts_v:
             _, _, a_lv, a_lt = self.forward(torch.cat(parts_v, 1), torch.cat(parts_t, 1), classes, envs)
             adv_ce = pair_ce(a_lv, a_lt, torch.cat(parts_y, 1))
+            if crafted is not None and defense.adv_loss != "ce":  # the crafted pairs come first, row for row with the clean ones
+                r = labels.shape[1]
+                own = crafted_adv_loss(defense.adv_loss, defense.trades_beta, (lv, lt), (a_lv[:, :r], a_lt[:, :r]), labels)
+                adv_ce = torch.cat([own, adv_ce[:, r:]], 1)
             weight = torch.as_tensor(np.concatenate(weights, 1), dtype=adv_ce.dtype, device=self.device)
         terms = defence_terms(clean_ce, clean_cons, adv_ce, weight)
         beta = torch.as_tensor(np.asarray(betas), dtype=clean_ce.dtype, device=self.device)
