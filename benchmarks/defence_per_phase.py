@@ -87,19 +87,32 @@ def _play_batched(scenario: str, names: list[str], jobs: list[tuple[int, int]], 
     return tallies
 
 
-def _play_one(job: tuple[str, list[str], int, int, dict, str]) -> PhaseTally:
-    """One (β, seed) episode on a single environment (the pixel fidelity has no batched one)."""
-    scenario, names, b, seed, overrides, fidelity = job
+#: The per-round ``info`` fields :func:`episode_infos` keeps.
+ROUND_FIELDS = ("phase", "attacks", "clean_acc", "system_asr", "asr_per_attack", "system_asr_per_attack", "detector_tpr", "detector_threshold")
+
+
+def episode_infos(scenario: str, fidelity: str, betas: tuple[float, float, float], seed: int, overrides: dict) -> list[dict]:
+    """One episode on a single environment with ``betas`` held fixed, environment seed
+    ``EVAL_SEED_OFFSET + seed``: each round's :data:`ROUND_FIELDS` (one torch thread)."""
     torch.set_num_threads(1)
     env = gym.make(ENV_ID, scenario=scenario, fidelity=fidelity, **overrides)
     env.reset(seed=EVAL_SEED_OFFSET + seed)
-    action = action_from_betas(DISCRETE_BETAS[b]).astype(np.float32)
-    tally, done = PhaseTally(names), False
+    action = action_from_betas(np.asarray(betas)).astype(np.float32)
+    rounds, done = [], False
     while not done:
         _, _, terminated, truncated, info = env.step(action)
-        tally.add(str(info["phase"]), info["clean_acc"], bool(info["attacks"]), info["system_asr"])
+        rounds.append({key: info[key] for key in ROUND_FIELDS})
         done = terminated or truncated
     env.close()
+    return rounds
+
+
+def _play_one(job: tuple[str, list[str], int, int, dict, str]) -> PhaseTally:
+    """One (β, seed) episode on a single environment (the pixel fidelity has no batched one)."""
+    scenario, names, b, seed, overrides, fidelity = job
+    tally = PhaseTally(names)
+    for info in episode_infos(scenario, fidelity, DISCRETE_BETAS[b], seed, overrides):
+        tally.add(str(info["phase"]), info["clean_acc"], bool(info["attacks"]), info["system_asr"])
     return tally
 
 

@@ -31,6 +31,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("flamingo_defence.py", "--lr", "inf", "expected a finite number > 0"),
         ("adaptivity_gap.py", "--segments", "0", "expected an integer ≥ 1"),
         ("defence_per_phase.py", "--threads", "0", "expected an integer ≥ 1"),
+        ("defended_fidelity.py", "--jobs", "0", "expected an integer ≥ 1"),
+        ("defended_fidelity.py", "--betas", "1,2", "expected β as three numbers ≥ 0 with a positive sum, such as 0,2/3,1/3"),
+        ("defended_fidelity.py", "--betas", "1,-1,1", "expected β as three numbers ≥ 0 with a positive sum, such as 0,2/3,1/3"),
+        ("defended_fidelity.py", "--betas", "a,b,c", "expected β as three numbers ≥ 0 with a positive sum, such as 0,2/3,1/3"),
         ("held_out_regimes.py", "--budgets", "0", "expected a finite number > 0"),
         ("held_out_regimes.py", "--clean-allowance", "-0.1", "expected a finite number ≥ 0"),
         ("learned_gate.py", "--timesteps", "0", "expected an integer ≥ 1"),
@@ -55,7 +59,7 @@ def test_the_argument_types_take_their_range_and_nothing_else():
             parse(text)
 
 
-@pytest.mark.parametrize(("script", "flag"), [("adaptivity_gap.py", "--env-kwargs"), ("defence_per_phase.py", "--env-kwargs"),
+@pytest.mark.parametrize(("script", "flag"), [("adaptivity_gap.py", "--env-kwargs"), ("defence_per_phase.py", "--env-kwargs"), ("defended_fidelity.py", "--embedding-kwargs"),
                                               ("held_out_regimes.py", "--env-kwargs"), ("learned_gate.py", "--held-out-env-kwargs")])
 def test_a_malformed_override_is_a_usage_error_naming_its_flag(script, flag):
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), flag, "episode_rounds"], capture_output=True, text=True, timeout=120)
