@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptivity_gap.py"
+from benchmark_scripts import BENCHMARKS, load_benchmark
+
 TINY = {"episode_rounds": 6, "phases.0.rounds": 3, "phases.1.rounds": 3, "batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32}
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("adaptivity_gap", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_search_and_report_on_a_tiny_scenario():
-    gap = load_benchmark()
+    gap = load_benchmark("adaptivity_gap")
     best_fixed, schedule, played = gap.search("quickstart", [0, 1], TINY, passes=1)
     scores = gap.play("quickstart", [best_fixed, schedule], [0, 1], gap.SEARCH_SEED_OFFSET, TINY)
     assert scores.returns[1].mean() >= scores.returns[0].mean() - 1e-9  # coordinate ascent only accepts improvements
@@ -34,9 +25,7 @@ def test_search_and_report_on_a_tiny_scenario():
 
 
 def test_defence_per_phase_report_on_a_tiny_scenario():
-    spec = importlib.util.spec_from_file_location("defence_per_phase", SCRIPT.parent / "defence_per_phase.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("defence_per_phase")
     names, system, clean = module.play_fixed("quickstart", [0], TINY)
     assert names == ["text_bridge", "image_pgd", "noisy_text"] and system.shape == clean.shape == (10, 1, 3)
     assert np.isnan(system[:, :, 2]).all()  # six rounds end the episode before its third phase
@@ -52,9 +41,7 @@ def test_defence_per_phase_report_on_a_tiny_scenario():
 
 
 def test_defence_per_phase_plays_single_environments_like_the_batched_one_and_at_pixel_fidelity():
-    spec = importlib.util.spec_from_file_location("defence_per_phase", SCRIPT.parent / "defence_per_phase.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("defence_per_phase")
     names, system, clean = module.play_fixed("quickstart", [0, 1], TINY)
     for b in (0, 2, 7):  # the single-environment path (pixel's) tallies an episode as the batched path does
         for j, seed in enumerate([0, 1]):
@@ -74,7 +61,7 @@ def test_each_environment_plays_its_own_random_timeline():
 
     from cmai_env.env import action_from_betas
 
-    gap = load_benchmark()
+    gap = load_benchmark("adaptivity_gap")
     tiny = {"episode_rounds": 8, "randomization.rounds": [2, 3], "batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32}
     envs = gym.make_vec(gap.ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", scenario="randomized_training",
                         fidelity="embedding", **tiny)
@@ -91,7 +78,7 @@ def test_each_environment_plays_its_own_random_timeline():
 
 
 def test_scores_rank_by_system_asr_among_admissible_schedules():
-    gap = load_benchmark()
+    gap = load_benchmark("adaptivity_gap")
     episodes = gap.Episodes(returns=np.array([[5.0, 5.0], [9.0, 9.0], [1.0, 1.0]]), asr=np.full((3, 2), 0.9),
                             system_asr=np.array([[0.4, 0.4], [0.1, 0.1], [0.2, 0.3]]),
                             clean_acc=np.array([[0.90, 0.90], [0.85, 0.85], [0.89, 0.89]]))
@@ -106,7 +93,7 @@ def test_scores_rank_by_system_asr_among_admissible_schedules():
 def test_system_asr_search_runs_on_the_evaluation_only_scenario():
     # unseen_attacks is refused by the training env ID; the search for the schedule with the lowest system ASR there
     # plays it through the evaluation ID, on the search seeds.
-    gap = load_benchmark()
+    gap = load_benchmark("adaptivity_gap")
     tiny = {"phases.0.rounds": 1, "phases.1.rounds": 2, "phases.2.rounds": 2, "phases.3.rounds": 2, "batch_size": 16,
             "dataset.train_n": 128, "dataset.probe_n": 32}
     result = gap.report("unseen_attacks", [0], [0], tiny, objective="system_asr", clean_allowance=0.02)
@@ -122,7 +109,7 @@ def test_system_asr_search_runs_on_the_evaluation_only_scenario():
 
 
 def test_segments_split_each_phase_stretch_into_equal_parts():
-    gap = load_benchmark()
+    gap = load_benchmark("adaptivity_gap")
     timeline = [(0, 3, "a"), (3, 9, "b"), (9, 12, "a")]
     assert gap.slot_per_round(timeline, 12, ["a", "b"]) == [0] * 3 + [1] * 6 + [0] * 3
     # two parts per name: a's slots 0-1, b's 2-3; the second stretch of "a" restarts at its first part;
@@ -134,9 +121,7 @@ def test_segments_split_each_phase_stretch_into_equal_parts():
 
 
 def test_held_out_regimes_builds_each_regime_from_unseen_attacks_and_measures_it():
-    spec = importlib.util.spec_from_file_location("held_out_regimes", SCRIPT.parent / "held_out_regimes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("held_out_regimes")
     source = module.load_scenario(module.SOURCE)
     attacks = module.attack_entries(source)
     assert [a["label"] for a in attacks] == ["universal", "co_attack"]  # each distinct entry once, mixtures included
@@ -162,7 +147,7 @@ def test_held_out_regimes_refuses_an_attack_the_scenario_does_not_have():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, str(SCRIPT.parent / "held_out_regimes.py"), "--attacks", "pgd_linf"],
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "held_out_regimes.py"), "--attacks", "pgd_linf"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--attacks pgd_linf: not an attack entry of unseen_attacks; its entries: universal, co_attack" in done.stderr

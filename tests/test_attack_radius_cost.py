@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "attack_radius_cost.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("attack_radius_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from benchmark_scripts import load_benchmark
 
 def test_prints_both_modes_and_the_cached_rebuild(capsys):
-    load().main(["--scenarios", "quickstart", "--envs", "2", "--rounds", "1", "--set", "dataset.train_n=128", "dataset.probe_n=32", "batch_size=16"])
+    load_benchmark("attack_radius_cost").main(["--scenarios", "quickstart", "--envs", "2", "--rounds", "1", "--set", "dataset.train_n=128", "dataset.probe_n=32", "batch_size=16"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("quickstart ")]
     assert [row[1] for row in rows] == ["law", "pixel_travel"]
     build, again, rounds = (float(x) for x in rows[1][2:])
@@ -27,5 +17,5 @@ def test_prints_both_modes_and_the_cached_rebuild(capsys):
 
 def test_bad_overrides_are_refused(capsys):
     with pytest.raises(SystemExit):
-        load().main(["--set", "dataset.train_n"])
+        load_benchmark("attack_radius_cost").main(["--set", "dataset.train_n"])
     assert "--set expects key=value" in capsys.readouterr().err

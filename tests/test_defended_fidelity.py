@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from benchmark_scripts import load_benchmark
 from test_adaptivity_gap import TINY
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "defended_fidelity.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("defended_fidelity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_both_fidelities_are_played_and_every_printed_cell_is_counted(capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("defended_fidelity")
     task_only = bench.betas_arg("1,0,0")
     assert bench.betas_arg("0,2,1") == pytest.approx((0.0, 2 / 3, 1 / 3))
     result = bench.compare("quickstart", [task_only], [0], TINY)  # at both fidelities

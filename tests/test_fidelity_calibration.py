@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load_benchmark
 from cmai_env.attacks.specs import DECLARATIONS
 from cmai_env.fidelity import stacked
 from cmai_env.fidelity.stacked import FAMILY_RADIUS_LAW, EmbeddingAttack, embedding_radius
 from cmai_env.scenario import AttackSpec, DefenseSpec, ScenarioError, apply_overrides, load_scenario, scenarios_available
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_calibration.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("fidelity_calibration", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's string annotations through it
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_family_has_a_radius_and_an_exponent():
@@ -66,7 +54,7 @@ def test_pgd_l2_has_its_own_family_and_is_weak_at_small_l2_budgets():
 
 
 def test_quick_run_prints_both_fidelities(capsys):
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
     benchmark.main(["--quick"])
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith(("pgd_linf ", "text_embedding_pgd ", "aware_caption_rewrite "))]
@@ -84,7 +72,7 @@ def test_quick_run_prints_both_fidelities(capsys):
 
 
 def test_displacement_compares_pixel_travel_with_the_embedding_radius(capsys):
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
     benchmark.main(["--quick", "--attacks", "pgd_linf,text_embedding_pgd", "--displacement"])
     out = capsys.readouterr().out.split("how far each image-side attack moves")[1]
     assert "L_adv's training examples" in out
@@ -98,7 +86,7 @@ def test_displacement_compares_pixel_travel_with_the_embedding_radius(capsys):
 
 def test_embedding_train_radius_scale_moves_l_adv_examples_out():
     """``defense.embedding_train_radius_scale`` multiplies both training radii; bad values are refused."""
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
     small = {"fidelity": "embedding", "dataset.train_n": 64, "dataset.probe_n": 16}
     # 2 is the default since 2026-12-06; the shipped scenarios designed and measured at 1 pin it
     assert DefenseSpec().embedding_train_radius_scale == 2
@@ -120,7 +108,7 @@ def test_embedding_train_radius_scale_moves_l_adv_examples_out():
 
 def test_calibration_grid_finds_a_planted_scale():
     """The grid search recovers the (scale, γ) that produced its "pixel" targets."""
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
 
     class FakeProbe:
         def rates(self, attack):  # ASR and TPR rise linearly with the radius, capped at 1
@@ -142,7 +130,7 @@ def test_rank_correlation_plays_each_run_with_its_overrides(monkeypatch, capsys)
     import agents.baselines
     import agents.evaluation
 
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
     names = ["no_defense", "uniform", "static_adversarial"]
     monkeypatch.setattr(agents.baselines, "available_baselines", lambda: list(names))
     calls = []
@@ -186,7 +174,7 @@ def test_corruption_attacks_both_fidelities_on_the_images_a_corrupted_phase_serv
 
     from cmai_env.corruptions import corrupted_split
 
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
     key = ("gaussian_noise", 4)  # quickstart's own noisy phase: its world caches this view
     clean = benchmark.load_setup("quickstart", 16)
     noisy = benchmark.load_setup("quickstart", 16, corruption=key)
@@ -214,7 +202,7 @@ def test_radius_spread_and_given_laws(capsys):
     ``--laws`` argument that plays them back; bad laws are refused naming the item."""
     import numpy as np
 
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
     setup = benchmark.load_setup("quickstart", 16)
     assert np.all(benchmark.EmbeddingProbe(setup).radius_factor == 1.0)  # the environment's model: none
     factor = benchmark.EmbeddingProbe(setup, spread=0.5, seed=3).radius_factor
@@ -265,7 +253,7 @@ def test_pixel_travel_gives_each_pair_the_distance_its_pixel_attack_moved_it(cap
     """``--pixel-travel``: per-pair radii ``c · travel^γ`` from the pixel attack's own examples, per side."""
     import numpy as np
 
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
     setup = benchmark.load_setup("quickstart", 16)
     params = benchmark.attack_params("pgd_linf", 4 / 255, 3)
     moved_v, moved_t = benchmark.pixel_travel(setup, "pgd_linf", params, 0)
@@ -343,7 +331,7 @@ def test_a_scenario_with_its_own_laws_is_tabled_at_them(tmp_path, capsys):
     """The table's "environment's radii" are the scenario's: its ``embedding_radius_laws`` where it sets them."""
     from cmai_env.scenario import scenario_bytes
 
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
     path = tmp_path / "own_laws.yaml"
     path.write_bytes(scenario_bytes("quickstart") + b"\nembedding_radius_laws: {image: [0.2, 1]}\n")
     benchmark.main(["--scenario", str(path), "--quick", "--attacks", "pgd_linf,text_embedding_pgd"])
@@ -356,7 +344,7 @@ def test_a_scenario_with_its_own_laws_is_tabled_at_them(tmp_path, capsys):
 
 def test_token_substitution_is_measured_only_when_named(capsys):
     """The scenarios' token swap is outside issue 10's 30 cells: ``--attacks`` names it, the default table does not."""
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
     assert len([b for case in benchmark.CASES for b in case.budgets]) == 30
     assert "token_substitution" not in {case.attack for case in benchmark.CASES}
     benchmark.main(["--attacks", "token_substitution", "--budgets", "1", "--probe-n", "16"])
@@ -369,7 +357,7 @@ def test_pixel_travel_replays_token_substitution_s_own_captions(capsys):
     """With ``--pixel-travel`` the swap is played as the environment plays it there (its candidate
     captions, ``EmbeddingCounterpart.replay``): on the undefended model, a wider search of the pixel
     attack's own flips, so within the cells' tolerance of it."""
-    benchmark = load_benchmark()
+    benchmark = load_benchmark("fidelity_calibration")
     benchmark.main(["--attacks", "token_substitution", "--budgets", "1", "--probe-n", "16", "--pixel-travel"])
     out = capsys.readouterr().out
     travel_table = out[out.index("c · travel^γ"):]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learned_gate.py"
+from benchmark_scripts import load_benchmark
+
 #: periodic shrunk to one 6-round cycle on small batches (its entry's 32 envs × 64 steps still make one rollout).
 TINY = {"episode_rounds": 6, "repeat": 1, "phases.0.rounds": 2, "phases.1.rounds": 2, "phases.2.rounds": 2,
         "batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32}
@@ -20,11 +19,7 @@ UNSEEN_TINY = {"phases.0.rounds": 2, "phases.1.rounds": 2, "phases.2.rounds": 2,
 
 @pytest.fixture(scope="module")
 def learned_gate():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports adaptivity_gap beside it
-    spec = importlib.util.spec_from_file_location("learned_gate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("learned_gate")  # it imports adaptivity_gap beside it
 
 
 def _interval(mean: float, low: float) -> dict:
