@@ -882,16 +882,17 @@ class StackedEmbeddingWorld:
             parts_v.append(torch.gather(traffic.adv_v, 1, rows)), parts_t.append(torch.gather(traffic.adv_t, 1, rows))
             parts_y.append(torch.gather(labels, 1, order))
             weights.append(np.arange(width)[None, :] < observed.sum(1)[:, None])
-        adv_ce = weight = None
+        adv_per_pair = weight = None
         if parts_v:
             _, _, a_lv, a_lt = self.forward(torch.cat(parts_v, 1), torch.cat(parts_t, 1), classes, envs)
-            adv_ce = pair_ce(a_lv, a_lt, torch.cat(parts_y, 1))
-            if crafted is not None and defense.adv_loss != "ce":  # the crafted pairs come first, row for row with the clean ones
-                r = labels.shape[1]
-                own = crafted_adv_loss(defense.adv_loss, defense.trades_beta, (lv, lt), (a_lv[:, :r], a_lt[:, :r]), labels)
-                adv_ce = torch.cat([own, adv_ce[:, r:]], 1)
-            weight = torch.as_tensor(np.concatenate(weights, 1), dtype=adv_ce.dtype, device=self.device)
-        terms = defence_terms(clean_ce, clean_cons, adv_ce, weight)
+            # The crafted pairs come first, row for row with the clean ones; the observed ones follow.
+            crafted_n = labels.shape[1] if crafted is not None else 0
+            pieces = [crafted_adv_loss(defense.adv_loss, defense.trades_beta, (lv, lt), (a_lv[:, :crafted_n], a_lt[:, :crafted_n]), labels)] if crafted_n else []
+            if a_lv.shape[1] > crafted_n:
+                pieces.append(pair_ce(a_lv[:, crafted_n:], a_lt[:, crafted_n:], torch.cat(parts_y, 1)[:, crafted_n:]))
+            adv_per_pair = torch.cat(pieces, 1)
+            weight = torch.as_tensor(np.concatenate(weights, 1), dtype=adv_per_pair.dtype, device=self.device)
+        terms = defence_terms(clean_ce, clean_cons, adv_per_pair, weight)
         beta = torch.as_tensor(np.asarray(betas), dtype=clean_ce.dtype, device=self.device)
         l_total = total_loss(beta, terms)
         values = torch.stack([terms["task"], terms["consistency"], terms["adv"], l_total]).detach().cpu().numpy().astype(np.float64)
