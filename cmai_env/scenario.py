@@ -194,6 +194,12 @@ class DefenseSpec(_Model):
     #: ``randomized_training`` and ``stationary_pgd`` pin 1, the scale they were designed and measured at.
     #: At most 4: a unit embedding is never more than 2 away from any other.
     embedding_train_radius_scale: float = Field(2.0, gt=0, le=4, allow_inf_nan=False)
+    #: the image side's own training scale (None: :attr:`embedding_train_radius_scale` for both
+    #: sides). The pixel trainer's crafted images move the unit image embedding by a median 0.80
+    #: (clean) and 0.59 (severity-4 noise), its captions the caption embedding by 0.84 and 1.01,
+    #: against radii 1.00 and 0.85 at scale 2; and a smaller image radius alone is what keeps a
+    #: defended detector as sharp as at pixel fidelity (README, Known limits; docs/measurements.md).
+    embedding_image_train_radius_scale: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
     #: whether the received pairs that are adversarial and that the detector flagged join
     #: ``L_adv`` beside the crafted examples (both fidelities). Training the model to classify the
     #: flagged attacks also makes their image and caption agree, which can hide the same attack
@@ -221,13 +227,18 @@ class DefenseSpec(_Model):
     trades_beta: float = Field(1.0, gt=0, le=100, allow_inf_nan=False)
 
     @property
+    def image_train_radius_scale(self) -> float:
+        """The embedding fidelity's image-side training scale: ``embedding_image_train_radius_scale``, else ``embedding_train_radius_scale``."""
+        return self.embedding_train_radius_scale if self.embedding_image_train_radius_scale is None else self.embedding_image_train_radius_scale
+
+    @property
     def adapter_lr(self) -> float:
         """The embedding fidelity's adapter learning rate: ``embedding_lr``, else ``lr``."""
         return self.lr if self.embedding_lr is None else self.embedding_lr
 
     def trainer_fields(self) -> dict[str, Any]:
         """The fields the pixel-fidelity trainer takes (:class:`cmai_env.training.TrainerConfig`)."""
-        return self.model_dump(exclude={"embedding_lr", "embedding_train_radius_scale", "train_on_flagged", "flagged_pairs"})
+        return self.model_dump(exclude={"embedding_lr", "embedding_train_radius_scale", "embedding_image_train_radius_scale", "train_on_flagged", "flagged_pairs"})
 
 
 class DetectorSpec(_Model):
@@ -572,6 +583,10 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
         issues.append((("defense", "embedding_train_radius_scale"), scenario.defense.embedding_train_radius_scale,
                        f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (its L_adv "
                        "examples are pixel attacks at eps_v / eps_t); remove defense.embedding_train_radius_scale"))
+    if scenario.defense.embedding_image_train_radius_scale is not None:
+        issues.append((("defense", "embedding_image_train_radius_scale"), scenario.defense.embedding_image_train_radius_scale,
+                       f"not used with the generative backbone {name!r}, which runs at pixel fidelity only; remove "
+                       "defense.embedding_image_train_radius_scale"))
     if scenario.embedding_radius_laws:
         issues.append((("embedding_radius_laws",), {k: list(v) for k, v in scenario.embedding_radius_laws.items()},
                        f"not used with the generative backbone {name!r}, which runs at pixel fidelity only; remove embedding_radius_laws"))

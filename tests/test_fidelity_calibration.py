@@ -106,6 +106,21 @@ def test_embedding_train_radius_scale_moves_l_adv_examples_out():
     assert benchmark.pixel_defence_like_embedding("abrupt_shift") is None
 
 
+def test_the_image_side_can_train_at_its_own_scale():
+    """``defense.embedding_image_train_radius_scale`` scales only the image radius; unset, both follow the shared scale."""
+    small = {"fidelity": "embedding", "dataset.train_n": 64, "dataset.probe_n": 16}
+    assert DefenseSpec().embedding_image_train_radius_scale is None and DefenseSpec().image_train_radius_scale == 2
+    assert "embedding_image_train_radius_scale" not in DefenseSpec().trainer_fields()
+    shared = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), small), 1)
+    own = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), {**small, "defense.embedding_image_train_radius_scale": 1.0}), 1)
+    assert own.train_radius_v == pytest.approx(shared.train_radius_v / 2) and own.train_radius_t == shared.train_radius_t
+    for bad in (0, 5):
+        with pytest.raises(ScenarioError, match="embedding_image_train_radius_scale"):
+            apply_overrides(load_scenario("quickstart"), {"defense.embedding_image_train_radius_scale": bad})
+    with pytest.raises(ScenarioError, match="embedding_image_train_radius_scale.*pixel fidelity only"):
+        apply_overrides(load_scenario("flamingo_shift"), {"defense.embedding_image_train_radius_scale": 1.0})
+
+
 def test_calibration_grid_finds_a_planted_scale():
     """The grid search recovers the (scale, γ) that produced its "pixel" targets."""
     benchmark = load_benchmark("fidelity_calibration")

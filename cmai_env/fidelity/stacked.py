@@ -428,11 +428,12 @@ class StackedEmbeddingWorld:
         self.optimizer = StackedAdamW(self.image.params + self.text.params, n_envs, scenario.defense.adapter_lr)
         # Training budgets map to radii the way attack budgets do: relative to the default budget
         # of the image (pgd_linf) and text (text_embedding_pgd) attacks, times the scenario's
-        # embedding_train_radius_scale (DefenseSpec: how much farther pixel attacks travel).
+        # embedding_train_radius_scale (DefenseSpec: how much farther pixel attacks travel), the
+        # image side's own where embedding_image_train_radius_scale gives one.
         defense = scenario.defense
         scale = defense.embedding_train_radius_scale
         laws = scenario.embedding_radius_laws
-        self.train_radius_v = scale * embedding_radius("image", defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"]), laws.get("image"))
+        self.train_radius_v = defense.image_train_radius_scale * embedding_radius("image", defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"]), laws.get("image"))
         self.train_radius_t = scale * embedding_radius("text", defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"]), laws.get("text"))
         self._attacks: dict[tuple, EmbeddingAttack] = {}
         self._classes: tuple[tuple[int, ...], torch.Tensor] | None = None  # see classes()
