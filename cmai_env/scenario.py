@@ -197,8 +197,8 @@ class DefenseSpec(_Model):
     #: the image side's own training scale (None: :attr:`embedding_train_radius_scale` for both
     #: sides). The pixel trainer's crafted images move the unit image embedding by a median 0.80
     #: (clean) and 0.59 (severity-4 noise), its captions the caption embedding by 0.84 and 1.01,
-    #: against radii 1.00 and 0.85 at scale 2; and a smaller image radius alone is what keeps a
-    #: defended detector as sharp as at pixel fidelity (README, Known limits; docs/measurements.md).
+    #: against radii 1.00 and 0.85 at scale 2; yet a smaller image radius alone brings a defended
+    #: detector closer to pixel fidelity's (README, Known limits; docs/measurements.md).
     embedding_image_train_radius_scale: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
     #: whether the received pairs that are adversarial and that the detector flagged join
     #: ``L_adv`` beside the crafted examples (both fidelities). Training the model to classify the
