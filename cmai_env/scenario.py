@@ -575,18 +575,17 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
     issues.extend(_unplayable_attacks(scenario, lambda attack: attack in GENERATIVE_ATTACKS,
                                       lambda attack: f"{attack!r} has no generative version for {name!r}; "
                                                      f"allowed: {', '.join(sorted(GENERATIVE_ATTACKS))}"))
-    if scenario.defense.embedding_lr is not None:
-        issues.append((("defense", "embedding_lr"), scenario.defense.embedding_lr,
-                       f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (defense.lr "
-                       "sets its rate); remove defense.embedding_lr"))
-    if scenario.defense.embedding_train_radius_scale != defaults["embedding_train_radius_scale"].default:
-        issues.append((("defense", "embedding_train_radius_scale"), scenario.defense.embedding_train_radius_scale,
-                       f"not used with the generative backbone {name!r}, which runs at pixel fidelity only (its L_adv "
-                       "examples are pixel attacks at eps_v / eps_t); remove defense.embedding_train_radius_scale"))
-    if scenario.defense.embedding_image_train_radius_scale is not None:
-        issues.append((("defense", "embedding_image_train_radius_scale"), scenario.defense.embedding_image_train_radius_scale,
-                       f"not used with the generative backbone {name!r}, which runs at pixel fidelity only; remove "
-                       "defense.embedding_image_train_radius_scale"))
+    # The defense fields only the embedding fidelity reads, and what the generative round uses instead.
+    embedding_only = {
+        "embedding_lr": " (defense.lr sets its rate)",
+        "embedding_train_radius_scale": " (its L_adv examples are pixel attacks at eps_v / eps_t)",
+        "embedding_image_train_radius_scale": "",
+    }
+    for key, instead in embedding_only.items():
+        value = getattr(scenario.defense, key)
+        if value != defaults[key].default:
+            issues.append((("defense", key), value, f"not used with the generative backbone {name!r}, which runs at "
+                                                    f"pixel fidelity only{instead}; remove defense.{key}"))
     if scenario.embedding_radius_laws:
         issues.append((("embedding_radius_laws",), {k: list(v) for k, v in scenario.embedding_radius_laws.items()},
                        f"not used with the generative backbone {name!r}, which runs at pixel fidelity only; remove embedding_radius_laws"))
