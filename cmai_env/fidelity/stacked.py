@@ -889,8 +889,8 @@ class StackedEmbeddingWorld:
             # The crafted pairs come first, row for row with the clean ones; the observed ones follow.
             crafted_n = labels.shape[1] if crafted is not None else 0
             pieces = [crafted_adv_loss(defense.adv_loss, defense.trades_beta, (lv, lt), (a_lv[:, :crafted_n], a_lt[:, :crafted_n]), labels)] if crafted_n else []
-            if a_lv.shape[1] > crafted_n:
-                pieces.append(pair_ce(a_lv[:, crafted_n:], a_lt[:, crafted_n:], torch.cat(parts_y, 1)[:, crafted_n:]))
+            if width:  # the observed pairs, last of parts_y
+                pieces.append(pair_ce(a_lv[:, crafted_n:], a_lt[:, crafted_n:], parts_y[-1]))
             adv_per_pair = torch.cat(pieces, 1)
             weight = torch.as_tensor(np.concatenate(weights, 1), dtype=adv_per_pair.dtype, device=self.device)
         terms = defence_terms(clean_ce, clean_cons, adv_per_pair, weight)
