@@ -107,6 +107,15 @@ def episode_infos(scenario: str, fidelity: str, betas: tuple[float, float, float
     return rounds
 
 
+def in_processes(function, jobs: list, processes: int = 1) -> list:
+    """``[function(job) for job in jobs]``, over ``processes`` spawned processes when more than one
+    (``function`` must be importable: a module-level function of a script on the path)."""
+    if processes == 1 or len(jobs) <= 1:
+        return [function(job) for job in jobs]
+    with mp.get_context("spawn").Pool(min(processes, len(jobs))) as pool:
+        return pool.map(function, jobs, chunksize=1)
+
+
 def _play_one(job: tuple[str, list[str], int, int, dict, str]) -> PhaseTally:
     """One (β, seed) episode on a single environment (the pixel fidelity has no batched one)."""
     scenario, names, b, seed, overrides, fidelity = job
@@ -128,12 +137,7 @@ def play_fixed(scenario: str, seeds: list[int], overrides: dict, fidelity: str =
     if fidelity == "embedding":
         tallies = _play_batched(scenario, names, jobs, overrides, spec.episode_length())
     else:
-        work = [(scenario, names, b, s, overrides, fidelity) for b, s in jobs]
-        if processes == 1:
-            tallies = [_play_one(job) for job in work]
-        else:
-            with mp.get_context("spawn").Pool(min(processes, len(work))) as pool:
-                tallies = pool.map(_play_one, work, chunksize=1)
+        tallies = in_processes(_play_one, [(scenario, names, b, s, overrides, fidelity) for b, s in jobs], processes)
     system, clean = (np.array(a) for a in zip(*(tally.means() for tally in tallies)))
     shape = (len(DISCRETE_BETAS), len(seeds), len(names))
     return names, system.reshape(shape), clean.reshape(shape)

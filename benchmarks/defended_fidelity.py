@@ -18,7 +18,6 @@ one about 3.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adaptivity_gap import load_spec, phase_names  # noqa: E402
-from defence_per_phase import episode_infos  # noqa: E402
+from defence_per_phase import episode_infos, in_processes  # noqa: E402
 
 from agents.protocol import DistinctSeeds  # noqa: E402
 from cmai_env.cli.common import assignments_option, parse_budget, positive_int  # noqa: E402
@@ -86,12 +85,7 @@ def compare(scenario: str, betas: list[tuple[float, float, float]], seeds: list[
     """
     sides = {"pixel": dict(overrides or {}), "embedding": {**(overrides or {}), **(embedding_overrides or {})}}
     jobs = [(scenario, fidelity, b, seed, sides[fidelity]) for b in betas for fidelity in FIDELITIES for seed in seeds]
-    if processes == 1:
-        episodes = [_episode(job) for job in jobs]
-    else:
-        with mp.get_context("spawn").Pool(min(processes, len(jobs))) as pool:
-            episodes = pool.map(_episode, jobs, chunksize=1)
-    summaries = iter(summarise(rounds) for rounds in episodes)
+    summaries = iter(summarise(rounds) for rounds in in_processes(_episode, jobs, processes))
     result: dict = {}
     for b in betas:
         for fidelity in FIDELITIES:
