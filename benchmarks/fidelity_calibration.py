@@ -4,7 +4,7 @@
         [--radius R [--exponent G]] [--calibrate] [--rank] [--rank-scenarios quickstart,abrupt_shift]
         [--rank-seeds 0,1,2] [--train-radius-scale K] [--like-for-like] [--data-seed S] [--quick]
         [--displacement] [--corruption NAME:SEVERITY] [--radius-spread SIGMA] [--laws FAMILY=SCALE,GAMMA ...]
-        [--pixel-travel]
+        [--pixel-travel] [--train-travel]
 
 On the ``quickstart`` scenario's data (shapes, ``cmai-tiny``), for every attack in ``CASES`` and
 each of its budgets, the UNDEFENDED model (the pretrained backbone; at the embedding fidelity its
@@ -39,7 +39,10 @@ with ``--rank`` also plays the embedding fidelity with ``defense.embedding_train
 (``L_adv``'s training examples K × farther out; see ``--displacement``). ``--like-for-like`` with
 ``--rank`` also plays pixel defending what the embedding fidelity defends (its residual adapters
 at ``defense.adapter_lr``) where the scenario's pixel defence differs (``quickstart``: the whole
-model at 1e-3), and correlates every embedding run with both pixel runs.
+model at 1e-3), and correlates every embedding run with both pixel runs. ``--train-travel`` with
+``--rank`` also plays the embedding fidelity with both of its distances taken from pixel fidelity:
+``embedding_attack_radius: pixel_travel`` and ``defense.embedding_train_radius: pixel_travel`` at
+training scale 1 (each ``L_adv`` example as far out as the pixel trainer's own).
 
 ``--displacement`` also prints, per image-side cell, how far the pixel attack moves the unit image
 embedding (median and 90th percentile of ``‖e_v(x + δ) − e_v(x)‖₂``) beside the radius the embedding
@@ -536,6 +539,7 @@ def rank_correlation(
     train_scale: float | None = None,
     like_for_like: bool = False,
     travel: bool = False,
+    train_travel: bool = False,
 ) -> dict[str, list[float]]:
     """Mean return of every baseline at both fidelities and the Spearman correlation between them.
 
@@ -548,6 +552,8 @@ def rank_correlation(
         embedding's rate, and correlate every embedding run with both pixel runs.
     :param travel: also play the embedding fidelity with ``embedding_attack_radius: pixel_travel``
         (each attacked pair at a radius set by how far its own pixel attack moved it).
+    :param train_travel: also play it with ``pixel_travel`` attacks and ``defense.embedding_train_radius:
+        pixel_travel`` at scale 1 (each crafted ``L_adv`` pair as far out as the pixel trainer's).
     :returns: ``{run label: mean return per baseline}`` in :func:`available_baselines` order.
     """
     from scipy.stats import spearmanr
@@ -569,6 +575,10 @@ def rank_correlation(
         runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", {"defense.embedding_train_radius_scale": train_scale}))
     if travel:
         runs.append(("embedding, pixel travel", "embedding", {"embedding_attack_radius": "pixel_travel"}))
+    if train_travel:
+        runs.append(("embedding, travel + L_adv travel", "embedding", {
+            "embedding_attack_radius": "pixel_travel", "defense.embedding_train_radius": "pixel_travel", "defense.embedding_train_radius_scale": 1.0,
+        }))
     returns: dict[str, list[float]] = {}
     pixel_labels = [label for label, fidelity, _ in runs if fidelity == "pixel"]
     for label, fidelity, overrides in runs:
@@ -621,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pixel-travel", action="store_true",
                         help="also the table with each pair's radius = c · travel^γ per family, travel: how far its pixel attack moved that side's embedding; "
                              "with --rank also the embedding episodes with embedding_attack_radius: pixel_travel")
+    parser.add_argument("--train-travel", action="store_true",
+                        help="with --rank: also the embedding episodes with pixel_travel attacks and defense.embedding_train_radius: pixel_travel at scale 1")
     args = parser.parse_args(argv)
     given_laws = None if args.laws is None else parse_laws(parser, args.laws)
     if not (0.0 <= args.radius_spread <= 3.0):
@@ -632,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.rank and (given_laws is not None or args.radius_spread):
         # --rank plays whole episodes of the environment, which has neither; refused rather than ignored
         parser.error("--laws and --radius-spread change the table only; --rank plays the environment's radii (or --radius, or --pixel-travel)")
+    if args.train_travel and not args.rank:
+        parser.error("--train-travel adds a run to --rank's episodes; give --rank too")
     corruption = None if args.corruption is None else parse_corruption(parser, args.corruption)
     try:  # checked before the table, not after it
         rank_seeds = distinct_seeds([int(s) for s in args.rank_seeds.split(",")], "--rank-seeds")
@@ -723,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for scenario in args.rank_scenarios.split(","):
             rank_correlation(
                 scenario, rank_seeds, 1, None if args.radius is None else (args.radius, args.exponent), args.train_radius_scale, args.like_for_like,
-                args.pixel_travel,
+                args.pixel_travel, args.train_travel,
             )
         print(f"{time.process_time() - start_cpu:.0f} CPU-s in all")
 

@@ -200,6 +200,15 @@ class DefenseSpec(_Model):
     #: against radii 1.00 and 0.85 at scale 2; yet a smaller image radius alone brings a defended
     #: detector closer to pixel fidelity's (README, Known limits; docs/measurements.md).
     embedding_image_train_radius_scale: float | None = Field(None, gt=0, le=4, allow_inf_nan=False)
+    #: what the two training scales multiply at the embedding fidelity: ``law``, one radius for every
+    #: pair, the one its attacks get for ``eps_v`` / ``eps_t`` (``embedding_radius_laws``), or
+    #: ``pixel_travel``, each crafted pair's own distance: how far the pixel trainer's joint PGD
+    #: (``eps_v``, ``eps_t``, ``alpha``, ``attack_steps``) moved that pair's unit image and caption
+    #: embedding on the undefended backbone, on the view (clean or corrupted images) the round
+    #: draws it from (:func:`cmai_env.fidelity.travel.training_travel`). Pixel training examples of
+    #: noisy images move less than those of clean ones, which one radius cannot follow. With it, a
+    #: scale of 1 trains as far out as pixel fidelity does.
+    embedding_train_radius: Literal["law", "pixel_travel"] = "law"
     #: whether the received pairs that are adversarial and that the detector flagged join
     #: ``L_adv`` beside the crafted examples (both fidelities). Training the model to classify the
     #: flagged attacks also makes their image and caption agree, which can hide the same attack
@@ -238,7 +247,7 @@ class DefenseSpec(_Model):
 
     def trainer_fields(self) -> dict[str, Any]:
         """The fields the pixel-fidelity trainer takes (:class:`cmai_env.training.TrainerConfig`)."""
-        return self.model_dump(exclude={"embedding_lr", "embedding_train_radius_scale", "embedding_image_train_radius_scale", "train_on_flagged", "flagged_pairs"})
+        return self.model_dump(exclude={"embedding_lr", "embedding_train_radius_scale", "embedding_image_train_radius_scale", "embedding_train_radius", "train_on_flagged", "flagged_pairs"})
 
 
 class DetectorSpec(_Model):
@@ -580,6 +589,7 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
         "embedding_lr": " (defense.lr sets its rate)",
         "embedding_train_radius_scale": " (its L_adv examples are pixel attacks at eps_v / eps_t)",
         "embedding_image_train_radius_scale": "",
+        "embedding_train_radius": "",
     }
     for key, instead in embedding_only.items():
         value = getattr(scenario.defense, key)

@@ -467,6 +467,7 @@ def _subset(traffic: StackedTraffic, index: torch.Tensor, rows: np.ndarray) -> S
     return StackedTraffic(
         traffic.raw_v[index], traffic.raw_t[index], traffic.adv_v[index], traffic.adv_t[index], traffic.labels[index],
         traffic.attack_index[rows], traffic.attack_ms,
+        None if traffic.train_radii is None else tuple(radius[index] for radius in traffic.train_radii),
     )
 
 
@@ -474,6 +475,9 @@ def _write_rows(full: StackedTraffic, part: StackedTraffic, index: torch.Tensor,
     for name in ("raw_v", "raw_t", "adv_v", "adv_t", "labels"):
         getattr(full, name)[index] = getattr(part, name)
     full.attack_index[rows] = part.attack_index
+    if full.train_radii is not None:
+        for whole, radius in zip(full.train_radii, part.train_radii):
+            whole[index] = radius
 
 
 __all__ = ["AUTORESET_MODES", "CMAIVectorEnv", "batch_infos", "make_vector_env", "unbatch_info"]

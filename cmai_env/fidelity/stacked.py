@@ -34,12 +34,14 @@ from cmai_env.data import load_dataset
 from cmai_env.fidelity.base import assign_attacks, corrupted_pairs, defended_backbone, entry_key
 from cmai_env.fidelity.travel import (
     ReplayCaptions,
+    TrainingTravel,
     TravelCache,
     TravelRadii,
     clean_embeddings,
     entry_attack,
     pixel_travel,
     replay_captions,
+    training_travel,
     travel_radii,
 )
 from cmai_env.models.backbone import ResidualAdapter
@@ -346,6 +348,9 @@ class StackedTraffic:
     labels: torch.Tensor  #: (E, B)
     attack_index: np.ndarray  #: (E, B) mixture entry per pair, -1 clean
     attack_ms: float
+    #: (E, B, 1) image- and caption-side radius of each pair's ``L_adv`` example under
+    #: ``defense.embedding_train_radius: pixel_travel`` (:attr:`StackedEmbeddingWorld.train_travel`); else None
+    train_radii: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -426,15 +431,30 @@ class StackedEmbeddingWorld:
         self.image = StackedAdapters(ResidualAdapter(dim, ADAPTER_HIDDEN, generator), n_envs, self.device)
         self.text = StackedAdapters(ResidualAdapter(dim, ADAPTER_HIDDEN, generator), n_envs, self.device)
         self.optimizer = StackedAdamW(self.image.params + self.text.params, n_envs, scenario.defense.adapter_lr)
-        # Training budgets map to radii the way attack budgets do: relative to the default budget
-        # of the image (pgd_linf) and text (text_embedding_pgd) attacks, times the scenario's
-        # embedding_train_radius_scale (DefenseSpec: how much farther pixel attacks travel), the
-        # image side's own where embedding_image_train_radius_scale gives one.
+        # Training budgets map to radii the way attack budgets do (defense.embedding_train_radius:
+        # law): relative to the default budget of the image (pgd_linf) and text (text_embedding_pgd)
+        # attacks, times the scenario's embedding_train_radius_scale (DefenseSpec: how much farther
+        # pixel attacks travel), the image side's own where embedding_image_train_radius_scale gives
+        # one. Under pixel_travel the same scales multiply each pair's own travel (train_travel).
         defense = scenario.defense
         scale = defense.embedding_train_radius_scale
         laws = scenario.embedding_radius_laws
         self.train_radius_v = defense.image_train_radius_scale * embedding_radius("image", defense.eps_v / float(attack_class("pgd_linf").parameters()["eps"]), laws.get("image"))
         self.train_radius_t = scale * embedding_radius("text", defense.eps_t / float(attack_class("text_embedding_pgd").parameters()["eps"]), laws.get("text"))
+        #: ``defense.embedding_train_radius: pixel_travel``: per view, the (N,) image- and caption-side
+        #: training radius of every pool pair, the scales times the pixel trainer's travel; else empty
+        self.train_travel: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if defense.embedding_train_radius == "pixel_travel" and defense.attack_steps > 0:
+            crafting = ("joint_pgd", float(defense.eps_v), float(defense.eps_t), float(defense.alpha), int(defense.attack_steps))
+            slots = [(crafting, view) for view in range(len(self.corruptions))]
+            cache = TravelCache(record=TrainingTravel)
+            digest = cache.key(backbone, (pool, probe), spec.seed, self.corruptions, slots, str(self.device))
+            table = cache.get(digest, slots)
+            if table is None:
+                table = self._training_travel(backbone, pool, slots)
+                cache.put(digest, table, slots)
+            as_radii = lambda travel, side_scale: side_scale * torch.as_tensor(np.array(travel), device=self.device)  # noqa: E731
+            self.train_travel = [(as_radii(table[slot].pool_v, defense.image_train_radius_scale), as_radii(table[slot].pool_t, scale)) for slot in slots]
         self._attacks: dict[tuple, EmbeddingAttack] = {}
         self._classes: tuple[tuple[int, ...], torch.Tensor] | None = None  # see classes()
         for phase in scenario.phases:  # unplayable attacks fail at construction, not mid-episode
@@ -471,6 +491,21 @@ class StackedEmbeddingWorld:
                     captions = self._replay_captions(backbone, pool, probe, entries, replayed)
                     cache.put(digest, captions, replayed)
                 self._load_replay(captions)
+
+    def _training_travel(self, backbone, pool, slots: Sequence[tuple[tuple, int]]) -> dict[tuple[tuple, int], TrainingTravel]:
+        """How far the pixel trainer's crafted examples move every pool pair on each view of
+        ``slots``, on the undefended backbone (:func:`cmai_env.fidelity.travel.training_travel`)."""
+        from cmai_env.attacks import PairBatch, ZeroShotTask
+
+        spec = self.scenario.dataset
+        task = ZeroShotTask.from_dataset(backbone, pool)
+        pairs = PairBatch.from_dataset(backbone, pool)
+        table = {}
+        for slot in slots:
+            view = corrupted_pairs(pairs, self.corruptions[slot[1]], spec.seed, "train")
+            travel = training_travel(task, view, self.scenario.defense, torch.Generator().manual_seed(spec.seed))
+            table[slot] = TrainingTravel(*(side.astype(np.float32) for side in travel))
+        return table
 
     def _replay_captions(self, backbone, pool, probe, entries: dict[tuple, object], slots: Sequence[tuple[tuple, str]]) -> dict[tuple, ReplayCaptions]:
         """Each configuration of ``slots`` as its pixel attack's candidate captions for every pool and
@@ -823,7 +858,11 @@ class StackedEmbeddingWorld:
             scatter_index = src.unsqueeze(-1).expand(-1, -1, raw_v.shape[-1])
             adv_v, adv_t = raw_v.scatter(1, scatter_index, crafted_v), raw_t.scatter(1, scatter_index, crafted_t)
         attack_ms = (time.perf_counter() - start) * 1000
-        return StackedTraffic(raw_v, raw_t, adv_v, adv_t, labels, attack_index, attack_ms)
+        train_radii = None
+        if self.train_travel:  # each pair's L_adv radii, from its view's table
+            views = self._view_indices(plans)
+            train_radii = tuple(torch.stack([self.train_travel[view][side][index[e]] for e, view in enumerate(views)]).unsqueeze(-1) for side in (0, 1))
+        return StackedTraffic(raw_v, raw_t, adv_v, adv_t, labels, attack_index, attack_ms, train_radii)
 
     @torch.no_grad()
     def observe(self, envs: EnvIndex, adv_v: torch.Tensor, adv_t: torch.Tensor) -> StackedStats:
@@ -867,7 +906,10 @@ class StackedEmbeddingWorld:
         if crafting:
             objective = bridging_objective(clean_ce, clean_cons, defense.alpha).sum()
             first = torch.autograd.grad(objective, [x_v, x_t], retain_graph=True)
-            crafted = self._craft_training(envs, raw_v, raw_t, labels, steps, classes.detach(), defense.alpha, first)
+            radii = traffic.train_radii
+            if radii is None:  # defense.embedding_train_radius: law, one radius per side
+                radii = tuple(torch.full((size, 1, 1), radius, dtype=raw_v.dtype, device=self.device) for radius in (self.train_radius_v, self.train_radius_t))
+            crafted = self._craft_training(envs, raw_v, raw_t, labels, steps, classes.detach(), defense.alpha, first, radii)
         attack_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         observed = observed_adversarial(traffic.attack_index >= 0, flagged, defense.train_on_flagged, defense.flagged_pairs)
@@ -912,15 +954,20 @@ class StackedEmbeddingWorld:
         update_ms = (update_s + time.perf_counter() - start) * 1000
         return StackedUpdate(values[0], values[1], values[2], values[3], steps, attack_ms, update_ms)
 
-    def _craft_training(self, envs, raw_v, raw_t, labels, steps: np.ndarray, classes, alpha: float, first: tuple[torch.Tensor, torch.Tensor]):
+    def _craft_training(
+        self, envs, raw_v, raw_t, labels, steps: np.ndarray, classes, alpha: float, first: tuple[torch.Tensor, torch.Tensor],
+        radii: tuple[torch.Tensor, torch.Tensor],
+    ):
         """Joint L2-PGD on (e_v, e_t) up the bridging objective, ``steps[e]`` steps for env ``e``.
 
         :param first: the objective's gradients at δ = 0 (from :meth:`update`'s clean forward).
+        :param radii: the image- and caption-side radius, (E, 1, 1) or per pair (E, B, 1).
         """
         device = raw_v.device
         steps_t = torch.as_tensor(steps, device=device).view(-1, 1, 1)
         per_env = steps_t.clamp_min(1).to(torch.float32)
-        step_v, step_t = default_step_size(self.train_radius_v, per_env), default_step_size(self.train_radius_t, per_env)
+        radius_v, radius_t = radii
+        step_v, step_t = default_step_size(radius_v, per_env), default_step_size(radius_t, per_env)
         delta_v, delta_t = torch.zeros_like(raw_v), torch.zeros_like(raw_t)
         for s in range(int(steps.max())):
             # Only the environments still climbing at step s are computed (rows are independent).
@@ -938,8 +985,8 @@ class StackedEmbeddingWorld:
                     objective = bridging_objective(pair_ce(lv, lt, take(labels)), self._consistency(e_v, e_t, lv, lt), alpha)
                     grad_v, grad_t = torch.autograd.grad(objective.sum(), [d_v, d_t])
             with torch.no_grad():
-                new_v = l2_ascent(d_v.detach(), grad_v, take(step_v), self.train_radius_v)
-                new_t = l2_ascent(d_t.detach(), grad_t, take(step_t), self.train_radius_t)
+                new_v = l2_ascent(d_v.detach(), grad_v, take(step_v), take(radius_v))
+                new_t = l2_ascent(d_t.detach(), grad_t, take(step_t), take(radius_t))
                 if sub is None:
                     delta_v, delta_t = new_v, new_t
                 else:

@@ -27,6 +27,10 @@ each view a round can pair it with (:func:`cmai_env.stream.attack_views`;
 ``benchmarks/attack_radius_cost.py``: 20.2 CPU-s for ``abrupt_shift``'s 12 attack configurations
 over the 2,256 images of ``shapes``, against 2.2 at ``law``). :class:`TravelCache` keeps
 the result on disk for every world built alike, in this process or another.
+
+``defense.embedding_train_radius: pixel_travel`` does the same for ``L_adv``'s crafted examples:
+:func:`training_travel` runs the pixel trainer's joint PGD once per view over the pool, and each
+pair's training radius is the defence's scale times how far that moved it (:class:`TrainingTravel`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from cmai_env.fidelity.base import universal_fit_pairs
 
 if TYPE_CHECKING:
     from cmai_env.data import CaptionedDataset
+    from cmai_env.scenario import DefenseSpec
 
 #: Per embedding family, ``(c, γ)`` of the per-pair radius ``r = c · travel^γ``, where ``travel`` is
 #: how far the pair's own pixel attack moved that side's unit embedding. ``c`` was grid-searched
@@ -107,7 +112,8 @@ def pixel_travel(
 
     The attack runs chunk by chunk (:data:`CHUNK` pairs), drawing from ``generator`` in order, as
     :func:`cmai_env.robustness.evaluate_attack` does, so the same seed gives the examples it scores.
-    A side the attack leaves alone travels 0.
+    A side the attack leaves alone travels 0. ``attack`` is an :class:`Attack` or any callable
+    ``(task, pairs, generator)`` whose result's ``batch`` holds the adversarial pairs.
 
     :param clean: :func:`clean_embeddings` of ``pairs`` when the caller has them; computed here otherwise.
     """
@@ -119,6 +125,23 @@ def pixel_travel(
         moved_v.append(image)
         moved_t.append(caption)
     return torch.cat(moved_v).cpu().numpy(), torch.cat(moved_t).cpu().numpy()
+
+
+def training_travel(
+    task: ZeroShotTask, pairs: PairBatch, defense: "DefenseSpec", generator: torch.Generator, clean: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, how far the pixel trainer's crafted example moves its unit image and caption
+    embedding (``defense.embedding_train_radius: pixel_travel``): :func:`cmai_env.training.joint_pgd`
+    at the defence's ``eps_v``, ``eps_t``, ``alpha`` and ``attack_steps`` (default step sizes, as the
+    pixel fidelity's trainer crafts), measured as :func:`pixel_travel` measures an attack."""
+    from cmai_env.training import joint_pgd  # training imports the attacks this module imports
+
+    steps = max(defense.attack_steps, 1)
+
+    def craft(task: ZeroShotTask, batch: PairBatch, generator: torch.Generator):
+        return joint_pgd(task, batch, defense.eps_v, defense.eps_t, defense.alpha, steps, generator=generator)
+
+    return pixel_travel(task, pairs, craft, generator, clean)
 
 
 def embedding_moves(task: ZeroShotTask, clean: tuple[torch.Tensor, torch.Tensor], adversarial: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,19 +237,30 @@ class TravelRadii(_Table):
     probe_t: np.ndarray
 
 
+@dataclass(frozen=True)
+class TrainingTravel(_Table):
+    """How far the pixel trainer's crafted examples moved every pool pair of one view, image side
+    (``pool_v``) and caption side (``pool_t``): :func:`training_travel`. Read-only."""
+
+    pool_v: np.ndarray
+    pool_t: np.ndarray
+
+
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
     """A tensor's bytes, whatever its dtype (bfloat16 has no numpy type) and device."""
     return tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
 #: A table's slots, in the order its file stores them: (attack configuration, view index) for
-#: :class:`TravelRadii`; (attack configuration, ``"captions"``) for :class:`ReplayCaptions`.
+#: :class:`TravelRadii`; (attack configuration, ``"captions"``) for :class:`ReplayCaptions`; (the
+#: defence's crafting configuration, view index) for :class:`TrainingTravel`.
 Slot = tuple[tuple, int | str]
 
 
 class TravelCache:
     """``pixel_travel`` tables on disk: one ``.npz`` per world's inputs under ``$CMAI_CACHE_DIR/travel``
-    (radii, :class:`TravelRadii`) or ``$CMAI_CACHE_DIR/replay`` (:class:`ReplayCaptions`).
+    (radii, :class:`TravelRadii`), ``$CMAI_CACHE_DIR/replay`` (:class:`ReplayCaptions`) or
+    ``$CMAI_CACHE_DIR/training_travel`` (:class:`TrainingTravel`).
 
     The radii (and the replayed captions) are a pure function of the backbone's weights, the pool and probe pairs, the views,
     the attack configurations, the scenario's ``pixel_travel_laws``, the device and the code (every
@@ -239,10 +273,10 @@ class TravelCache:
     ``Memory``) would execute code on load.
 
     :param directory: where the files live (default ``$CMAI_CACHE_DIR/`` and the record's folder, read when created).
-    :param record: what a slot holds, :class:`TravelRadii` or :class:`ReplayCaptions`.
+    :param record: what a slot holds, :class:`TravelRadii`, :class:`ReplayCaptions` or :class:`TrainingTravel`.
     """
 
-    FOLDERS = {TravelRadii: "travel", ReplayCaptions: "replay"}
+    FOLDERS = {TravelRadii: "travel", ReplayCaptions: "replay", TrainingTravel: "training_travel"}
 
     def __init__(self, directory: str | Path | None = None, record: type = TravelRadii) -> None:
         self.record = record
