@@ -165,9 +165,11 @@ def test_rank_correlation_plays_each_run_with_its_overrides(monkeypatch, capsys)
         return FakeResult(-base if flip else base)
 
     monkeypatch.setattr(agents.evaluation, "evaluate_policy", fake_evaluate)
-    returns = benchmark.rank_correlation("quickstart", [0], 1, other_law=(0.5, 1.0), train_scale=2.0, like_for_like=True, travel=True)
-    assert list(returns) == ["pixel", "pixel, adapters", "embedding", "embedding r=0.5·b^1", "embedding L_adv r×2", "embedding, pixel travel"]
-    kwargs = [calls[i * len(names)] for i in range(6)]
+    returns = benchmark.rank_correlation("quickstart", [0], 1, other_law=(0.5, 1.0), train_scale=2.0, like_for_like=True, travel=True, train_travel=True)
+    assert list(returns) == [
+        "pixel", "pixel, adapters", "embedding", "embedding r=0.5·b^1", "embedding L_adv r×2", "embedding, pixel travel", "embedding, travel + L_adv travel",
+    ]
+    kwargs = [calls[i * len(names)] for i in range(7)]
     assert kwargs == [
         ("pixel", None),
         ("pixel", {"defense.defended": "adapter", "defense.lr": 1e-2}),
@@ -176,11 +178,15 @@ def test_rank_correlation_plays_each_run_with_its_overrides(monkeypatch, capsys)
         ("embedding", {"embedding_radius_laws": {family: [0.5, 1.0] for family in FAMILY_RADIUS_LAW}}),
         ("embedding", {"defense.embedding_train_radius_scale": 2.0}),
         ("embedding", {"embedding_attack_radius": "pixel_travel"}),
+        # --train-travel: both distances from pixel fidelity, no scale fitted
+        ("embedding", {"embedding_attack_radius": "pixel_travel", "defense.embedding_train_radius": "pixel_travel", "defense.embedding_train_radius_scale": 1.0}),
     ]
     out = capsys.readouterr().out
     assert "embedding vs pixel: -1.000" in out and "embedding vs pixel, adapters: -1.000" in out
     assert "embedding L_adv r×2 vs pixel: 1.000" in out and "embedding L_adv r×2 vs pixel, adapters: 1.000" in out
     assert "pixel, adapters vs pixel" not in out
+    with pytest.raises(SystemExit):  # it adds a run to --rank's episodes: alone it would do nothing
+        benchmark.main(["--quick", "--train-travel"])
 
 
 def test_corruption_attacks_both_fidelities_on_the_images_a_corrupted_phase_serves(capsys):

@@ -116,29 +116,3 @@ def test_worlds_built_alike_read_the_travel_from_the_cache(monkeypatch, tmp_path
         torch.testing.assert_close(first_v, second_v)
         torch.testing.assert_close(first_t, second_t)
 
-
-def test_the_rank_benchmark_plays_the_training_travel_run_and_refuses_it_without_rank(monkeypatch):
-    import agents.evaluation
-    from benchmark_scripts import load_benchmark
-
-    benchmark = load_benchmark("fidelity_calibration")
-    with pytest.raises(SystemExit):
-        benchmark.main(["--quick", "--train-travel"])
-    played = []
-
-    class Result:
-        def __init__(self, value):
-            self.value = value
-
-        def per_seed(self, key):
-            return [self.value]
-
-    def evaluate(policy, scenario, fidelity=None, env_kwargs=None, **_):
-        played.append((fidelity, env_kwargs))
-        return Result(float(len(played)))
-
-    monkeypatch.setattr(agents.evaluation, "evaluate_policy", evaluate)
-    returns = benchmark.rank_correlation("abrupt_shift", [0], 1, train_travel=True)
-    assert list(returns) == ["pixel", "embedding", "embedding, travel + L_adv travel"]
-    overrides = {"embedding_attack_radius": "pixel_travel", "defense.embedding_train_radius": "pixel_travel", "defense.embedding_train_radius_scale": 1.0}
-    assert [kwargs for fidelity, kwargs in played if fidelity == "embedding" and kwargs] == [overrides] * (len(played) // 3)
