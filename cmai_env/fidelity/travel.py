@@ -127,9 +127,7 @@ def pixel_travel(
     return torch.cat(moved_v).cpu().numpy(), torch.cat(moved_t).cpu().numpy()
 
 
-def training_travel(
-    task: ZeroShotTask, pairs: PairBatch, defense: "DefenseSpec", generator: torch.Generator, clean: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def training_travel(task: ZeroShotTask, pairs: PairBatch, defense: "DefenseSpec", generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Per pair, how far the pixel trainer's crafted example moves its unit image and caption
     embedding (``defense.embedding_train_radius: pixel_travel``): :func:`cmai_env.training.joint_pgd`
     at the defence's ``eps_v``, ``eps_t``, ``alpha`` and ``attack_steps`` (default step sizes, as the
@@ -141,7 +139,7 @@ def training_travel(
     def craft(task: ZeroShotTask, batch: PairBatch, generator: torch.Generator):
         return joint_pgd(task, batch, defense.eps_v, defense.eps_t, defense.alpha, steps, generator=generator)
 
-    return pixel_travel(task, pairs, craft, generator, clean)
+    return pixel_travel(task, pairs, craft, generator)
 
 
 def embedding_moves(task: ZeroShotTask, clean: tuple[torch.Tensor, torch.Tensor], adversarial: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
