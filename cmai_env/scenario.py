@@ -159,6 +159,14 @@ FLAGGED_PAIRS = ("adversarial", "all")
 #: ``defense.adv_loss``'s values: what ``L_adv`` scores on the crafted pairs
 #: (:func:`cmai_env.round.crafted_adv_loss`).
 ADV_LOSSES = ("ce", "trades")
+#: The defense fields only the embedding fidelity reads, each with what a pixel-only (generative)
+#: round uses instead: the pixel trainer never takes them, and a generative scenario may not set them.
+EMBEDDING_ONLY_DEFENSE_FIELDS = {
+    "embedding_lr": " (defense.lr sets its rate)",
+    "embedding_train_radius_scale": " (its L_adv examples are pixel attacks at eps_v / eps_t)",
+    "embedding_image_train_radius_scale": "",
+    "embedding_train_radius": "",
+}
 
 
 class DefenseSpec(_Model):
@@ -247,7 +255,7 @@ class DefenseSpec(_Model):
 
     def trainer_fields(self) -> dict[str, Any]:
         """The fields the pixel-fidelity trainer takes (:class:`cmai_env.training.TrainerConfig`)."""
-        return self.model_dump(exclude={"embedding_lr", "embedding_train_radius_scale", "embedding_image_train_radius_scale", "embedding_train_radius", "train_on_flagged", "flagged_pairs"})
+        return self.model_dump(exclude={*EMBEDDING_ONLY_DEFENSE_FIELDS, "train_on_flagged", "flagged_pairs"})
 
 
 class DetectorSpec(_Model):
@@ -584,14 +592,7 @@ def _generative_issues(scenario: Scenario) -> list[tuple[tuple[str | int, ...], 
     issues.extend(_unplayable_attacks(scenario, lambda attack: attack in GENERATIVE_ATTACKS,
                                       lambda attack: f"{attack!r} has no generative version for {name!r}; "
                                                      f"allowed: {', '.join(sorted(GENERATIVE_ATTACKS))}"))
-    # The defense fields only the embedding fidelity reads, and what the generative round uses instead.
-    embedding_only = {
-        "embedding_lr": " (defense.lr sets its rate)",
-        "embedding_train_radius_scale": " (its L_adv examples are pixel attacks at eps_v / eps_t)",
-        "embedding_image_train_radius_scale": "",
-        "embedding_train_radius": "",
-    }
-    for key, instead in embedding_only.items():
+    for key, instead in EMBEDDING_ONLY_DEFENSE_FIELDS.items():
         value = getattr(scenario.defense, key)
         if value != defaults[key].default:
             issues.append((("defense", key), value, f"not used with the generative backbone {name!r}, which runs at "
