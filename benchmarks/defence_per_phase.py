@@ -7,8 +7,11 @@ plays every β of the grid (``DISCRETE_BETAS``, the simplex with step 1/3) for o
 evaluation seed (environment seeds ``EVAL_SEED_OFFSET + s``) on the embedding fidelity's batched
 environment and prints, per phase: task-only's system ASR (attacked rounds) and clean accuracy,
 then the β with the largest system-ASR drop among those within the clean-accuracy allowance, the
-drop with its paired 95% t-interval over seeds, and whether it reaches 0.3. A β is held for the
-whole episode, so a phase sees the defence that earlier phases built.
+drop with its paired 95% t-interval over seeds, and whether it reaches 0.3. Beside each system
+ASR stand the model's own ASR on the probe and the detector's TPR on the round's attacked traffic,
+so a row says whether a β acts through robustness (model ASR falls) or through detection (TPR
+rises), or defeats itself by blinding the detector. A β is held for the whole episode, so a phase
+sees the defence that earlier phases built.
 
 ``--fidelity pixel`` plays the same grid at pixel fidelity instead, one environment per (β, seed)
 over ``--jobs`` processes of one torch thread (about 30 CPU-s an episode of ``periodic``), to check
@@ -27,6 +30,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Mapping, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -48,24 +52,44 @@ CLEAN_ALLOWANCE = 0.05
 TASK_ONLY = 0  # DISCRETE_BETAS[0] == (1, 0, 0)
 
 
+#: Per-round ``info`` figures averaged over a phase's attacked rounds: the end-to-end system ASR,
+#: the model's own ASR on the probe (``asr``) and the detector's TPR on the round's attacked
+#: traffic. Side by side they say whether a defence acts through robustness or through detection.
+ATTACKED_FIELDS = ("system_asr", "asr", "detector_tpr")
+
+
 class PhaseTally:
-    """One episode's per-phase means: system ASR over attacked rounds, clean accuracy over all rounds."""
+    """One episode's per-phase means: :data:`ATTACKED_FIELDS` over attacked rounds, clean accuracy over all rounds."""
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
-        self.system: list[list[float]] = [[] for _ in names]
+        self.attacked: dict[str, list[list[float]]] = {field: [[] for _ in names] for field in ATTACKED_FIELDS}
         self.clean: list[list[float]] = [[] for _ in names]
 
-    def add(self, phase: str, clean_acc: float, attacked: bool, system_asr: float) -> None:
-        k = self.names.index(phase)
-        self.clean[k].append(float(clean_acc))
-        if attacked:
-            self.system[k].append(float(system_asr))
+    def add(self, info: Mapping[str, Any]) -> None:
+        """Tally one round's ``info`` (its ``phase``, ``attacks``, ``clean_acc`` and :data:`ATTACKED_FIELDS`)."""
+        k = self.names.index(str(info["phase"]))
+        self.clean[k].append(float(info["clean_acc"]))
+        if bool(info["attacks"]):
+            for field in ATTACKED_FIELDS:
+                self.attacked[field][k].append(float(info[field]))
 
-    def means(self) -> tuple[list[float], list[float]]:
-        """``(system ASR, clean accuracy)`` per phase, NaN where the episode had no such round."""
+    def means(self) -> dict[str, list[float]]:
+        """Per phase, each of :data:`ATTACKED_FIELDS` and ``clean_acc``; NaN where the episode had no such round."""
         mean = lambda values: float(np.mean(values)) if values else np.nan  # noqa: E731
-        return [mean(v) for v in self.system], [mean(v) for v in self.clean]
+        figures = {field: [mean(v) for v in per_phase] for field, per_phase in self.attacked.items()}
+        figures["clean_acc"] = [mean(v) for v in self.clean]
+        return figures
+
+
+class PhaseFigures(NamedTuple):
+    """Fixed-β play of one scenario: arrays ``(β, seed, phase)``, NaN where a phase had no (attacked) round."""
+
+    names: list[str]
+    system: np.ndarray  #: end-to-end system ASR, attacked rounds
+    clean: np.ndarray  #: clean accuracy, all rounds
+    model: np.ndarray  #: the model's own ASR on the probe, attacked rounds
+    tpr: np.ndarray  #: detector TPR on the round's attacked traffic, attacked rounds
 
 
 def _play_batched(scenario: str, names: list[str], jobs: list[tuple[int, int]], overrides: dict, rounds: int) -> list[PhaseTally]:
@@ -81,14 +105,16 @@ def _play_batched(scenario: str, names: list[str], jobs: list[tuple[int, int]], 
         for _ in range(rounds):
             _, _, _, _, infos = envs.step(actions)
             for i, tally in enumerate(batch_tallies):
-                tally.add(str(infos["phase"][i]), infos["clean_acc"][i], bool(infos["attacks"][i]), infos["system_asr"][i])
+                tally.add({key: infos[key][i] for key in TALLIED_FIELDS})
         envs.close()
         tallies += batch_tallies
     return tallies
 
 
+#: The per-round ``info`` fields a :class:`PhaseTally` reads.
+TALLIED_FIELDS = ("phase", "attacks", "clean_acc", *ATTACKED_FIELDS)
 #: The per-round ``info`` fields :func:`episode_infos` keeps.
-ROUND_FIELDS = ("phase", "attacks", "clean_acc", "system_asr", "asr_per_attack", "system_asr_per_attack", "detector_tpr", "detector_threshold")
+ROUND_FIELDS = (*TALLIED_FIELDS, "asr_per_attack", "system_asr_per_attack", "detector_threshold")
 
 
 def episode_infos(scenario: str, fidelity: str, betas: tuple[float, float, float], seed: int, overrides: dict) -> list[dict]:
@@ -121,16 +147,14 @@ def _play_one(job: tuple[str, list[str], int, int, dict, str]) -> PhaseTally:
     scenario, names, b, seed, overrides, fidelity = job
     tally = PhaseTally(names)
     for info in episode_infos(scenario, fidelity, DISCRETE_BETAS[b], seed, overrides):
-        tally.add(str(info["phase"]), info["clean_acc"], bool(info["attacks"]), info["system_asr"])
+        tally.add(info)
     return tally
 
 
 def play_fixed(scenario: str, seeds: list[int], overrides: dict, fidelity: str = "embedding",
-               processes: int = 1) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``(phase names, system ASR, clean accuracy)``; arrays ``(β, seed, phase)``, NaN where a phase had no attacked round.
-
-    ``processes`` applies to ``fidelity="pixel"``, whose episodes run one per process.
-    """
+               processes: int = 1) -> PhaseFigures:
+    """Every β of the grid held for one episode per seed; ``processes`` applies to ``fidelity="pixel"``,
+    whose episodes run one per process."""
     spec = load_spec(scenario, overrides)
     names = phase_names(spec)  # each round's phase is read from its info
     jobs = [(b, s) for b in range(len(DISCRETE_BETAS)) for s in seeds]
@@ -138,46 +162,53 @@ def play_fixed(scenario: str, seeds: list[int], overrides: dict, fidelity: str =
         tallies = _play_batched(scenario, names, jobs, overrides, spec.episode_length())
     else:
         tallies = in_processes(_play_one, [(scenario, names, b, s, overrides, fidelity) for b, s in jobs], processes)
-    system, clean = (np.array(a) for a in zip(*(tally.means() for tally in tallies)))
+    means = [tally.means() for tally in tallies]
     shape = (len(DISCRETE_BETAS), len(seeds), len(names))
-    return names, system.reshape(shape), clean.reshape(shape)
+    array = lambda field: np.array([m[field] for m in means]).reshape(shape)  # noqa: E731
+    return PhaseFigures(names, array("system_asr"), array("clean_acc"), array("asr"), array("detector_tpr"))
 
 
 def report(scenario: str, seeds: list[int], overrides: dict, fidelity: str = "embedding", processes: int = 1) -> dict:
     """Per phase: task-only's figures and the best admissible fixed β's drop (see the module docstring)."""
     started = time.perf_counter()
-    names, system, clean = play_fixed(scenario, seeds, overrides, fidelity, processes)
+    figures = play_fixed(scenario, seeds, overrides, fidelity, processes)
+    names, system, clean = figures.names, figures.system, figures.clean
     warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # a phase the episode never reached
     phases = []
     for k, name in enumerate(names):
         base_system, base_clean = system[TASK_ONLY, :, k], clean[TASK_ONLY, :, k]
         row = {"phase": name, "task_system_asr": t_interval(base_system.tolist(), bounds=bounds_for("system_asr")),
-               "task_clean_acc": float(np.nanmean(base_clean)), "best": None}
+               "task_clean_acc": float(np.nanmean(base_clean)), "task_model_asr": float(np.nanmean(figures.model[TASK_ONLY, :, k])),
+               "task_detector_tpr": float(np.nanmean(figures.tpr[TASK_ONLY, :, k])), "best": None}
         if not np.isnan(base_system).all():
             mean = lambda a: float(np.nanmean(a))  # noqa: E731  (random schedules may skip a phase in some seeds)
             admissible = [b for b in range(len(DISCRETE_BETAS)) if mean(clean[b, :, k]) >= mean(base_clean) - CLEAN_ALLOWANCE]
             best = max(admissible, key=lambda b: mean(base_system) - mean(system[b, :, k]))
             drop = paired_difference(base_system.tolist(), system[best, :, k].tolist(), bounds=bounds_for("system_asr"))
             row["best"] = {"betas": DISCRETE_BETAS[best], "system_asr": mean(system[best, :, k]),
-                           "clean_cost": mean(base_clean) - mean(clean[best, :, k]), "drop": drop}
+                           "clean_cost": mean(base_clean) - mean(clean[best, :, k]), "drop": drop,
+                           "model_asr": mean(figures.model[best, :, k]), "detector_tpr": mean(figures.tpr[best, :, k])}
         phases.append(row)
     met = any(p["best"] is not None and (p["best"]["drop"].mean or 0.0) >= TARGET_DROP for p in phases)
     return {"scenario": scenario, "phases": phases, "met": met, "seconds": time.perf_counter() - started}
 
 
 def print_report(result: dict) -> None:
+    """The per-phase table; ``model`` / ``TPR``: the model's own ASR and the detector's TPR behind each system ASR."""
     verdict = "met" if result["met"] else "not met"
     print(f"\n== {result['scenario']} (point 4 {verdict}; {result['seconds']:.0f} s)")
-    print(f"{'phase':14} {'task-only system ASR':>22} {'clean':>6}   {'best fixed β (clean cost ≤ 0.05)':34} {'system ASR':>10} {'clean cost':>10} {'drop (95% CI)':>22}")
+    print(f"{'phase':14} {'task-only system ASR':>22} {'model':>6} {'TPR':>6} {'clean':>6}   {'best fixed β (clean cost ≤ 0.05)':34} "
+          f"{'system ASR':>10} {'model':>6} {'TPR':>6} {'clean cost':>10} {'drop (95% CI)':>22}")
     for p in result["phases"]:
-        head = f"{p['phase']:14} {p['task_system_asr'].format(3):>22} {p['task_clean_acc']:6.3f}"
+        head = f"{p['phase']:14} {p['task_system_asr'].format(3):>22} {p['task_model_asr']:6.3f} {p['task_detector_tpr']:6.3f} {p['task_clean_acc']:6.3f}"
         best = p["best"]
         if best is None:
-            print(f"{head}   (no attacked round)")
+            print(f"{p['phase']:14} {'—':>22} {'':6} {'':6} {p['task_clean_acc']:6.3f}   (no attacked round)")
             continue
         betas = "(" + ", ".join(f"{b:.2f}" for b in best["betas"]) + ")"
         mark = " ✓" if (best["drop"].mean or 0.0) >= TARGET_DROP else ""
-        print(f"{head}   {betas:34} {best['system_asr']:10.3f} {best['clean_cost']:10.3f} {best['drop'].format(3):>22}{mark}")
+        print(f"{head}   {betas:34} {best['system_asr']:10.3f} {best['model_asr']:6.3f} {best['detector_tpr']:6.3f} "
+              f"{best['clean_cost']:10.3f} {best['drop'].format(3):>22}{mark}")
 
 
 def main() -> None:

@@ -95,7 +95,8 @@ def regime(source: Scenario, attack: dict[str, Any], budget: float, corruption: 
 
 def measure(spec: Scenario, seeds: list[int], overrides: dict, clean_allowance: float = CLEAN_ALLOWANCE) -> dict[str, Any]:
     """Task-only and the best fixed β within ``clean_allowance`` clean accuracy of it, in the attack phase of ``spec``."""
-    names, system, clean = play_fixed(spec, seeds, overrides)
+    figures = play_fixed(spec, seeds, overrides)
+    names, system, clean = figures.names, figures.system, figures.clean
     k = names.index("attack")
     task_system, task_clean = system[TASK_ONLY, :, k], clean[TASK_ONLY, :, k]
     admissible = [b for b in range(len(DISCRETE_BETAS)) if clean[b, :, k].mean() >= task_clean.mean() - clean_allowance]

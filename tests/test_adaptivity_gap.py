@@ -26,29 +26,38 @@ def test_search_and_report_on_a_tiny_scenario():
 
 def test_defence_per_phase_report_on_a_tiny_scenario():
     module = load_benchmark("defence_per_phase")
-    names, system, clean = module.play_fixed("quickstart", [0], TINY)
-    assert names == ["text_bridge", "image_pgd", "noisy_text"] and system.shape == clean.shape == (10, 1, 3)
+    figures = module.play_fixed("quickstart", [0], TINY)
+    names, system, clean = figures.names, figures.system, figures.clean
+    assert names == ["text_bridge", "image_pgd", "noisy_text"] and system.shape == clean.shape == figures.model.shape == figures.tpr.shape == (10, 1, 3)
     assert np.isnan(system[:, :, 2]).all()  # six rounds end the episode before its third phase
     assert np.all(np.isnan(clean[:, :, 2])) and np.all((clean[:, :, :2] >= 0) & (clean[:, :, :2] <= 1))
-    assert np.all(np.isnan(system) | ((system >= 0) & (system <= 1)))
+    for rates in (system, figures.model, figures.tpr):
+        assert np.all(np.isnan(rates) | ((rates >= 0) & (rates <= 1)))
+        assert np.isnan(rates[:, :, 2]).all() and not np.isnan(rates[:, :, :2]).any()
+    # a flipped pair that gets through is a flipped pair: the system never lets through more than the model flips
+    assert np.all(system[:, :, :2] <= figures.model[:, :, :2] + 1e-9)
     result = module.report("quickstart", [0], TINY)
     for phase in result["phases"]:
         best = phase["best"]
         if best is not None:  # the chosen β respects the clean-accuracy allowance and its drop is measured against task-only
             assert best["clean_cost"] <= module.CLEAN_ALLOWANCE + 1e-9
             assert best["drop"].mean == pytest.approx(phase["task_system_asr"].mean - best["system_asr"])
+            b, k = next(i for i, betas in enumerate(module.DISCRETE_BETAS) if np.array_equal(betas, best["betas"])), names.index(phase["phase"])
+            assert (best["model_asr"], best["detector_tpr"]) == pytest.approx((figures.model[b, 0, k], figures.tpr[b, 0, k]))
+            assert phase["task_model_asr"] == pytest.approx(figures.model[module.TASK_ONLY, 0, k])
     assert result["met"] == any(p["best"] is not None and p["best"]["drop"].mean >= module.TARGET_DROP for p in result["phases"])
 
 
 def test_defence_per_phase_plays_single_environments_like_the_batched_one_and_at_pixel_fidelity():
     module = load_benchmark("defence_per_phase")
-    names, system, clean = module.play_fixed("quickstart", [0, 1], TINY)
+    figures = module.play_fixed("quickstart", [0, 1], TINY)
+    names, system, clean = figures.names, figures.system, figures.clean
     for b in (0, 2, 7):  # the single-environment path (pixel's) tallies an episode as the batched path does
         for j, seed in enumerate([0, 1]):
-            one_system, one_clean = module._play_one(("quickstart", names, b, seed, TINY, "embedding")).means()
-            np.testing.assert_allclose(one_system, system[b, j], equal_nan=True)
-            np.testing.assert_allclose(one_clean, clean[b, j], equal_nan=True)
-    pixel_names, pixel_system, pixel_clean = module.play_fixed("quickstart", [0], TINY, fidelity="pixel")
+            one = module._play_one(("quickstart", names, b, seed, TINY, "embedding")).means()
+            for field, batched in (("system_asr", system), ("clean_acc", clean), ("asr", figures.model), ("detector_tpr", figures.tpr)):
+                np.testing.assert_allclose(one[field], batched[b, j], equal_nan=True)
+    pixel_names, pixel_system, pixel_clean, _, _ = module.play_fixed("quickstart", [0], TINY, fidelity="pixel")
     assert pixel_names == names and pixel_system.shape == pixel_clean.shape == (10, 1, 3)
     assert np.isnan(pixel_system[:, :, 2]).all() and np.all((pixel_clean[:, :, :2] >= 0) & (pixel_clean[:, :, :2] <= 1))
     assert not np.allclose(pixel_clean[:, 0, :2], clean[:, 0, :2])  # pixel fidelity really played: its own figures
