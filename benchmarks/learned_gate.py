@@ -40,7 +40,6 @@ shrink it (the test suite does).
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -196,6 +195,7 @@ def print_held_out(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     from cmai_env.cli.common import assignments_option, positive_int
+    from defence_per_phase import in_processes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=None, help="default: every scenario with its own ppo.yml entry")
@@ -227,11 +227,7 @@ def main() -> None:
     print(f"learned gate vs fixed β: {len(jobs)} training(s) ({', '.join(scenarios)}; seeds {args.train_seeds}), "
           f"evaluation seeds {args.eval_seeds}, {args.jobs} process(es) of one thread", flush=True)
     started = time.perf_counter()
-    if args.jobs == 1 or len(jobs) == 1:
-        rows = [run_one(job) for job in jobs]
-    else:
-        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
-            rows = pool.map(run_one, jobs, chunksize=1)
+    rows = in_processes(run_one, jobs, args.jobs)
     print_table(rows)
     held = sorted({r["scenario"] for r in rows if point6_holds(r)})
     print(f"\npoint 6 holds for {sum(point6_holds(r) for r in rows)}/{len(rows)} trainings; scenarios: {', '.join(held) or 'none'} "
