@@ -56,6 +56,8 @@ TASK_ONLY = 0  # DISCRETE_BETAS[0] == (1, 0, 0)
 #: the model's own ASR on the probe (``asr``) and the detector's TPR on the round's attacked
 #: traffic. Side by side they say whether a defence acts through robustness or through detection.
 ATTACKED_FIELDS = ("system_asr", "asr", "detector_tpr")
+#: The per-round ``info`` fields a :class:`PhaseTally` reads.
+TALLIED_FIELDS = ("phase", "attacks", "clean_acc", *ATTACKED_FIELDS)
 
 
 class PhaseTally:
@@ -111,8 +113,6 @@ def _play_batched(scenario: str, names: list[str], jobs: list[tuple[int, int]], 
     return tallies
 
 
-#: The per-round ``info`` fields a :class:`PhaseTally` reads.
-TALLIED_FIELDS = ("phase", "attacks", "clean_acc", *ATTACKED_FIELDS)
 #: The per-round ``info`` fields :func:`episode_infos` keeps.
 ROUND_FIELDS = (*TALLIED_FIELDS, "asr_per_attack", "system_asr_per_attack", "detector_threshold")
 
@@ -200,11 +200,11 @@ def print_report(result: dict) -> None:
     print(f"{'phase':14} {'task-only system ASR':>22} {'model':>6} {'TPR':>6} {'clean':>6}   {'best fixed β (clean cost ≤ 0.05)':34} "
           f"{'system ASR':>10} {'model':>6} {'TPR':>6} {'clean cost':>10} {'drop (95% CI)':>22}")
     for p in result["phases"]:
-        head = f"{p['phase']:14} {p['task_system_asr'].format(3):>22} {p['task_model_asr']:6.3f} {p['task_detector_tpr']:6.3f} {p['task_clean_acc']:6.3f}"
         best = p["best"]
         if best is None:
             print(f"{p['phase']:14} {'—':>22} {'':6} {'':6} {p['task_clean_acc']:6.3f}   (no attacked round)")
             continue
+        head = f"{p['phase']:14} {p['task_system_asr'].format(3):>22} {p['task_model_asr']:6.3f} {p['task_detector_tpr']:6.3f} {p['task_clean_acc']:6.3f}"
         betas = "(" + ", ".join(f"{b:.2f}" for b in best["betas"]) + ")"
         mark = " ✓" if (best["drop"].mean or 0.0) >= TARGET_DROP else ""
         print(f"{head}   {betas:34} {best['system_asr']:10.3f} {best['model_asr']:6.3f} {best['detector_tpr']:6.3f} "
