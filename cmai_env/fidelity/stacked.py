@@ -449,10 +449,7 @@ class StackedEmbeddingWorld:
             slots = [(crafting, view) for view in range(len(self.corruptions))]
             cache = TravelCache(record=TrainingTravel)
             digest = cache.key(backbone, (pool, probe), spec.seed, self.corruptions, slots, str(self.device))
-            table = cache.get(digest, slots)
-            if table is None:
-                table = self._training_travel(backbone, pool, slots)
-                cache.put(digest, table, slots)
+            table = cache.get_or_compute(digest, slots, lambda: self._training_travel(backbone, pool, slots))
             as_radii = lambda travel, side_scale: side_scale * torch.as_tensor(np.array(travel), device=self.device)  # noqa: E731
             self.train_travel = [(as_radii(table[slot].pool_v, defense.image_train_radius_scale), as_radii(table[slot].pool_t, scale)) for slot in slots]
         self._attacks: dict[tuple, EmbeddingAttack] = {}
@@ -477,20 +474,12 @@ class StackedEmbeddingWorld:
             slots = [(key, view) for view, corruption in enumerate(self.corruptions) for key in sorted(entries, key=repr) if (key, corruption) in reachable]
             cache = TravelCache()
             digest = cache.key(backbone, (pool, probe), spec.seed, self.corruptions, slots, str(self.device), scenario.pixel_travel_laws)
-            table = cache.get(digest, slots)
-            if table is None:
-                table = self._pixel_travel(backbone, pool, probe, entries, slots)
-                cache.put(digest, table, slots)
-            self.travel = table
+            self.travel = cache.get_or_compute(digest, slots, lambda: self._pixel_travel(backbone, pool, probe, entries, slots))
             replayed = [(key, "captions") for key in sorted(entries, key=repr) if attack_class(entries[key].name).embedding.replay]
             if replayed:
                 cache = TravelCache(record=ReplayCaptions)
                 digest = cache.key(backbone, (pool, probe), spec.seed, [], replayed, str(self.device))
-                captions = cache.get(digest, replayed)
-                if captions is None:
-                    captions = self._replay_captions(backbone, pool, probe, entries, replayed)
-                    cache.put(digest, captions, replayed)
-                self._load_replay(captions)
+                self._load_replay(cache.get_or_compute(digest, replayed, lambda: self._replay_captions(backbone, pool, probe, entries, replayed)))
 
     def _training_travel(self, backbone, pool, slots: Sequence[tuple[tuple, int]]) -> dict[tuple[tuple, int], TrainingTravel]:
         """How far the pixel trainer's crafted examples move every pool pair on each view of

@@ -42,7 +42,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -306,7 +306,7 @@ class TravelCache:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.npz"
 
-    def get(self, key: str, slots: Sequence[Slot]) -> dict[Slot, TravelRadii | ReplayCaptions] | None:
+    def get(self, key: str, slots: Sequence[Slot]) -> dict[Slot, _Table] | None:
         """The table stored under ``key`` for exactly ``slots``, or ``None`` (a miss)."""
         path = self._path(key)
         if not path.is_file():
@@ -320,7 +320,15 @@ class TravelCache:
             return None
         return table
 
-    def put(self, key: str, table: dict[Slot, TravelRadii | ReplayCaptions], slots: Sequence[Slot]) -> None:
+    def get_or_compute(self, key: str, slots: Sequence[Slot], compute: Callable[[], dict[Slot, _Table]]) -> dict[Slot, _Table]:
+        """The table stored under ``key`` for ``slots``, else ``compute()``, stored there and returned."""
+        table = self.get(key, slots)
+        if table is None:
+            table = compute()
+            self.put(key, table, slots)
+        return table
+
+    def put(self, key: str, table: dict[Slot, _Table], slots: Sequence[Slot]) -> None:
         """Store ``table`` (its ``slots``, in that order) under ``key``; a write that fails is skipped."""
         arrays = {f"{i}.{field}": getattr(table[slot], field) for i, slot in enumerate(slots) for field in self.fields}
         path = self._path(key)
