@@ -88,6 +88,11 @@ def load_spec(scenario: str | Scenario, overrides: dict) -> Scenario:
     return apply_overrides(spec, overrides) if overrides else spec
 
 
+def env_id(spec: Scenario) -> str:
+    """The registered ID that plays ``spec``: evaluation-only scenarios (``unseen_attacks``) need the evaluation ID."""
+    return EVAL_ENV_ID if spec.evaluation_only else ENV_ID
+
+
 def phase_names(spec: Scenario) -> list[str]:
     """The scenario's distinct phase names in declaration order: a schedule holds one β per name."""
     return list(dict.fromkeys(phase.name for phase in spec.phases))
@@ -121,7 +126,6 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
     """
     spec = load_spec(scenario, overrides)
     names, n_rounds = phase_names(spec), spec.episode_length()
-    env_id = EVAL_ENV_ID if spec.evaluation_only else ENV_ID  # evaluation-only scenarios need the evaluation ID
     jobs = list(itertools.product(range(len(schedules)), seeds))
     returns = np.zeros(len(jobs))
     asr = np.zeros(len(jobs))
@@ -129,7 +133,7 @@ def play(scenario: str, schedules: list[Schedule], seeds: list[int], seed_offset
     clean = np.zeros(len(jobs))
     for start in range(0, len(jobs), MAX_BATCH):
         batch = jobs[start : start + MAX_BATCH]
-        envs = gym.make_vec(env_id, num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
+        envs = gym.make_vec(env_id(spec), num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
                             fidelity="embedding", **overrides)
         envs.reset(seed=[seed_offset + seed for _, seed in batch])
         # Each environment's own timeline: a random schedule draws one per seed; the others share one.

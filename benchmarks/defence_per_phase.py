@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adaptivity_gap import ENV_ID, MAX_BATCH, load_spec, phase_names  # noqa: E402
+from adaptivity_gap import MAX_BATCH, env_id, load_spec, phase_names  # noqa: E402
 
 import cmai_env  # noqa: E402,F401  (registers the environments)
 from agents.protocol import EVAL_SEED_OFFSET, DistinctSeeds  # noqa: E402
@@ -99,7 +99,7 @@ def _play_batched(scenario: str, names: list[str], jobs: list[tuple[int, int]], 
     tallies = []
     for start in range(0, len(jobs), MAX_BATCH):
         batch = jobs[start : start + MAX_BATCH]
-        envs = gym.make_vec(ENV_ID, num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
+        envs = gym.make_vec(env_id(load_spec(scenario, overrides)), num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
                             fidelity="embedding", **overrides)
         envs.reset(seed=[EVAL_SEED_OFFSET + s for _, s in batch])
         actions = np.stack([action_from_betas(DISCRETE_BETAS[b]) for b, _ in batch]).astype(np.float32)
@@ -121,7 +121,7 @@ def episode_infos(scenario: str, fidelity: str, betas: tuple[float, float, float
     """One episode on a single environment with ``betas`` held fixed, environment seed
     ``EVAL_SEED_OFFSET + seed``: each round's :data:`ROUND_FIELDS` (one torch thread)."""
     torch.set_num_threads(1)
-    env = gym.make(ENV_ID, scenario=scenario, fidelity=fidelity, **overrides)
+    env = gym.make(env_id(load_spec(scenario, overrides)), scenario=scenario, fidelity=fidelity, **overrides)
     env.reset(seed=EVAL_SEED_OFFSET + seed)
     action = action_from_betas(np.asarray(betas)).astype(np.float32)
     rounds, done = [], False

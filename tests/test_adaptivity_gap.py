@@ -117,6 +117,19 @@ def test_system_asr_search_runs_on_the_evaluation_only_scenario():
     assert searched.clean_acc[1:].mean(axis=1).min() >= searched.clean_acc[0].mean() - 0.02 - 1e-12
 
 
+def test_defence_per_phase_plays_the_evaluation_only_scenario_on_both_paths():
+    # unseen_attacks is refused by the training env ID: both the batched and the single-environment path
+    # play it through the evaluation ID, and agree on it.
+    module = load_benchmark("defence_per_phase")
+    tiny = {"phases.0.rounds": 1, "phases.1.rounds": 1, "phases.2.rounds": 1, "phases.3.rounds": 1, "batch_size": 16,
+            "dataset.train_n": 128, "dataset.probe_n": 32}
+    figures = module.play_fixed("unseen_attacks", [0], tiny)
+    assert figures.names == ["clean", "universal", "co_attack", "mixed_unseen"] and figures.system.shape == (10, 1, 4)
+    assert np.isnan(figures.system[:, :, 0]).all() and not np.isnan(figures.system[:, :, 1:]).any()  # the clean phase has no attack
+    one = module._play_one(("unseen_attacks", figures.names, 0, 0, tiny, "embedding")).means()
+    np.testing.assert_allclose(one["system_asr"], figures.system[0, 0], equal_nan=True)
+
+
 def test_segments_split_each_phase_stretch_into_equal_parts():
     gap = load_benchmark("adaptivity_gap")
     timeline = [(0, 3, "a"), (3, 9, "b"), (9, 12, "a")]
