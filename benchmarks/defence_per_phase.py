@@ -17,6 +17,10 @@ sees the defence that earlier phases built.
 over ``--jobs`` processes of one torch thread (about 30 CPU-s an episode of ``periodic``), to check
 a phase's verdict against the fidelity the embedding one stands in for.
 
+An evaluation-only scenario (``--scenarios unseen_attacks``) plays through the evaluation ID: the
+same table then says which fixed β lowers each held-out attack's system ASR, and through what
+(point 4 itself is asked of the training scenarios).
+
     python benchmarks/defence_per_phase.py [--scenarios shift_evasion detector_evasion] [--seeds 0 1 2 3 4]
     python benchmarks/defence_per_phase.py --fidelity pixel --scenarios periodic [--seeds 0 1 2] [--jobs 2]
 """
