@@ -194,13 +194,15 @@ def report(scenario: str, seeds: list[int], overrides: dict, fidelity: str = "em
                            "model_asr": mean(figures.model[best, :, k]), "detector_tpr": mean(figures.tpr[best, :, k])}
         phases.append(row)
     met = any(p["best"] is not None and (p["best"]["drop"].mean or 0.0) >= TARGET_DROP for p in phases)
-    return {"scenario": scenario, "phases": phases, "met": met, "seconds": time.perf_counter() - started}
+    return {"scenario": scenario, "phases": phases, "met": met, "evaluation_only": load_spec(scenario, overrides).evaluation_only,
+            "seconds": time.perf_counter() - started}
 
 
 def print_report(result: dict) -> None:
     """The per-phase table; ``model`` / ``TPR``: the model's own ASR and the detector's TPR behind each system ASR."""
-    verdict = "met" if result["met"] else "not met"
-    print(f"\n== {result['scenario']} (point 4 {verdict}; {result['seconds']:.0f} s)")
+    verdict = "evaluation-only: a ≥ 0.3 drop " + ("reached" if result["met"] else "not reached") if result["evaluation_only"] else \
+        "point 4 " + ("met" if result["met"] else "not met")
+    print(f"\n== {result['scenario']} ({verdict}; {result['seconds']:.0f} s)")
     print(f"{'phase':14} {'task-only system ASR':>22} {'model':>6} {'TPR':>6} {'clean':>6}   {'best fixed β (clean cost ≤ 0.05)':34} "
           f"{'system ASR':>10} {'model':>6} {'TPR':>6} {'clean cost':>10} {'drop (95% CI)':>22}")
     for p in result["phases"]:
@@ -235,8 +237,10 @@ def main() -> None:
     results = [report(scenario, args.seeds, overrides, args.fidelity, args.jobs) for scenario in args.scenarios]
     for result in results:
         print_report(result)
-    met = [r["scenario"] for r in results if r["met"]]
-    print(f"\npoint 4 met on {len(met)}/{len(results)} scenarios: {', '.join(met) or 'none'}")
+    training = [r for r in results if not r["evaluation_only"]]  # point 4 is asked of the training scenarios
+    met = [r["scenario"] for r in training if r["met"]]
+    if training:
+        print(f"\npoint 4 met on {len(met)}/{len(training)} scenarios: {', '.join(met) or 'none'}")
 
 
 if __name__ == "__main__":

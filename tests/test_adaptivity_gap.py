@@ -128,6 +128,8 @@ def test_defence_per_phase_plays_the_evaluation_only_scenario_on_both_paths():
     assert np.isnan(figures.system[:, :, 0]).all() and not np.isnan(figures.system[:, :, 1:]).any()  # the clean phase has no attack
     one = module._play_one(("unseen_attacks", figures.names, 0, 0, tiny, "embedding")).means()
     np.testing.assert_allclose(one["system_asr"], figures.system[0, 0], equal_nan=True)
+    # point 4 is asked of the training scenarios: the report says which kind it played
+    assert module.report("unseen_attacks", [0], tiny)["evaluation_only"] and not module.report("quickstart", [0], TINY)["evaluation_only"]
 
 
 def test_segments_split_each_phase_stretch_into_equal_parts():
