@@ -200,8 +200,10 @@ def report(scenario: str, seeds: list[int], overrides: dict, fidelity: str = "em
 
 def print_report(result: dict) -> None:
     """The per-phase table; ``model`` / ``TPR``: the model's own ASR and the detector's TPR behind each system ASR."""
-    verdict = "evaluation-only: a ≥ 0.3 drop " + ("reached" if result["met"] else "not reached") if result["evaluation_only"] else \
-        "point 4 " + ("met" if result["met"] else "not met")
+    if result["evaluation_only"]:  # point 4 is asked of the training scenarios
+        verdict = "evaluation-only: a ≥ 0.3 drop " + ("reached" if result["met"] else "not reached")
+    else:
+        verdict = "point 4 " + ("met" if result["met"] else "not met")
     print(f"\n== {result['scenario']} ({verdict}; {result['seconds']:.0f} s)")
     print(f"{'phase':14} {'task-only system ASR':>22} {'model':>6} {'TPR':>6} {'clean':>6}   {'best fixed β (clean cost ≤ 0.05)':34} "
           f"{'system ASR':>10} {'model':>6} {'TPR':>6} {'clean cost':>10} {'drop (95% CI)':>22}")
