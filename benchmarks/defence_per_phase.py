@@ -101,9 +101,10 @@ class PhaseFigures(NamedTuple):
 def _play_batched(scenario: str, names: list[str], jobs: list[tuple[int, int]], overrides: dict, rounds: int) -> list[PhaseTally]:
     """Embedding fidelity: every (β, seed) episode in batches of the vector environment."""
     tallies = []
+    registered = env_id(load_spec(scenario, overrides))
     for start in range(0, len(jobs), MAX_BATCH):
         batch = jobs[start : start + MAX_BATCH]
-        envs = gym.make_vec(env_id(load_spec(scenario, overrides)), num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
+        envs = gym.make_vec(registered, num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
                             fidelity="embedding", **overrides)
         envs.reset(seed=[EVAL_SEED_OFFSET + s for _, s in batch])
         actions = np.stack([action_from_betas(DISCRETE_BETAS[b]) for b, _ in batch]).astype(np.float32)
