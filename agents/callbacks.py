@@ -14,6 +14,7 @@ tag                                    value (from the env's ``info``)
 ``cmai/false_rejection_rate``          share of clean probe pairs the detector rejects
 ``cmai/system_clean_acc``              clean probe pairs classified correctly and not rejected
 ``cmai/consistency_score``             probe consistency score (mean matched cosine)
+``cmai/prediction_entropy``            clean probe predictions' mean entropy / ln K (1: uniform)
 ``cmai/beta_task``                     ``β_task`` the action chose
 ``cmai/beta_consist``                  ``β_consist``
 ``cmai/beta_adv``                      ``β_adv``
@@ -79,6 +80,7 @@ INFO_TAGS: dict[str, str] = {
     "cmai/false_rejection_rate": "false_rejection_rate",
     "cmai/system_clean_acc": "system_clean_acc",
     "cmai/consistency_score": "consistency_score",
+    "cmai/prediction_entropy": "prediction_entropy",
     "cmai/detector_tpr": "detector_tpr",
     "cmai/detector_fpr": "detector_fpr",
     "cmai/compute_cost": "compute_cost",
@@ -93,6 +95,7 @@ ROUND_TAGS: tuple[str, ...] = (
     "cmai/false_rejection_rate",
     "cmai/system_clean_acc",
     "cmai/consistency_score",
+    "cmai/prediction_entropy",
     *BETA_TAGS,
     "cmai/detector_tpr",
     "cmai/detector_fpr",

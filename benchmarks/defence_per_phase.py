@@ -119,7 +119,7 @@ def _play_batched(scenario: str, names: list[str], jobs: list[tuple[int, int]], 
 
 
 #: The per-round ``info`` fields :func:`episode_infos` keeps.
-ROUND_FIELDS = (*TALLIED_FIELDS, "asr_per_attack", "system_asr_per_attack", "detector_threshold")
+ROUND_FIELDS = (*TALLIED_FIELDS, "asr_per_attack", "system_asr_per_attack", "detector_threshold", "prediction_entropy")
 
 
 def episode_infos(scenario: str, fidelity: str, betas: tuple[float, float, float], seed: int, overrides: dict) -> list[dict]:

@@ -6,7 +6,10 @@ whole episodes with one β held fixed, at pixel and at embedding fidelity (the s
 environment seeds ``EVAL_SEED_OFFSET + s``), and prints per phase and attack the model's ASR and
 the system's (flipped and not flagged) over the phase's attacked rounds at each fidelity and their
 difference, a cell being within ±0.10 as in ``fidelity_calibration.py``; and per phase the
-detector's TPR on the rounds' traffic, its threshold τ and the clean accuracy. ``--env-kwargs``
+detector's TPR on the rounds' traffic, its threshold τ, the clean accuracy and the clean
+predictions' entropy over ln K (``info["prediction_entropy"]``), the last also held to ±0.10 and
+counted apart: a defence can keep clean accuracy while flattening the predictions toward uniform,
+which flattens ``L_consistency`` too and so decides what the detector can still see. ``--env-kwargs``
 overrides the scenario at both fidelities, ``--embedding-kwargs`` at the embedding one only (e.g.
 ``embedding_attack_radius:pixel_travel``). A pixel episode of ``periodic`` takes about 30 CPU-s, an embedding
 one about 3.
@@ -23,6 +26,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,7 +42,7 @@ from cmai_env.scenario import scenario_option  # noqa: E402
 TOLERANCE = 0.10
 FIDELITIES = ("pixel", "embedding")
 #: Per phase, the round figures averaged over its attacked rounds (per attack: ASR and system ASR).
-PHASE_FIGURES = ("detector_tpr", "detector_threshold", "clean_acc")
+PHASE_FIGURES = ("detector_tpr", "detector_threshold", "clean_acc", "prediction_entropy")
 
 
 def betas_arg(text: str) -> tuple[float, float, float]:
@@ -109,9 +113,18 @@ def _mean_over_seeds(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     return merged
 
 
-def print_comparison(scenario: str, result: dict, order: list[str]) -> tuple[int, int]:
-    """The side-by-side table; returns (cells within ±TOLERANCE, cells)."""
-    within = total = 0
+class Counts(NamedTuple):
+    """What :func:`print_comparison` counted: attack cells, and phases' prediction entropies, within ±TOLERANCE."""
+
+    within: int
+    total: int
+    entropy_within: int
+    entropy_total: int
+
+
+def print_comparison(scenario: str, result: dict, order: list[str]) -> Counts:
+    """The side-by-side table and what it counted."""
+    within = total = entropy_within = entropy_total = 0
     for b, by_fidelity in result.items():
         pixel, embedding = by_fidelity["pixel"], by_fidelity["embedding"]
         print(f"\n== {scenario}, β = ({', '.join(f'{x:.2f}' for x in b)}) held fixed")
@@ -129,9 +142,13 @@ def print_comparison(scenario: str, result: dict, order: list[str]) -> tuple[int
                     marks.append(f"{delta:+6.3f}{' ' if ok else '*'}")
                 print(f"{phase:14} {name:24} {asr_p:9.3f} {asr_e:6.3f} {marks[0]}  {sys_p:16.3f} {sys_e:6.3f} {marks[1]}")
             p, e = pixel[phase], embedding[phase]
+            entropy_ok = abs(e["prediction_entropy"] - p["prediction_entropy"]) <= TOLERANCE
+            entropy_total += 1
+            entropy_within += entropy_ok
             print(f"{'':14} {'(phase) detector TPR':24} {p['detector_tpr']:9.3f} {e['detector_tpr']:6.3f}   "
-                  f"τ {p['detector_threshold']:.3f} / {e['detector_threshold']:.3f}, clean accuracy {p['clean_acc']:.3f} / {e['clean_acc']:.3f}")
-    return within, total
+                  f"τ {p['detector_threshold']:.3f} / {e['detector_threshold']:.3f}, clean accuracy {p['clean_acc']:.3f} / {e['clean_acc']:.3f}, "
+                  f"prediction entropy {p['prediction_entropy']:.3f} / {e['prediction_entropy']:.3f}{'' if entropy_ok else '*'}")
+    return Counts(within, total, entropy_within, entropy_total)
 
 
 def main() -> None:
@@ -154,8 +171,9 @@ def main() -> None:
           f"embedding-only overrides {embedding_overrides or 'none'}; "
           f"per phase, the mean over its attacked rounds (* : |Δ| > {TOLERANCE})", flush=True)
     result = compare(args.scenario, args.betas, args.seeds, overrides, embedding_overrides, args.jobs)
-    within, total = print_comparison(args.scenario, result, phase_names(load_spec(args.scenario, overrides)))
-    print(f"\n{within}/{total} defended cells within ±{TOLERANCE} ({time.perf_counter() - started:.0f} s)")
+    counts = print_comparison(args.scenario, result, phase_names(load_spec(args.scenario, overrides)))
+    print(f"\n{counts.within}/{counts.total} defended cells within ±{TOLERANCE}; prediction entropy within ±{TOLERANCE} "
+          f"on {counts.entropy_within}/{counts.entropy_total} phases ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -170,8 +170,9 @@ class CMAIEnv(gym.Env):
     ## info
     Every step: ``round``, ``phase``, ``attacks`` (active names), ``shift``, ``clean_acc``,
     ``asr``, ``asr_per_attack``, ``system_asr``, ``system_asr_per_attack``,
-    ``false_rejection_rate``, ``system_clean_acc``, ``consistency_score``, ``detector_tpr``, ``detector_fpr``,
-    ``detector_flag_rate``, ``detector_pairs`` (adversarial and clean pairs the TPR and FPR are over), ``detector_threshold``, ``drift_detected``, ``betas``, ``losses``
+    ``false_rejection_rate``, ``system_clean_acc``, ``consistency_score``, ``prediction_entropy`` (the clean
+    probe predictions' mean entropy over ln K; near 1 the defence has flattened them toward uniform),
+    ``detector_tpr``, ``detector_fpr``, ``detector_flag_rate``, ``detector_pairs`` (adversarial and clean pairs the TPR and FPR are over), ``detector_threshold``, ``drift_detected``, ``betas``, ``losses``
     (task, consistency, adv, total), ``attack_steps_used``, ``compute_cost``, ``reward_terms``,
     ``latency`` (the latest shift's detection / weight-response / recovery latency in rounds and
     ms, ``None`` until measured; see :mod:`cmai_env.latency`). The latencies' ``*_ms`` values are
@@ -364,6 +365,7 @@ class CMAIEnv(gym.Env):
             "false_rejection_rate": system.false_rejection_rate,
             "system_clean_acc": system.system_clean_acc,
             "consistency_score": probe.consistency_score,
+            "prediction_entropy": probe.prediction_entropy,
             "detector_tpr": tpr,
             "detector_fpr": fpr,
             # TPR is undefined without adversarial pairs, FPR without clean ones (both read 0.0 above)

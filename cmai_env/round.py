@@ -20,8 +20,8 @@ one environment (rows ``(R, ·)``) and N stacked environments (``(N, R, ·)``):
   and the projected-gradient steps that climb it (:func:`l2_ascent`, :func:`linf_ascent`), with
   Madry et al.'s default step ``2.5·ε/steps`` (:func:`default_step_size`);
 * the compute-saving rule that ties crafting to ``β_adv`` (:func:`crafting_steps`);
-* the probe's attacked-pair count (:data:`PROBE_ATTACK_N`) and its mixture-weighted ASR
-  (:func:`mixture_asr`);
+* the probe's attacked-pair count (:data:`PROBE_ATTACK_N`), its mixture-weighted ASR
+  (:func:`mixture_asr`) and how confident the defended model still is (:func:`prediction_entropy`);
 * the reward (:func:`reward_terms`) from the probe metrics and the detector's TPR / FPR on the
   round's traffic (:func:`detection_rates`).
 """
@@ -211,6 +211,18 @@ def mixture_asr(weights: Sequence[float], asrs: Sequence[float]) -> float:
         return 0.0
     total = sum(w * a for w, a in zip(weights, asrs))
     return total / max(sum(weights), 1e-12)
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the last dimension, divided by ``ln K`` (K classes).
+
+    0 is a one-hot prediction, 1 the uniform one. The probe reports its mean over the clean probe
+    images as ``info["prediction_entropy"]``: a defence with no ``β_task`` can keep clean accuracy
+    while flattening every prediction toward uniform (the argmax survives, the margins do not),
+    which also flattens ``L_consistency`` and so blinds the detector; accuracy alone does not show it.
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1) / math.log(logits.shape[-1])
 
 
 def probe_split(probe_n: int) -> int:

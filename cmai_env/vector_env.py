@@ -309,6 +309,7 @@ class CMAIVectorEnv(VectorEnv):
             "false_rejection_rate": system.false_rejection_rate,
             "system_clean_acc": system.system_clean_acc,
             "consistency_score": score,
+            "prediction_entropy": float(probe.prediction_entropy[k]),
             "detector_tpr": tpr,
             "detector_fpr": fpr,
             # TPR is undefined without adversarial pairs, FPR without clean ones (both read 0.0 above)

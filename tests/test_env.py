@@ -224,7 +224,7 @@ def test_info_has_every_documented_key():
         _, _, _, truncated, info = env.step(env.action_space.sample())
         if info["shift"] or truncated:
             break
-    for key in ("clean_acc", "asr", "asr_per_attack", "consistency_score", "detector_tpr", "detector_fpr",
+    for key in ("clean_acc", "asr", "asr_per_attack", "consistency_score", "prediction_entropy", "detector_tpr", "detector_fpr",
                 "betas", "phase", "attacks", "latency", "compute_cost", "losses"):
         assert key in info, key
     assert env.unwrapped.last_timing.round_ms > 0
@@ -333,6 +333,29 @@ def test_consistency_training_tightens_the_detector():
     start, end = infos[0]["detector_threshold"], np.mean([i["detector_threshold"] for i in infos[-5:]])
     assert end < 0.9 * start, f"τ {start:.3f} → {end:.3f}"
     assert np.mean([i["detector_tpr"] for i in infos if i["attacks"]]) >= 0.9
+
+
+def test_prediction_entropy_shows_a_defence_flattening_predictions_that_accuracy_hides():
+    """Without β_task the embedding fidelity's adapters keep the argmax but flatten every prediction
+    toward uniform (detector_evasion, 20 rounds, measured 2026-12-07: 0.950 at clean accuracy 0.980);
+    info["prediction_entropy"] shows it, task-only stays confident (0.008)."""
+    import torch
+
+    from cmai_env.round import prediction_entropy
+
+    assert prediction_entropy(torch.zeros(2, 30)).tolist() == pytest.approx([1.0, 1.0])
+    assert prediction_entropy(torch.tensor([[50.0, 0.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    last = {}
+    for betas in ((1.0, 0.0, 0.0), (0.0, 2 / 3, 1 / 3)):
+        env = gym.make("cmai_env/CMAI-v0", scenario="detector_evasion", fidelity="embedding").unwrapped
+        env.reset(seed=0)
+        for _ in range(20):
+            info = env.step(action_from_betas(np.array(betas)))[4]
+        assert 0.0 <= info["prediction_entropy"] <= 1.0
+        last[betas] = info
+    task_only, defended = last[(1.0, 0.0, 0.0)], last[(0.0, 2 / 3, 1 / 3)]
+    assert defended["clean_acc"] >= 0.9 and task_only["clean_acc"] >= 0.9  # accuracy alone does not tell them apart
+    assert task_only["prediction_entropy"] < 0.1 < 0.8 < defended["prediction_entropy"]
 
 
 def test_consistency_term_ignores_adversarial_pairs():

@@ -82,6 +82,8 @@ class ProbeResult:
     consistency_score: float  #: mean cos of matched clean probe embeddings
     clean_consistency: np.ndarray  #: clean L_consistency of the calibration split (τ is calibrated on it)
     asr: float  #: mixture-weighted ASR of the round's active attacks (0 in quiet rounds)
+    #: mean normalised entropy of the clean probe images' predictions (:func:`cmai_env.round.prediction_entropy`)
+    prediction_entropy: float
     asr_per_attack: dict[str, float] = field(default_factory=dict)
     probe_ms: float = 0.0
     #: clean L_consistency of the evaluation split (the pairs that are attacked), for false rejections

@@ -100,6 +100,7 @@ class EmbeddingFidelity(Fidelity):
             consistency_score=float(result.consistency_score[0]),
             clean_consistency=result.clean_consistency[0],
             asr=float(result.asr[0]),
+            prediction_entropy=float(result.prediction_entropy[0]),
             asr_per_attack=result.asr_per_attack[0],
             probe_ms=result.probe_ms,
             eval_clean_consistency=result.eval_clean_consistency[0],

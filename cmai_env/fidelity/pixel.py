@@ -22,7 +22,7 @@ from cmai_env.fidelity.base import (
     entry_key,
     universal_fit_pairs,
 )
-from cmai_env.round import AttackOutcome, mixture_asr, observed_adversarial, probe_split
+from cmai_env.round import AttackOutcome, mixture_asr, observed_adversarial, prediction_entropy, probe_split
 from cmai_env.scenario import Scenario
 from cmai_env.stream import RoundPlan
 from cmai_env.training import ModalityBridgingTrainer, TrainerConfig
@@ -195,6 +195,7 @@ class PixelFidelity(Fidelity):
             consistency_score=float(cosine.mean()),
             clean_consistency=all_consistency[n:],
             asr=mixture_asr([e.weight for e in plan.mixture], rates),
+            prediction_entropy=float(prediction_entropy(out.image_logits).mean()),
             asr_per_attack=asr_per_attack,
             probe_ms=(time.perf_counter() - start) * 1000,
             eval_clean_consistency=all_consistency[:n],

@@ -57,6 +57,7 @@ from cmai_env.round import (
     observed_adversarial,
     pair_ce,
     pair_consistency,
+    prediction_entropy,
     probe_split,
     total_loss,
 )
@@ -384,6 +385,7 @@ class StackedProbe:
     consistency_score: np.ndarray  #: (E,)
     clean_consistency: np.ndarray  #: (E, P − n) clean L_consistency of the calibration split
     asr: np.ndarray  #: (E,) mixture-weighted ASR
+    prediction_entropy: np.ndarray  #: (E,) mean normalised entropy of the clean image predictions
     asr_per_attack: list[dict[str, float]]
     probe_ms: float
     eval_clean_consistency: np.ndarray  #: (E, n) clean L_consistency of the evaluation split
@@ -1000,6 +1002,7 @@ class StackedEmbeddingWorld:
             labels = expand(self.probe_y)
             image_ok, text_ok = lv.argmax(-1) == labels, lt.argmax(-1) == labels
             clean_acc = image_ok.float().mean(-1)
+            entropy = prediction_entropy(lv).mean(-1)
             consistency_score = (e_v * e_t).sum(-1).mean(-1)
         n = probe_split(len(self.probe_y))
         width = max((len(plan.mixture) for plan in plans), default=0)
@@ -1049,6 +1052,7 @@ class StackedEmbeddingWorld:
             consistency_score.double().cpu().numpy(),
             all_consistency[:, n:],
             asr,
+            entropy.double().cpu().numpy(),
             asr_per_attack,
             (time.perf_counter() - start) * 1000,
             all_consistency[:, :n],
