@@ -166,7 +166,10 @@ EMBEDDING_ONLY_DEFENSE_FIELDS = {
     "embedding_train_radius_scale": " (its L_adv examples are pixel attacks at eps_v / eps_t)",
     "embedding_image_train_radius_scale": "",
     "embedding_train_radius": "",
+    "embedding_adapter_input": "",
 }
+#: ``defense.embedding_adapter_input``'s values: what the embedding fidelity's adapters receive.
+ADAPTER_INPUTS = ("unit", "pooled_norm")
 
 
 class DefenseSpec(_Model):
@@ -217,6 +220,16 @@ class DefenseSpec(_Model):
     #: noisy images move less than those of clean ones, which one radius cannot follow. With it, a
     #: scale of 1 trains as far out as pixel fidelity does.
     embedding_train_radius: Literal["law", "pixel_travel"] = "law"
+    #: what the embedding fidelity's residual adapters receive: ``unit``, the unit embeddings its
+    #: attacks perturb (every shipped scenario), or ``pooled_norm``, those times their tower's mean
+    #: pooled-embedding norm on the pool (cmai-tiny: 13.4 image, 11.3 caption), the size of what the
+    #: pixel fidelity's adapters receive (:meth:`cmai_env.models.backbone.Backbone.encode_image`).
+    #: Adapters' biases act on unit inputs 11–13× more strongly: without ``β_task`` they flatten the
+    #: predictions toward uniform (``info["prediction_entropy"]``) far more than pixel fidelity's do,
+    #: which blinds the defended detector and drives most of the embedding fidelity's point-4 drops
+    #: (README, Known limits; docs/measurements.md). Attack and training radii keep their meaning:
+    #: they move the unit embedding before it is scaled.
+    embedding_adapter_input: Literal[ADAPTER_INPUTS] = "unit"
     #: whether the received pairs that are adversarial and that the detector flagged join
     #: ``L_adv`` beside the crafted examples (both fidelities). Training the model to classify the
     #: flagged attacks also makes their image and caption agree, which can hide the same attack

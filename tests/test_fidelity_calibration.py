@@ -385,3 +385,47 @@ def test_pixel_travel_replays_token_substitution_s_own_captions(capsys):
     [row] = [line.split() for line in travel_table.splitlines() if line.startswith("token_substitution ")]
     pixel, embedding = row[5:8], row[9:12]
     assert float(row[5]) > 0.5 and all(abs(float(e) - float(p)) <= 0.1 for e, p in zip(embedding, pixel))  # asr, tpr, sys
+
+
+def test_adapters_can_receive_the_towers_pooled_norm():
+    """``defense.embedding_adapter_input: pooled_norm`` feeds the adapters unit embeddings times their
+    tower's mean pooled norm (what pixel fidelity's adapters see); ``unit`` (default) leaves them as they are."""
+    import torch
+    import torch.nn.functional as F
+
+    small = {"fidelity": "embedding", "dataset.train_n": 64, "dataset.probe_n": 16}
+    assert DefenseSpec().embedding_adapter_input == "unit" and "embedding_adapter_input" not in DefenseSpec().trainer_fields()
+    unit = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), small), 1)
+    pooled = stacked.StackedEmbeddingWorld(apply_overrides(load_scenario("quickstart"), {**small, "defense.embedding_adapter_input": "pooled_norm"}), 1)
+    assert unit.adapter_input_scale == (1.0, 1.0)
+    scale_v, scale_t = pooled.adapter_input_scale
+    assert scale_v > 5 and scale_t > 5  # cmai-tiny's pooled embeddings: about 13 and 11
+    torch.testing.assert_close(pooled.pool_v, unit.pool_v)  # the cached unit embeddings and so every radius are unchanged
+    with torch.no_grad():  # a non-identity adapter sees the scaled input
+        for world in (unit, pooled):
+            world.image.up_b.fill_(0.5)
+        x = pooled.probe_v[:4].unsqueeze(0)
+        torch.testing.assert_close(pooled._image(x, None), F.normalize(pooled.image(x * scale_v), dim=-1))
+        assert not torch.allclose(pooled._image(x, None), unit._image(x, None), atol=1e-3)
+    with pytest.raises(ScenarioError, match="embedding_adapter_input"):
+        apply_overrides(load_scenario("quickstart"), {"defense.embedding_adapter_input": "raw"})
+    with pytest.raises(ScenarioError, match="embedding_adapter_input.*pixel fidelity only"):
+        apply_overrides(load_scenario("flamingo_shift"), {"defense.embedding_adapter_input": "pooled_norm"})
+
+
+def test_pooled_norm_inputs_flatten_predictions_less_without_task_weight():
+    """The reason for the field (measured 2026-12-07): on detector_evasion, 20 rounds of β = (0, ⅔, ⅓)
+    leave prediction entropy at 0.935 (unit inputs) and 0.772 (pooled norm; pixel fidelity 0.583)."""
+    import gymnasium as gym
+    import numpy as np
+
+    from cmai_env.env import action_from_betas
+
+    entropy = {}
+    for mode in ("unit", "pooled_norm"):
+        env = gym.make("cmai_env/CMAI-v0", scenario="detector_evasion", fidelity="embedding", **{"defense.embedding_adapter_input": mode}).unwrapped
+        env.reset(seed=0)
+        for _ in range(20):
+            info = env.step(action_from_betas(np.array([0.0, 2 / 3, 1 / 3])))[4]
+        entropy[mode] = info["prediction_entropy"]
+    assert entropy["pooled_norm"] < entropy["unit"] - 0.1, entropy

@@ -416,10 +416,17 @@ class StackedEmbeddingWorld:
         # One cached view of the images per corruption the scenario's phases name (index 0: clean).
         self.corruptions: list[tuple[str, int] | None] = [None, *scenario.corruptions_used()]
         with torch.no_grad():
-            self.pool_views = torch.stack([_embed_images(backbone, corrupted_split(pool.images, key, spec.seed, "train")) for key in self.corruptions])
+            pooled_pool = [_embed_images(backbone, corrupted_split(pool.images, key, spec.seed, "train"), normalize=False) for key in self.corruptions]
+            self.pool_views = F.normalize(torch.stack(pooled_pool), dim=-1)
             self.probe_views = torch.stack([_embed_images(backbone, corrupted_split(probe.images, key, spec.seed, "val")) for key in self.corruptions])
             self.pool_v, self.probe_v = self.pool_views[0], self.probe_views[0]  # the clean data
-            self.pool_t = backbone.encode_text(backbone.tokenize(pool.captions))
+            pooled_captions = backbone.encode_text(backbone.tokenize(pool.captions), normalize=False)
+            self.pool_t = F.normalize(pooled_captions, dim=-1)
+            #: what the adapters' unit inputs are multiplied by, image and caption side
+            #: (``defense.embedding_adapter_input``: 1, or the towers' mean pooled norm on the clean pool)
+            self.adapter_input_scale = (1.0, 1.0)
+            if scenario.defense.embedding_adapter_input == "pooled_norm":
+                self.adapter_input_scale = (float(pooled_pool[0].norm(dim=-1).mean()), float(pooled_captions.norm(dim=-1).mean()))
             self.probe_t = backbone.encode_text(backbone.tokenize(probe.captions))
             self.class_raw = backbone.class_text_embeddings(pool.class_names, pool.templates)
             # What aware_caption_rewrite sends: the first template filled with the target class.
@@ -598,10 +605,10 @@ class StackedEmbeddingWorld:
         return self.n_envs if envs is None else len(envs)
 
     def _image(self, raw_v: torch.Tensor, envs: EnvIndex) -> torch.Tensor:
-        return F.normalize(self.image(raw_v, envs), dim=-1)
+        return F.normalize(self.image(raw_v * self.adapter_input_scale[0], envs), dim=-1)
 
     def _text(self, raw_t: torch.Tensor, envs: EnvIndex) -> torch.Tensor:
-        return F.normalize(self.text(raw_t, envs), dim=-1)
+        return F.normalize(self.text(raw_t * self.adapter_input_scale[1], envs), dim=-1)
 
     def classes(self, envs: EnvIndex = None) -> torch.Tensor:
         """Class-prompt embeddings through each environment's text adapter, (E, C, D).
@@ -1076,5 +1083,5 @@ def _share_within_groups(grad: torch.Tensor, group: torch.Tensor, universal: tor
     return torch.where(universal.unsqueeze(-1), torch.gather(summed, 1, index), grad)
 
 
-def _embed_images(backbone, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    return torch.cat([backbone.encode_image(images[i : i + batch_size].to(backbone.device)) for i in range(0, len(images), batch_size)])
+def _embed_images(backbone, images: torch.Tensor, batch_size: int = 512, normalize: bool = True) -> torch.Tensor:
+    return torch.cat([backbone.encode_image(images[i : i + batch_size].to(backbone.device), normalize=normalize) for i in range(0, len(images), batch_size)])
