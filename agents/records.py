@@ -7,8 +7,9 @@ episode, :func:`episode_record` reduces the rows to an :class:`EpisodeRecord`:
 * ASR = mean probe ASR over the rounds in which an attack is active (quiet rounds have ASR 0 by
   definition and would only dilute it); the end-to-end ``system_asr`` (attacks that flip the
   model *and* pass the detector) and detector TPR over the same attacked rounds;
-* clean accuracy, ``false_rejection_rate``, ``system_clean_acc``, consistency score, detector
-  FPR and compute cost over all rounds;
+* clean accuracy, ``false_rejection_rate``, ``system_clean_acc``, consistency score,
+  ``prediction_entropy`` (how flat the clean predictions are), detector FPR and compute cost over
+  all rounds;
 * per-attack ASR over the rounds where that attack is active;
 * the three adaptation latencies of :mod:`cmai_env.latency` (rounds and ms), averaged over the
   episode's shifts where they were measured: detection and weight response over every shift,
@@ -37,6 +38,7 @@ EPISODE_METRICS = (
     "false_rejection_rate",
     "system_clean_acc",
     "consistency_score",
+    "prediction_entropy",
     "detector_tpr",
     "detector_fpr",
     "compute_cost",
@@ -58,6 +60,7 @@ ROUND_COLUMNS = (
     "false_rejection_rate",
     "system_clean_acc",
     "consistency_score",
+    "prediction_entropy",
     "detector_tpr",
     "detector_fpr",
     "detector_flag_rate",
@@ -141,6 +144,7 @@ def round_row(policy_name: str, seed: int, episode: int, reward: float, info: di
         "false_rejection_rate": float(info["false_rejection_rate"]),
         "system_clean_acc": float(info["system_clean_acc"]),
         "consistency_score": float(info["consistency_score"]),
+        "prediction_entropy": float(info["prediction_entropy"]),
         # a rate over no pairs is undefined: empty in rounds.csv and left out of the episode's mean
         **detector_rates(info),
         "detector_flag_rate": float(info.get("detector_flag_rate", float("nan"))),
@@ -171,6 +175,7 @@ def episode_record(seed: int, episode: int, rows: Sequence[dict], shifts: list[d
         "false_rejection_rate": mean_defined(r["false_rejection_rate"] for r in rows),
         "system_clean_acc": mean_defined(r["system_clean_acc"] for r in rows),
         "consistency_score": mean_defined(r["consistency_score"] for r in rows),
+        "prediction_entropy": mean_defined(r["prediction_entropy"] for r in rows),
         "detector_tpr": mean_defined(r["detector_tpr"] for r in attacked),
         "detector_fpr": mean_defined(r["detector_fpr"] for r in rows),
         "compute_cost": mean_defined(r["compute_cost"] for r in rows),

@@ -38,6 +38,7 @@ METRIC_BOUNDS: dict[str, Bounds] = {
     "detector_tpr": _RATE,
     "detector_fpr": _RATE,
     "compute_cost": _RATE,
+    "prediction_entropy": _RATE,  # an entropy over its maximum, ln K
     "consistency_score": (-1.0, 1.0),  # a mean cosine
     "clean_acc_drop": (-1.0, 1.0),  # a difference of two rates
     **{f"{name}_{unit}": (0.0, None) for name in ("detection", "weight_response", "recovery") for unit in ("rounds", "ms")},

@@ -123,10 +123,11 @@ def test_cli_evaluate_writes_rounds_summary_and_plots(tmp_path):
     assert meta["cmai_version"] == cmai_env.__version__
     assert meta["seeds"] == [0, 1] and meta["fidelity"] == "embedding" and meta["env_kwargs"]["episode_rounds"] == 6
     assert "git_commit" in meta
-    for name in ("return", "asr", "clean_acc", "clean_acc_drop", "consistency_score", "detector_tpr", "detector_fpr"):
+    for name in ("return", "asr", "clean_acc", "clean_acc_drop", "consistency_score", "prediction_entropy", "detector_tpr", "detector_fpr"):
         entry = summary["metrics"][name]
         assert entry["n"] == 2 and math.isfinite(entry["mean"]) and math.isfinite(entry["half_width"]), name
         assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+    assert 0.0 <= summary["metrics"]["prediction_entropy"]["mean"] <= 1.0
     for name in ("detection_rounds", "detection_ms", "weight_response_rounds", "weight_response_ms", "recovery_rounds", "recovery_ms"):
         assert {"mean", "ci95", "measured", "shifts"} <= set(summary["latency"][name])
     assert set(summary["reference"]["clean_acc_per_seed"]) == {"0", "1"}
