@@ -222,13 +222,13 @@ class DefenseSpec(_Model):
     embedding_train_radius: Literal["law", "pixel_travel"] = "law"
     #: what the embedding fidelity's residual adapters receive: ``unit``, the unit embeddings its
     #: attacks perturb (every shipped scenario), or ``pooled_norm``, those times their tower's mean
-    #: pooled-embedding norm on the pool (cmai-tiny: 13.4 image, 11.3 caption), the size of what the
+    #: pooled-embedding norm on the pool (cmai-tiny: 13.5 image, 11.1 caption), the size of what the
     #: pixel fidelity's adapters receive (:meth:`cmai_env.models.backbone.Backbone.encode_image`).
     #: Adapters' biases act on unit inputs 11–13× more strongly: without ``β_task`` they flatten the
     #: predictions toward uniform (``info["prediction_entropy"]``) far more than pixel fidelity's do,
-    #: which blinds the defended detector and drives most of the embedding fidelity's point-4 drops
-    #: (README, Known limits; docs/measurements.md). Attack and training radii keep their meaning:
-    #: they move the unit embedding before it is scaled.
+    #: which blinds the defended detector; issue 10's point 4 holds on 8 of 8 scenarios with ``unit``
+    #: and 5 of 8 with ``pooled_norm`` (README, Known limits; docs/measurements.md). Attack and
+    #: training radii keep their meaning: they move the unit embedding before it is scaled.
     embedding_adapter_input: Literal[ADAPTER_INPUTS] = "unit"
     #: whether the received pairs that are adversarial and that the detector flagged join
     #: ``L_adv`` beside the crafted examples (both fidelities). Training the model to classify the
