@@ -15,8 +15,8 @@ from cmai_env.consistency import ConsistencyDetector
 from cmai_env.fidelity.base import Fidelity, ProbeResult, RoundTraffic, TrafficStats, UpdateResult
 from cmai_env.latency import LatencyTracker
 from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, build_observation, fixed_projection
-from cmai_env.round import detection_rates, feed_change_detector, scored_metrics, system_metrics
-from cmai_env.round import reward_terms as round_reward_terms
+from cmai_env.round import feed_change_detector
+from cmai_env.round_outcome import finish_round
 from cmai_env.scenario import Scenario, apply_overrides, load_scenario
 from cmai_env.stream import AttackStream, RoundPlan
 
@@ -336,59 +336,8 @@ class CMAIEnv(gym.Env):
 
         update: UpdateResult = self.world.update(traffic, betas, flags, self.np_random)
         probe: ProbeResult = self.world.probe(plan, self.np_random)
-        self.detector.calibrate(probe.clean_consistency)
-
-        system = system_metrics(self.detector.threshold, probe.eval_clean_consistency, probe.eval_clean_correct, plan.mixture, probe.outcomes)
-        scored_acc, scored_asr = scored_metrics(self.scenario.reward, probe.clean_acc, probe.asr, system)
-
-        is_adv = traffic.is_adv
-        tpr, fpr = detection_rates(flags, is_adv)
-        compute_cost = update.attack_steps_used / max(update.max_attack_steps, 1)
-        reward_terms = round_reward_terms(
-            self.scenario.reward, scored_acc, scored_asr, probe.consistency_score, tpr, fpr, bool(is_adv.any()), compute_cost
-        )
-        reward = float(sum(reward_terms.values()))
-        if not np.isfinite(reward):
-            raise FloatingPointError(f"non-finite reward at round {t}: terms {reward_terms}")
-        self.latency.round_finished(t, _now_ms(), scored_asr)
-
-        info = {
-            "round": t,
-            "phase": plan.phase,
-            "attacks": [e.name for e in plan.mixture],
-            "shift": plan.shift,
-            "clean_acc": probe.clean_acc,
-            "asr": probe.asr,
-            "asr_per_attack": dict(probe.asr_per_attack),
-            "system_asr": system.system_asr,
-            "system_asr_per_attack": dict(system.system_asr_per_attack),
-            "false_rejection_rate": system.false_rejection_rate,
-            "system_clean_acc": system.system_clean_acc,
-            "consistency_score": probe.consistency_score,
-            "prediction_entropy": probe.prediction_entropy,
-            "detector_tpr": tpr,
-            "detector_fpr": fpr,
-            # TPR is undefined without adversarial pairs, FPR without clean ones (both read 0.0 above)
-            "detector_pairs": {"adversarial": int(is_adv.sum()), "clean": int(is_adv.size - is_adv.sum())},
-            "detector_flag_rate": float(flags.mean()),
-            "detector_threshold": float(self.detector.threshold),
-            "drift_detected": self._drift,
-            "betas": betas.copy(),
-            "losses": {"task": update.l_task, "consistency": update.l_consistency, "adv": update.l_adv, "total": update.l_total},
-            "attack_steps_used": update.attack_steps_used,
-            "compute_cost": compute_cost,
-            "reward_terms": reward_terms,
-            "grad_norms": update.grad_norms,
-            "latency": self.latency.latest(),
-        }
-        self._previous = PreviousRound(
-            clean_acc=scored_acc,
-            asr=scored_asr,
-            consistency_score=probe.consistency_score,
-            detector_tpr=tpr,
-            detector_fpr=fpr,
-            betas=tuple(float(b) for b in betas),
-            losses=(update.l_task, update.l_consistency, update.l_adv),
+        reward, info, self._previous = finish_round(
+            t, plan, betas, flags, traffic.is_adv, update, probe, self.detector, self.latency, self.scenario.reward, self._drift, _now_ms()
         )
         self.history.append(
             {k: info[k] for k in ("round", "phase", "clean_acc", "asr", "system_asr", "consistency_score", "detector_tpr", "detector_fpr")}

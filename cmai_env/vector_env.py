@@ -12,8 +12,9 @@ its own defended adapters and AdamW state, its own ``np_random`` (seeded per env
 latency tracker. The model side of every round (crafting the incoming traffic, observing it,
 the trainer update and the probe) runs for all environments at once on stacked parameters
 (:class:`cmai_env.fidelity.stacked.StackedEmbeddingWorld`, the same code the single
-environment runs with one), so a step costs little more than one environment's round; the
-bookkeeping around it follows :class:`~cmai_env.env.CMAIEnv` line by line, and
+environment runs with one), so a step costs little more than one environment's round; each
+environment's round then ends in :func:`cmai_env.round_outcome.finish_round`, as a single
+environment's does (detector recalibration, system metrics, reward, ``info``), and
 ``tests/test_vector_env.py`` checks that N batched environments and N single ones with the same
 seeds and actions return the same observations, rewards and infos.
 
@@ -46,7 +47,8 @@ from cmai_env.fidelity.stacked import StackedEmbeddingWorld, StackedTraffic
 from cmai_env.latency import LatencyTracker
 from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, fixed_projection
 from cmai_env.resources import check_memory
-from cmai_env.round import detection_rates, feed_change_detector, reward_terms, scored_metrics, system_metrics
+from cmai_env.round import feed_change_detector
+from cmai_env.round_outcome import finish_round
 from cmai_env.scenario import Scenario, load_scenario
 from cmai_env.stream import AttackStream, RoundPlan
 
@@ -279,53 +281,10 @@ class CMAIVectorEnv(VectorEnv):
     def _finish_round(self, i: int, k: int, betas: np.ndarray, update, probe, attack_index: np.ndarray, max_steps: int) -> tuple[float, dict]:
         """Env ``i``'s reward, info and bookkeeping after the batched update and probe (``k``: its row)."""
         slot = self.slots[i]
-        t, plan, flags = slot.t, slot.plan, slot.flags
-        slot.detector.calibrate(probe.clean_consistency[k])
-        is_adv = attack_index >= 0
-        tpr, fpr = detection_rates(flags, is_adv)
-        steps_used = int(update.attack_steps_used[k])
-        compute_cost = steps_used / max_steps
-        clean_acc, asr, score = float(probe.clean_acc[k]), float(probe.asr[k]), float(probe.consistency_score[k])
-        system = system_metrics(
-            slot.detector.threshold, probe.eval_clean_consistency[k], probe.eval_clean_correct[k], plan.mixture, probe.outcomes[k]
+        reward, info, slot.previous = finish_round(
+            slot.t, slot.plan, betas, slot.flags, attack_index >= 0, update.row(k, max_steps), probe.row(k),
+            slot.detector, slot.latency, self.scenario.reward, slot.drift, _now_ms(),
         )
-        scored_acc, scored_asr = scored_metrics(self.scenario.reward, clean_acc, asr, system)
-        terms = reward_terms(self.scenario.reward, scored_acc, scored_asr, score, tpr, fpr, bool(is_adv.any()), compute_cost)
-        reward = float(sum(terms.values()))
-        if not np.isfinite(reward):
-            raise FloatingPointError(f"non-finite reward in env {i} at round {t}: terms {terms}")
-        slot.latency.round_finished(t, _now_ms(), scored_asr)
-        losses = (float(update.l_task[k]), float(update.l_consistency[k]), float(update.l_adv[k]))
-        info = {
-            "round": t,
-            "phase": plan.phase,
-            "attacks": [e.name for e in plan.mixture],
-            "shift": plan.shift,
-            "clean_acc": clean_acc,
-            "asr": asr,
-            "asr_per_attack": dict(probe.asr_per_attack[k]),
-            "system_asr": system.system_asr,
-            "system_asr_per_attack": dict(system.system_asr_per_attack),
-            "false_rejection_rate": system.false_rejection_rate,
-            "system_clean_acc": system.system_clean_acc,
-            "consistency_score": score,
-            "prediction_entropy": float(probe.prediction_entropy[k]),
-            "detector_tpr": tpr,
-            "detector_fpr": fpr,
-            # TPR is undefined without adversarial pairs, FPR without clean ones (both read 0.0 above)
-            "detector_pairs": {"adversarial": int(is_adv.sum()), "clean": int(is_adv.size - is_adv.sum())},
-            "detector_flag_rate": float(flags.mean()),
-            "detector_threshold": float(slot.detector.threshold),
-            "drift_detected": slot.drift,
-            "betas": betas.copy(),
-            "losses": {"task": losses[0], "consistency": losses[1], "adv": losses[2], "total": float(update.l_total[k])},
-            "attack_steps_used": steps_used,
-            "compute_cost": compute_cost,
-            "reward_terms": terms,
-            "grad_norms": None,
-            "latency": slot.latency.latest(),
-        }
-        slot.previous = PreviousRound(scored_acc, scored_asr, score, tpr, fpr, tuple(float(b) for b in betas), losses)
         slot.t += 1
         return reward, info
 

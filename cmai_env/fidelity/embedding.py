@@ -82,28 +82,7 @@ class EmbeddingFidelity(Fidelity):
 
     def update(self, traffic: RoundTraffic, betas: np.ndarray, flagged: np.ndarray, rng: np.random.Generator) -> UpdateResult:
         result = self.world.update(None, traffic.payload, np.asarray(betas, dtype=np.float64)[None], np.asarray(flagged, dtype=bool)[None])
-        return UpdateResult(
-            l_task=float(result.l_task[0]),
-            l_consistency=float(result.l_consistency[0]),
-            l_adv=float(result.l_adv[0]),
-            l_total=float(result.l_total[0]),
-            attack_steps_used=int(result.attack_steps_used[0]),
-            max_attack_steps=self.scenario.defense.attack_steps,
-            attack_ms=result.attack_ms,
-            update_ms=result.update_ms,
-        )
+        return result.row(0, self.scenario.defense.attack_steps)
 
     def probe(self, plan: RoundPlan, rng: np.random.Generator) -> ProbeResult:
-        result = self.world.probe(None, [plan])
-        return ProbeResult(
-            clean_acc=float(result.clean_acc[0]),
-            consistency_score=float(result.consistency_score[0]),
-            clean_consistency=result.clean_consistency[0],
-            asr=float(result.asr[0]),
-            prediction_entropy=float(result.prediction_entropy[0]),
-            asr_per_attack=result.asr_per_attack[0],
-            probe_ms=result.probe_ms,
-            eval_clean_consistency=result.eval_clean_consistency[0],
-            eval_clean_correct=result.eval_clean_correct[0],
-            outcomes=result.outcomes[0],
-        )
+        return self.world.probe(None, [plan]).row(0)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from cmai_env.attacks import attack_class
 from cmai_env.corruptions import corrupted_split
 from cmai_env.data import load_dataset
-from cmai_env.fidelity.base import assign_attacks, corrupted_pairs, defended_backbone, entry_key
+from cmai_env.fidelity.base import ProbeResult, UpdateResult, assign_attacks, corrupted_pairs, defended_backbone, entry_key
 from cmai_env.fidelity.travel import (
     ReplayCaptions,
     TrainingTravel,
@@ -376,6 +376,19 @@ class StackedUpdate:
     attack_ms: float
     update_ms: float
 
+    def row(self, k: int, max_attack_steps: int) -> UpdateResult:
+        """Row ``k``'s update as one environment's :class:`UpdateResult` (``max_attack_steps``: the defence's)."""
+        return UpdateResult(
+            l_task=float(self.l_task[k]),
+            l_consistency=float(self.l_consistency[k]),
+            l_adv=float(self.l_adv[k]),
+            l_total=float(self.l_total[k]),
+            attack_steps_used=int(self.attack_steps_used[k]),
+            max_attack_steps=max_attack_steps,
+            attack_ms=self.attack_ms,
+            update_ms=self.update_ms,
+        )
+
 
 @dataclass
 class StackedProbe:
@@ -391,6 +404,21 @@ class StackedProbe:
     eval_clean_consistency: np.ndarray  #: (E, n) clean L_consistency of the evaluation split
     eval_clean_correct: np.ndarray  #: (E, n) clean image prediction correct
     outcomes: list[list[AttackOutcome]]  #: per env, per active attack, its outcome on the evaluation split
+
+    def row(self, k: int) -> ProbeResult:
+        """Row ``k``'s probe as one environment's :class:`ProbeResult`."""
+        return ProbeResult(
+            clean_acc=float(self.clean_acc[k]),
+            consistency_score=float(self.consistency_score[k]),
+            clean_consistency=self.clean_consistency[k],
+            asr=float(self.asr[k]),
+            prediction_entropy=float(self.prediction_entropy[k]),
+            asr_per_attack=self.asr_per_attack[k],
+            probe_ms=self.probe_ms,
+            eval_clean_consistency=self.eval_clean_consistency[k],
+            eval_clean_correct=self.eval_clean_correct[k],
+            outcomes=self.outcomes[k],
+        )
 
 
 # ---------------------------------------------------------------------------- the world
