@@ -101,6 +101,53 @@ class PreviousRound:
     losses: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
+#: Width of the observation's traffic part (``image_embed_proj`` … ``cosine_min``), read from the incoming pairs.
+TRAFFIC_WIDTH: int = OBS_SLICES["flag_rate"].start
+
+
+def traffic_features(
+    projection: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor, consistency: torch.Tensor, cosine: torch.Tensor
+) -> np.ndarray:
+    """The traffic part of E environments' observations, ``(E, TRAFFIC_WIDTH)`` float32.
+
+    :param image_embeds: ``(E, B, D)`` incoming image embeddings (``text_embeds`` likewise).
+    :param consistency: ``(E, B)`` their ``L_consistency`` (``cosine`` likewise, cos(e_v, e_t)).
+    """
+    with torch.no_grad():
+        image_mean, text_mean = image_embeds.mean(1), text_embeds.mean(1)
+        projected = torch.cat([image_mean @ projection, text_mean @ projection, (image_mean - text_mean) @ projection], 1)
+        summary = torch.stack(
+            [consistency.mean(1), consistency.std(1, unbiased=False), consistency.amax(1), cosine.mean(1), cosine.amin(1)], 1
+        )
+        return torch.cat([projected, summary], 1).cpu().numpy()
+
+
+def memory_features(flag_rate: float, drift: bool, rounds_since_drift: float, previous: PreviousRound, progress: float) -> np.ndarray:
+    """The rest of one observation, ``flag_rate`` … ``progress`` (``OBS_SIZE − TRAFFIC_WIDTH`` values)."""
+    return np.array(
+        [
+            flag_rate,
+            float(drift),
+            rounds_since_drift,
+            previous.clean_acc,
+            previous.asr,
+            previous.consistency_score,
+            previous.detector_tpr,
+            previous.detector_fpr,
+            *previous.betas,
+            *np.log1p(np.maximum(previous.losses, 0.0)),
+            progress,
+        ],
+        dtype=np.float64,
+    )
+
+
+def assemble_observations(traffic: np.ndarray, memory: np.ndarray) -> np.ndarray:
+    """``(E, OBS_SIZE)`` float32 observations from both parts, non-finite values bounded and all clipped to ±OBS_BOUND."""
+    obs = np.concatenate([traffic.astype(np.float64), memory], axis=1).astype(np.float32)
+    return np.clip(np.nan_to_num(obs, nan=0.0, posinf=OBS_BOUND, neginf=-OBS_BOUND), -OBS_BOUND, OBS_BOUND)
+
+
 def build_observation(
     projection: torch.Tensor,
     image_embeds: torch.Tensor,
@@ -113,32 +160,11 @@ def build_observation(
     previous: PreviousRound,
     progress: float,
 ) -> np.ndarray:
-    """Assemble the observation vector (float32, clipped to ±OBS_BOUND) in ``OBS_FIELDS`` order."""
-    with torch.no_grad():
-        image_mean = image_embeds.mean(0)
-        text_mean = text_embeds.mean(0)
-        projected = torch.cat([image_mean @ projection, text_mean @ projection, (image_mean - text_mean) @ projection])
-        stats = torch.stack(
-            [
-                consistency.mean(),
-                consistency.std(unbiased=False),
-                consistency.max(),
-                cosine.mean(),
-                cosine.min(),
-            ]
-        )
-    scalars = [
-        flag_rate,
-        float(drift),
-        rounds_since_drift,
-        previous.clean_acc,
-        previous.asr,
-        previous.consistency_score,
-        previous.detector_tpr,
-        previous.detector_fpr,
-        *previous.betas,
-        *np.log1p(np.maximum(previous.losses, 0.0)),
-        progress,
-    ]
-    obs = np.concatenate([projected.cpu().numpy(), stats.cpu().numpy(), np.asarray(scalars)]).astype(np.float32)
-    return np.clip(np.nan_to_num(obs, nan=0.0, posinf=OBS_BOUND, neginf=-OBS_BOUND), -OBS_BOUND, OBS_BOUND)
+    """One environment's observation vector (float32, clipped to ±OBS_BOUND) in ``OBS_FIELDS`` order.
+
+    :param image_embeds: ``(B, D)`` incoming image embeddings (``text_embeds`` likewise);
+        ``consistency`` and ``cosine``: ``(B,)``.
+    """
+    traffic = traffic_features(projection, image_embeds[None], text_embeds[None], consistency[None], cosine[None])
+    memory = memory_features(flag_rate, drift, rounds_since_drift, previous, progress)
+    return assemble_observations(traffic, memory[None])[0]

@@ -45,7 +45,7 @@ from cmai_env.consistency import ConsistencyDetector
 from cmai_env.env import ACTION_SCALE, DISCRETE_BETAS, FLAG_RATE_FACTOR, CMAIEnv, _now_ms, _quiet_plan, resolve_scenario
 from cmai_env.fidelity.stacked import StackedEmbeddingWorld, StackedTraffic
 from cmai_env.latency import LatencyTracker
-from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, fixed_projection
+from cmai_env.observation import OBS_BOUND, OBS_SIZE, TRAFFIC_WIDTH, PreviousRound, assemble_observations, fixed_projection, memory_features, traffic_features
 from cmai_env.resources import check_memory
 from cmai_env.round import feed_change_detector
 from cmai_env.round_outcome import finish_round
@@ -168,7 +168,7 @@ class CMAIVectorEnv(VectorEnv):
         # The undefended model's clean probe scores: every reset calibrates τ on them.
         self._initial_clean = self.world.probe(torch.tensor([0], device=self.world.device), [_quiet_plan()]).clean_consistency[0]
         self._traffic: StackedTraffic | None = None
-        self._features = np.zeros((self.num_envs, 53), dtype=np.float32)  # the observation's traffic part
+        self._features = np.zeros((self.num_envs, TRAFFIC_WIDTH), dtype=np.float32)  # the observation's traffic part
         self.last_timing: dict[str, float] = {}
         self.closed = False
 
@@ -326,14 +326,8 @@ class CMAIVectorEnv(VectorEnv):
             self._traffic = traffic
         else:
             _write_rows(self._traffic, traffic, index, envs)
-        with torch.no_grad():
-            image_mean, text_mean = stats.image_embeds.mean(1), stats.text_embeds.mean(1)
-            projected = torch.cat([image_mean @ self.projection, text_mean @ self.projection, (image_mean - text_mean) @ self.projection], 1)
-            cons, cos = stats.consistency, stats.cosine
-            summary = torch.stack([cons.mean(1), cons.std(1, unbiased=False), cons.amax(1), cos.mean(1), cos.amin(1)], 1)
-            features = torch.cat([projected, summary], 1).cpu().numpy()
-            scores = cons.cpu().numpy()
-        self._features[envs] = features
+        self._features[envs] = traffic_features(self.projection, stats.image_embeds, stats.text_embeds, stats.consistency, stats.cosine)
+        scores = stats.consistency.detach().cpu().numpy()
         now = _now_ms()
         for k, slot in enumerate(slots):
             slot.flags = slot.detector.flags(scores[k])
@@ -345,19 +339,14 @@ class CMAIVectorEnv(VectorEnv):
 
     def _observations(self) -> np.ndarray:
         """(N, 68) observations (:func:`cmai_env.observation.build_observation`'s layout)."""
-        scalars = np.empty((self.num_envs, 15), dtype=np.float64)
+        memory = np.empty((self.num_envs, OBS_SIZE - TRAFFIC_WIDTH), dtype=np.float64)
         for i, slot in enumerate(self.slots):
             rounds = max(len(slot.stream), 1)
             ended = slot.t >= len(slot.stream)
             traffic_round = slot.t - 1 if ended else slot.t
             since = 1.0 if slot.last_drift is None else (traffic_round - slot.last_drift) / rounds
-            p = slot.previous
-            scalars[i] = (
-                float(slot.flags.mean()), float(slot.drift), since, p.clean_acc, p.asr, p.consistency_score,
-                p.detector_tpr, p.detector_fpr, *p.betas, *np.log1p(np.maximum(p.losses, 0.0)), slot.t / rounds,
-            )
-        obs = np.concatenate([self._features.astype(np.float64), scalars], axis=1).astype(np.float32)
-        return np.clip(np.nan_to_num(obs, nan=0.0, posinf=OBS_BOUND, neginf=-OBS_BOUND), -OBS_BOUND, OBS_BOUND)
+            memory[i] = memory_features(float(slot.flags.mean()), slot.drift, since, slot.previous, slot.t / rounds)
+        return assemble_observations(self._features, memory)
 
 
 # ---------------------------------------------------------------------------- infos
