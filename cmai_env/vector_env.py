@@ -260,9 +260,8 @@ class CMAIVectorEnv(VectorEnv):
             update = self.world.update(envs, traffic, betas[stepping], np.stack([self.slots[i].flags for i in stepping]))
             probe = self.world.probe(envs, [self.slots[i].plan for i in stepping])
             timing.update(update_ms=update.update_ms + update.attack_ms, probe_ms=probe.probe_ms)
-            max_steps = max(self.scenario.defense.attack_steps, 1)
             for k, i in enumerate(stepping):
-                rewards[i], infos[i] = self._finish_round(i, k, betas[i], update, probe, traffic.attack_index[k], max_steps)
+                rewards[i], infos[i] = self._finish_round(i, k, betas[i], update, probe, traffic.attack_index[k])
                 truncated[i] = self.slots[i].t >= len(self.slots[i].stream)
         resets = np.flatnonzero(resetting)
         if len(resets):
@@ -278,11 +277,11 @@ class CMAIVectorEnv(VectorEnv):
         self.last_timing = {**timing, "round_ms": _now_ms() - start}
         return self._observations(), rewards, np.zeros(n, dtype=bool), truncated, infos
 
-    def _finish_round(self, i: int, k: int, betas: np.ndarray, update, probe, attack_index: np.ndarray, max_steps: int) -> tuple[float, dict]:
+    def _finish_round(self, i: int, k: int, betas: np.ndarray, update, probe, attack_index: np.ndarray) -> tuple[float, dict]:
         """Env ``i``'s reward, info and bookkeeping after the batched update and probe (``k``: its row)."""
         slot = self.slots[i]
         reward, info, slot.previous = finish_round(
-            slot.t, slot.plan, betas, slot.flags, attack_index >= 0, update.row(k, max_steps), probe.row(k),
+            slot.t, slot.plan, betas, slot.flags, attack_index >= 0, update.row(k, self.scenario.defense.attack_steps), probe.row(k),
             slot.detector, slot.latency, self.scenario.reward, slot.drift, _now_ms(),
         )
         slot.t += 1
