@@ -168,8 +168,6 @@ EMBEDDING_ONLY_DEFENSE_FIELDS = {
     "embedding_train_radius": "",
     "embedding_adapter_input": "",
 }
-#: ``defense.embedding_adapter_input``'s values: what the embedding fidelity's adapters receive.
-ADAPTER_INPUTS = ("unit", "pooled_norm")
 
 
 class DefenseSpec(_Model):
@@ -229,7 +227,7 @@ class DefenseSpec(_Model):
     #: which blinds the defended detector; issue 10's point 4 holds on 8 of 8 scenarios with ``unit``
     #: and 5 of 8 with ``pooled_norm`` (README, Known limits; docs/measurements.md). Attack and
     #: training radii keep their meaning: they move the unit embedding before it is scaled.
-    embedding_adapter_input: Literal[ADAPTER_INPUTS] = "unit"
+    embedding_adapter_input: Literal["unit", "pooled_norm"] = "unit"
     #: whether the received pairs that are adversarial and that the detector flagged join
     #: ``L_adv`` beside the crafted examples (both fidelities). Training the model to classify the
     #: flagged attacks also makes their image and caption agree, which can hide the same attack
