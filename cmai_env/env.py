@@ -14,7 +14,7 @@ from gymnasium import spaces
 from cmai_env.consistency import ConsistencyDetector
 from cmai_env.fidelity.base import Fidelity, ProbeResult, RoundTraffic, TrafficStats, UpdateResult
 from cmai_env.latency import LatencyTracker
-from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, build_observation, fixed_projection
+from cmai_env.observation import OBS_BOUND, OBS_SIZE, PreviousRound, build_observation, episode_clock, fixed_projection
 from cmai_env.round import feed_change_detector
 from cmai_env.round_outcome import finish_round
 from cmai_env.scenario import Scenario, apply_overrides, load_scenario
@@ -287,11 +287,11 @@ class CMAIEnv(gym.Env):
         self._drift = drift
         flag_rate = float(self._flags.mean())
         self.latency.traffic_observed(t, _now_ms(), flag_rate, drift, np.asarray(self._previous.betas))
-        return self._observation(t)
+        return self._observation()
 
-    def _observation(self, traffic_round: int) -> np.ndarray:
-        """The observation of the traffic held in ``_stats``/``_flags`` (drawn in ``traffic_round``)."""
-        since = 1.0 if self._last_drift is None else (traffic_round - self._last_drift) / max(self.episode_rounds, 1)
+    def _observation(self) -> np.ndarray:
+        """The observation of the traffic held in ``_stats``/``_flags`` (drawn in the current round)."""
+        since, progress = episode_clock(self._t, self.episode_rounds, self._last_drift)
         return build_observation(
             self.projection,
             self._stats.image_embeds,
@@ -302,7 +302,7 @@ class CMAIEnv(gym.Env):
             self._drift,
             since,
             self._previous,
-            self._t / max(self.episode_rounds, 1),
+            progress,
         )
 
     # ------------------------------------------------------------------ gym API
@@ -348,7 +348,7 @@ class CMAIEnv(gym.Env):
         truncated = self._t >= self.episode_rounds
         if truncated:
             # No next round: the last observation is refreshed with this round's metrics only.
-            obs = self._observation(self._t - 1)
+            obs = self._observation()
         else:
             obs = self._observe_round(_now_ms())
         self.last_timing = RoundTiming(traffic.attack_ms, update.attack_ms, update.update_ms, probe.probe_ms, _now_ms() - received_ms)

@@ -122,6 +122,19 @@ def traffic_features(
         return torch.cat([projected, summary], 1).cpu().numpy()
 
 
+def episode_clock(t: int, episode_rounds: int, last_drift: int | None) -> tuple[float, float]:
+    """``(rounds_since_drift, progress)`` of an environment at round ``t`` of ``episode_rounds``.
+
+    The observation describes the traffic drawn in round ``t``; once the episode has ended
+    (``t == episode_rounds``) that is the last round's traffic, so "since" counts from ``t − 1``.
+    ``last_drift`` is the round the change detector last fired in (``None``: never, which reads 1).
+    """
+    rounds = max(episode_rounds, 1)
+    traffic_round = t - 1 if t >= episode_rounds else t
+    since = 1.0 if last_drift is None else (traffic_round - last_drift) / rounds
+    return since, t / rounds
+
+
 def memory_features(flag_rate: float, drift: bool, rounds_since_drift: float, previous: PreviousRound, progress: float) -> np.ndarray:
     """The rest of one observation, ``flag_rate`` … ``progress`` (``OBS_SIZE − TRAFFIC_WIDTH`` values)."""
     return np.array(

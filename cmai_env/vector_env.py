@@ -45,7 +45,7 @@ from cmai_env.consistency import ConsistencyDetector
 from cmai_env.env import ACTION_SCALE, DISCRETE_BETAS, FLAG_RATE_FACTOR, CMAIEnv, _now_ms, _quiet_plan, resolve_scenario
 from cmai_env.fidelity.stacked import StackedEmbeddingWorld, StackedTraffic
 from cmai_env.latency import LatencyTracker
-from cmai_env.observation import OBS_BOUND, OBS_SIZE, TRAFFIC_WIDTH, PreviousRound, assemble_observations, fixed_projection, memory_features, traffic_features
+from cmai_env.observation import OBS_BOUND, OBS_SIZE, TRAFFIC_WIDTH, PreviousRound, assemble_observations, episode_clock, fixed_projection, memory_features, traffic_features
 from cmai_env.resources import check_memory
 from cmai_env.round import feed_change_detector
 from cmai_env.round_outcome import finish_round
@@ -340,11 +340,8 @@ class CMAIVectorEnv(VectorEnv):
         """(N, 68) observations (:func:`cmai_env.observation.build_observation`'s layout)."""
         memory = np.empty((self.num_envs, OBS_SIZE - TRAFFIC_WIDTH), dtype=np.float64)
         for i, slot in enumerate(self.slots):
-            rounds = max(len(slot.stream), 1)
-            ended = slot.t >= len(slot.stream)
-            traffic_round = slot.t - 1 if ended else slot.t
-            since = 1.0 if slot.last_drift is None else (traffic_round - slot.last_drift) / rounds
-            memory[i] = memory_features(float(slot.flags.mean()), slot.drift, since, slot.previous, slot.t / rounds)
+            since, progress = episode_clock(slot.t, len(slot.stream), slot.last_drift)
+            memory[i] = memory_features(float(slot.flags.mean()), slot.drift, since, slot.previous, progress)
         return assemble_observations(self._features, memory)
 
 
