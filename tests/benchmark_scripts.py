@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+
+import pytest
 from pathlib import Path
 from types import ModuleType
 
@@ -19,3 +21,16 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses resolve a module's string annotations through it
     spec.loader.exec_module(module)
     return module
+
+
+def usage_error(script: str, argv: list[str], monkeypatch, capsys) -> str:
+    """``benchmarks/<script> <argv>`` run through its ``main()`` in this process (``monkeypatch`` and
+    ``capsys`` are the calling test's fixtures): asserts it exits 2 as argparse does; its stderr.
+    Any other exception propagates and fails the test, as a traceback would."""
+    module = load_benchmark(script.removesuffix(".py"))
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / script), *argv])
+    with pytest.raises(SystemExit) as exited:
+        module.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err[-2000:]
+    return err

@@ -390,14 +390,12 @@ def test_benchmark_refuses_two_scenarios_of_one_name_before_running_any(tmp_path
     assert code == 1 and "missing.yaml" in capsys.readouterr().err and not (out / "quickstart").exists()
 
 
-def test_repeated_seeds_are_a_usage_error_in_the_benchmarks(capsys):
+def test_repeated_seeds_are_a_usage_error_in_the_benchmarks(capsys, monkeypatch):
     """``DistinctSeeds`` (every benchmark's seed options): a repeated seed exits 2 naming the option."""
     import argparse
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from agents.protocol import DistinctSeeds, distinct_seeds
+    from benchmark_scripts import usage_error
 
     assert distinct_seeds((3, 1)) == [3, 1]
     parser = argparse.ArgumentParser()
@@ -406,6 +404,4 @@ def test_repeated_seeds_are_a_usage_error_in_the_benchmarks(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--eval-seeds", "0", "2", "0"])
     assert "--eval-seeds must be distinct, got [0, 2, 0]" in capsys.readouterr().err
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "defence_per_phase.py"
-    done = subprocess.run([sys.executable, str(script), "--seeds", "1", "1"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--seeds must be distinct" in done.stderr
+    assert "--seeds must be distinct" in usage_error("defence_per_phase.py", ["--seeds", "1", "1"], monkeypatch, capsys)

@@ -472,12 +472,11 @@ def test_readme_scenario_example_validates(tmp_path):
     assert [p.corruption.key if p.corruption else None for p in scenario.phases] == [None, None, ("contrast", 3)]
 
 
-def test_scenario_option_refuses_bad_missing_and_clashing_scenarios_up_front(tmp_path, capsys):
+def test_scenario_option_refuses_bad_missing_and_clashing_scenarios_up_front(tmp_path, capsys, monkeypatch):
     """The benchmarks check every scenario (and override) before running any (``scenario_option``)."""
     import argparse
-    import subprocess
-    import sys
 
+    from benchmark_scripts import usage_error
     from cmai_env.scenario import distinct_scenario_names, scenario_bytes, scenario_option
 
     assert distinct_scenario_names(["quickstart", "periodic"]) == ["quickstart", "periodic"]
@@ -492,6 +491,5 @@ def test_scenario_option_refuses_bad_missing_and_clashing_scenarios_up_front(tmp
         with pytest.raises(SystemExit) as exit_info:
             scenario_option(parser, scenarios, overrides=overrides)
         assert exit_info.value.code == 2 and needle in capsys.readouterr().err
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptivity_gap.py"
-    done = subprocess.run([sys.executable, str(script), "--scenarios", "quickstart", "nope"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--scenarios: no scenario file 'nope'" in done.stderr
+    err = usage_error("adaptivity_gap.py", ["--scenarios", "quickstart", "nope"], monkeypatch, capsys)
+    assert "--scenarios: no scenario file 'nope'" in err
