@@ -12,7 +12,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import cmai_env
 from cmai_env.env import DISCRETE_BETAS, CMAIEnv, action_from_betas, betas_from_action
-from cmai_env.observation import OBS_SIZE, OBS_SLICES
+from cmai_env.observation import OBS_SIZE, OBS_SLICES, episode_clock
 
 # Small but real: the pixel fidelity still crafts attacks through the backbone.
 SMALL = {"batch_size": 16, "dataset.train_n": 128, "dataset.probe_n": 32, "episode_rounds": 4}
@@ -104,6 +104,25 @@ def test_spaces_and_observation_layout():
     # The previous round's metrics are the ones the reward reads: the system's by default.
     assert obs[OBS_SLICES["prev_clean_acc"]][0] == pytest.approx(info["system_clean_acc"], abs=1e-6)
     assert obs[OBS_SLICES["prev_asr"]][0] == pytest.approx(info["system_asr"], abs=1e-6)
+
+
+def test_episode_clock_counts_from_the_round_whose_traffic_is_observed():
+    assert episode_clock(4, 10, None) == (1.0, 0.4)  # the detector never fired
+    assert episode_clock(5, 10, 3) == pytest.approx((0.2, 0.5))
+    # After the last round no new traffic is drawn: the observation still shows round 9's.
+    assert episode_clock(10, 10, 9) == pytest.approx((0.0, 1.0))
+    assert episode_clock(10, 10, 7) == pytest.approx((0.2, 1.0))
+
+
+def test_the_last_observation_of_an_episode_reads_progress_1():
+    env = make()
+    env.reset(seed=0)
+    action = action_from_betas(np.array([1.0, 0.0, 0.0]))
+    for _ in range(env.unwrapped.episode_rounds):
+        obs, _, terminated, truncated, _ = env.step(action)
+    assert truncated and not terminated
+    assert obs[OBS_SLICES["progress"]][0] == pytest.approx(1.0)
+    assert 0.0 <= obs[OBS_SLICES["rounds_since_drift"]][0] <= 1.0
 
 
 @pytest.mark.parametrize("fidelity", ["embedding", "pixel"])
