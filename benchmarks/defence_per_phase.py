@@ -48,7 +48,7 @@ from agents.protocol import EVAL_SEED_OFFSET, DistinctSeeds  # noqa: E402
 from agents.stats import bounds_for, paired_difference, t_interval  # noqa: E402
 from cmai_env.cli.common import assignments_option, positive_int  # noqa: E402
 from cmai_env.env import DISCRETE_BETAS, action_from_betas  # noqa: E402
-from cmai_env.scenario import load_scenario, scenario_option, scenarios_available  # noqa: E402
+from cmai_env.scenario import Scenario, load_scenario, scenario_option, scenarios_available  # noqa: E402
 
 #: Point 4's thresholds: system-ASR drop to reach, clean-accuracy cost allowed.
 TARGET_DROP = 0.3
@@ -98,7 +98,7 @@ class PhaseFigures(NamedTuple):
     tpr: np.ndarray  #: detector TPR on the round's attacked traffic, attacked rounds
 
 
-def _play_batched(scenario: str, spec, names: list[str], jobs: list[tuple[int, int]], overrides: dict) -> list[PhaseTally]:
+def _play_batched(scenario: str, spec: Scenario, names: list[str], jobs: list[tuple[int, int]], overrides: dict) -> list[PhaseTally]:
     """Embedding fidelity: every (β, seed) episode in batches of the vector environment
     (``spec``: ``scenario`` with ``overrides`` applied, as :func:`play_fixed` loaded it)."""
     tallies, rounds = [], spec.episode_length()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-
-import pytest
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
