@@ -551,7 +551,8 @@ def rank_correlation(
         (:func:`pixel_defence_like_embedding`), also play pixel defending the adapters at the
         embedding's rate, and correlate every embedding run with both pixel runs.
     :param travel: also play the embedding fidelity with ``embedding_attack_radius: pixel_travel``
-        (each attacked pair at a radius set by how far its own pixel attack moved it).
+        (each attacked pair at a radius set by how far its own pixel attack moved it); with
+        ``train_scale`` too, also with both (``pixel_travel`` attacks, ``L_adv`` at that scale).
     :param train_travel: also play it with ``pixel_travel`` attacks and ``defense.embedding_train_radius:
         pixel_travel`` at scale 1 (each crafted ``L_adv`` pair as far out as the pixel trainer's).
     :returns: ``{run label: mean return per baseline}`` in :func:`available_baselines` order.
@@ -575,6 +576,9 @@ def rank_correlation(
         runs.append((f"embedding L_adv r×{train_scale:g}", "embedding", {"defense.embedding_train_radius_scale": train_scale}))
     if travel:
         runs.append(("embedding, pixel travel", "embedding", {"embedding_attack_radius": "pixel_travel"}))
+        if train_scale is not None:
+            runs.append((f"embedding, pixel travel, L_adv r×{train_scale:g}", "embedding",
+                         {"embedding_attack_radius": "pixel_travel", "defense.embedding_train_radius_scale": train_scale}))
     if train_travel:
         runs.append(("embedding, travel + L_adv travel", "embedding", {
             "embedding_attack_radius": "pixel_travel", "defense.embedding_train_radius": "pixel_travel", "defense.embedding_train_radius_scale": 1.0,
@@ -618,7 +622,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the pixel attacks' random starts")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 attacks, one budget, 32 probe pairs")
     parser.add_argument("--train-radius-scale", type=float, default=None,
-                        help="with --rank: also play the embedding fidelity with defense.embedding_train_radius_scale set to this")
+                        help="with --rank: also play the embedding fidelity with defense.embedding_train_radius_scale set to this "
+                             "(with --pixel-travel, also with pixel_travel attacks at that scale)")
     parser.add_argument("--like-for-like", action="store_true",
                         help="with --rank: where a scenario's pixel defence differs from the embedding fidelity's adapters, also play pixel defending them")
     parser.add_argument("--displacement", action="store_true", help="also how far pixel attacks move the image embedding vs the embedding radius")

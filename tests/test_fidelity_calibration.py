@@ -167,9 +167,10 @@ def test_rank_correlation_plays_each_run_with_its_overrides(monkeypatch, capsys)
     monkeypatch.setattr(agents.evaluation, "evaluate_policy", fake_evaluate)
     returns = benchmark.rank_correlation("quickstart", [0], 1, other_law=(0.5, 1.0), train_scale=2.0, like_for_like=True, travel=True, train_travel=True)
     assert list(returns) == [
-        "pixel", "pixel, adapters", "embedding", "embedding r=0.5·b^1", "embedding L_adv r×2", "embedding, pixel travel", "embedding, travel + L_adv travel",
+        "pixel", "pixel, adapters", "embedding", "embedding r=0.5·b^1", "embedding L_adv r×2", "embedding, pixel travel",
+        "embedding, pixel travel, L_adv r×2", "embedding, travel + L_adv travel",
     ]
-    kwargs = [calls[i * len(names)] for i in range(7)]
+    kwargs = [calls[i * len(names)] for i in range(8)]
     assert kwargs == [
         ("pixel", None),
         ("pixel", {"defense.defended": "adapter", "defense.lr": 1e-2}),
@@ -178,6 +179,8 @@ def test_rank_correlation_plays_each_run_with_its_overrides(monkeypatch, capsys)
         ("embedding", {"embedding_radius_laws": {family: [0.5, 1.0] for family in FAMILY_RADIUS_LAW}}),
         ("embedding", {"defense.embedding_train_radius_scale": 2.0}),
         ("embedding", {"embedding_attack_radius": "pixel_travel"}),
+        # --pixel-travel with --train-radius-scale: both
+        ("embedding", {"embedding_attack_radius": "pixel_travel", "defense.embedding_train_radius_scale": 2.0}),
         # --train-travel: both distances from pixel fidelity, no scale fitted
         ("embedding", {"embedding_attack_radius": "pixel_travel", "defense.embedding_train_radius": "pixel_travel", "defense.embedding_train_radius_scale": 1.0}),
     ]
