@@ -98,15 +98,14 @@ class PhaseFigures(NamedTuple):
     tpr: np.ndarray  #: detector TPR on the round's attacked traffic, attacked rounds
 
 
-def _play_batched(scenario: str, spec: Scenario, names: list[str], jobs: list[tuple[int, int]], overrides: dict) -> list[PhaseTally]:
+def _play_batched(spec: Scenario, names: list[str], jobs: list[tuple[int, int]]) -> list[PhaseTally]:
     """Embedding fidelity: every (β, seed) episode in batches of the vector environment
-    (``spec``: ``scenario`` with ``overrides`` applied, as :func:`play_fixed` loaded it)."""
+    (``spec``: the scenario with its overrides applied, as :func:`play_fixed` loaded it once)."""
     tallies, rounds = [], spec.episode_length()
     registered = env_id(spec)
     for start in range(0, len(jobs), MAX_BATCH):
         batch = jobs[start : start + MAX_BATCH]
-        envs = gym.make_vec(registered, num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=scenario,
-                            fidelity="embedding", **overrides)
+        envs = gym.make_vec(registered, num_envs=len(batch), vectorization_mode="vector_entry_point", scenario=spec, fidelity="embedding")
         envs.reset(seed=[EVAL_SEED_OFFSET + s for _, s in batch])
         actions = np.stack([action_from_betas(DISCRETE_BETAS[b]) for b, _ in batch]).astype(np.float32)
         batch_tallies = [PhaseTally(names) for _ in batch]
@@ -165,7 +164,7 @@ def play_fixed(scenario: str, seeds: list[int], overrides: dict, fidelity: str =
     names = phase_names(spec)  # each round's phase is read from its info
     jobs = [(b, s) for b in range(len(DISCRETE_BETAS)) for s in seeds]
     if fidelity == "embedding":
-        tallies = _play_batched(scenario, spec, names, jobs, overrides)
+        tallies = _play_batched(spec, names, jobs)
     else:
         tallies = in_processes(_play_one, [(scenario, names, b, s, overrides, fidelity) for b, s in jobs], processes)
     means = [tally.means() for tally in tallies]
