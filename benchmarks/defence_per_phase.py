@@ -23,6 +23,10 @@ same table then says which fixed β lowers each held-out attack's system ASR, an
 
     python benchmarks/defence_per_phase.py [--scenarios shift_evasion detector_evasion] [--seeds 0 1 2 3 4]
     python benchmarks/defence_per_phase.py --fidelity pixel --scenarios periodic [--seeds 0 1 2] [--jobs 2]
+    python benchmarks/defence_per_phase.py --scenarios unseen_attacks --every-beta
+
+``--every-beta`` also prints the whole grid per phase (system ASR, model ASR, TPR, clean accuracy
+of every β), for a scenario writer asking which β each phase wants and what a compromise costs.
 """
 
 from __future__ import annotations
@@ -182,11 +186,14 @@ def report(scenario: str, seeds: list[int], overrides: dict, fidelity: str = "em
     phases = []
     for k, name in enumerate(names):
         base_system, base_clean = system[TASK_ONLY, :, k], clean[TASK_ONLY, :, k]
+        mean = lambda a: float(np.nanmean(a))  # noqa: E731  (random schedules may skip a phase in some seeds)
         row = {"phase": name, "task_system_asr": t_interval(base_system.tolist(), bounds=bounds_for("system_asr")),
-               "task_clean_acc": float(np.nanmean(base_clean)), "task_model_asr": float(np.nanmean(figures.model[TASK_ONLY, :, k])),
-               "task_detector_tpr": float(np.nanmean(figures.tpr[TASK_ONLY, :, k])), "best": None}
+               "task_clean_acc": mean(base_clean), "task_model_asr": mean(figures.model[TASK_ONLY, :, k]),
+               "task_detector_tpr": mean(figures.tpr[TASK_ONLY, :, k]), "best": None,
+               "every_beta": [{"betas": DISCRETE_BETAS[b], "system_asr": mean(system[b, :, k]), "model_asr": mean(figures.model[b, :, k]),
+                               "detector_tpr": mean(figures.tpr[b, :, k]), "clean_acc": mean(clean[b, :, k])}
+                              for b in range(len(DISCRETE_BETAS))]}
         if not np.isnan(base_system).all():
-            mean = lambda a: float(np.nanmean(a))  # noqa: E731  (random schedules may skip a phase in some seeds)
             admissible = [b for b in range(len(DISCRETE_BETAS)) if mean(clean[b, :, k]) >= mean(base_clean) - CLEAN_ALLOWANCE]
             best = max(admissible, key=lambda b: mean(base_system) - mean(system[b, :, k]))
             drop = paired_difference(base_system.tolist(), system[best, :, k].tolist(), bounds=bounds_for("system_asr"))
@@ -220,6 +227,22 @@ def print_report(result: dict) -> None:
               f"{best['clean_cost']:10.3f} {best['drop'].format(3):>22}{mark}")
 
 
+def print_every_beta(result: dict) -> None:
+    """Every β of the grid, per phase: system ASR, the model's ASR, detector TPR and clean accuracy
+    (means over seeds); ``×`` marks a β whose clean-accuracy cost against task-only exceeds the allowance."""
+    phases = result["phases"]
+    cell = lambda v, digits: "—" if np.isnan(v) else f"{v:.{digits}f}"  # noqa: E731
+    print(f"   every fixed β, each phase's system ASR / model ASR / TPR / clean accuracy (× clean cost > {CLEAN_ALLOWANCE}):")
+    print(f"   {'β':20}" + "".join(f"{p['phase'][:26]:>28}" for p in phases))
+    for b, betas in enumerate(DISCRETE_BETAS):
+        cells = []
+        for p in phases:
+            f = p["every_beta"][b]
+            costly = p["task_clean_acc"] - f["clean_acc"] > CLEAN_ALLOWANCE + 1e-12
+            cells.append(f"{cell(f['system_asr'], 3)} {cell(f['model_asr'], 2)} {cell(f['detector_tpr'], 2)} {cell(f['clean_acc'], 3)}{'×' if costly else ' '}")
+        print(f"   {'(' + ', '.join(f'{x:.2f}' for x in betas) + ')':20}" + "".join(f"{c:>28}" for c in cells))
+
+
 def main() -> None:
     shipped = [n for n in scenarios_available(include_evaluation_only=False, fidelity="embedding") if len({p.name for p in load_scenario(n).phases}) > 1]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -231,6 +254,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
                         help="--fidelity pixel: parallel processes, one torch thread each (default: one per core)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--every-beta", action="store_true",
+                        help="also print every β's system ASR, model ASR, TPR and clean accuracy per phase (which β each phase wants)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = assignments_option(parser, args.env_kwargs, ":", "--env-kwargs")
@@ -240,6 +265,8 @@ def main() -> None:
     results = [report(scenario, args.seeds, overrides, args.fidelity, args.jobs) for scenario in args.scenarios]
     for result in results:
         print_report(result)
+        if args.every_beta:
+            print_every_beta(result)
     training = [r for r in results if not r["evaluation_only"]]  # point 4 is asked of the training scenarios
     met = [r["scenario"] for r in training if r["met"]]
     if training:

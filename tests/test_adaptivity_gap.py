@@ -170,3 +170,27 @@ def test_held_out_regimes_builds_each_regime_from_unseen_attacks_and_measures_it
 def test_held_out_regimes_refuses_an_attack_the_scenario_does_not_have(monkeypatch, capsys):
     err = usage_error("held_out_regimes.py", ["--attacks", "pgd_linf"], monkeypatch, capsys)
     assert "--attacks pgd_linf: not an attack entry of unseen_attacks; its entries: universal, co_attack" in err
+
+
+def test_defence_per_phase_every_beta_prints_the_grid_it_chose_from(monkeypatch, capsys):
+    # --every-beta prints each β's per-phase figures: the same means the report chose its best β from
+    module = load_benchmark("defence_per_phase")
+    tiny = [f"{key}:{value}" for key, value in TINY.items()]
+    monkeypatch.setattr("sys.argv", ["defence_per_phase.py", "--scenarios", "quickstart", "--seeds", "0", "--every-beta", "--env-kwargs", *tiny])
+    module.main()
+    out = capsys.readouterr().out
+    grid = out.split("every fixed β")[1].splitlines()[2 : 2 + len(module.DISCRETE_BETAS)]
+    result = module.report("quickstart", [0], TINY)
+    first = result["phases"][0]
+    for b, line in enumerate(grid):
+        row = first["every_beta"][b]
+        assert line.split(")")[0].strip() == "(" + ", ".join(f"{x:.2f}" for x in module.DISCRETE_BETAS[b])
+        system, model, tpr, clean = line.split(")")[1].split()[:4]
+        assert (float(system), float(model), float(tpr), float(clean.rstrip("×"))) == pytest.approx(
+            (row["system_asr"], row["model_asr"], row["detector_tpr"], row["clean_acc"]), abs=0.006)
+        assert clean.endswith("×") == (first["task_clean_acc"] - row["clean_acc"] > module.CLEAN_ALLOWANCE + 1e-12)
+        assert line.rstrip().endswith("— — — —")  # the third phase, which six rounds never reach
+    best = first["best"]
+    if best is not None:  # the best β is the admissible row with the lowest system ASR
+        admissible = [r for r in first["every_beta"] if first["task_clean_acc"] - r["clean_acc"] <= module.CLEAN_ALLOWANCE + 1e-9]
+        assert best["system_asr"] == pytest.approx(min(r["system_asr"] for r in admissible))
